@@ -1,0 +1,114 @@
+"""The HTTP API: health, readiness and jobs. Shapes are a contract; keep them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from sqlalchemy import text
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound, UnsupportedMediaType
+
+from app import broker, ledger, shutdown
+from app.db import get_engine
+from tasks.jobs import run_job
+from tasks.kinds import KINDS
+
+log = logging.getLogger("api")
+bp = Blueprint("api", __name__)
+
+MAX_WAIT_SECONDS = 30
+POLL_SECONDS = 0.05
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class WaitQuery(BaseModel):
+    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
+
+
+def _problem(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+
+
+@bp.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[dict[str, Any], int]:
+    reasons = []
+    if shutdown.current().shutting_down.is_set():
+        reasons.append("shutting down")
+    try:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        reasons.append(f"database: {type(exc).__name__}")
+    if not broker.ping():
+        reasons.append("broker: no answer")
+    if reasons:
+        return {"status": "unavailable", "reasons": reasons}, 503
+    return {"status": "ready"}, 200
+
+
+@bp.post("/jobs")
+def submit_job() -> tuple[Response, int]:
+    if not request.is_json:
+        raise UnsupportedMediaType("send the job as application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("the body is not valid JSON")
+    try:
+        job_request = JobRequest.model_validate(body)
+    except ValidationError as error:
+        raise BadRequest(_problem(error)) from None
+    if job_request.task not in KINDS:
+        raise BadRequest(f"unknown task {job_request.task!r}; known: {', '.join(sorted(KINDS))}")
+    model, _run = KINDS[job_request.task]
+    try:
+        args = model.model_validate(job_request.args).model_dump(mode="json")
+    except ValidationError as error:
+        raise BadRequest(f"args: {_problem(error)}") from None
+
+    job = ledger.create(job_request.task, args)
+    try:
+        run_job.apply_async(args=[job["id"]], retry=False)
+    except Exception:  # noqa: BLE001 - the row is stored; the sweeper republishes it
+        log.warning("job %s stored but not published; the sweeper will queue it", job["id"],
+                    exc_info=True)
+    response = jsonify(ledger.public(job))
+    response.headers["Location"] = url_for("api.get_job", job_id=job["id"])
+    return response, 202
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> dict[str, Any]:
+    try:
+        wait = WaitQuery.model_validate(request.args.to_dict()).wait
+    except ValidationError as error:
+        raise BadRequest(_problem(error)) from None
+    job = ledger.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    deadline = time.monotonic() + wait
+    stopping = shutdown.current().shutting_down
+    # Long poll; a shutdown answers at once with the current state.
+    while job["status"] not in ledger.FINISHED and time.monotonic() < deadline:
+        if stopping.wait(POLL_SECONDS):
+            break
+        job = ledger.get(job_id) or job
+    return ledger.public(job)
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(error: HTTPException) -> tuple[Response, int]:
+    code = error.code or 500
+    return jsonify({"error": {"status": code, "message": error.description}}), code

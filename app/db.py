@@ -1,0 +1,69 @@
+"""The SQLAlchemy engine: opened lazily, once per process, closed at exit.
+
+Pooled connections must never cross a fork: a child that used its parent's
+sockets would interleave traffic with it, and closing them would end the
+parent's session. :func:`after_fork` runs in every forked child (gunicorn
+``post_fork``, Celery ``worker_process_init``) and drops the inherited pool
+without closing it (``dispose(close=False)``); the child then opens its own
+connections and registers their close in its own shutdown registry.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from sqlalchemy import Engine, create_engine, event
+
+from app import shutdown
+from app.config import get_settings
+
+_engine: Engine | None = None
+_engine_pid: int | None = None
+
+
+def get_engine() -> Engine:
+    global _engine, _engine_pid
+    if _engine is not None and _engine_pid != os.getpid():
+        after_fork()
+    if _engine is None:
+        _engine = _create(get_settings().sqlalchemy_url)
+        _engine_pid = os.getpid()
+        shutdown.current().register("database", close)
+    return _engine
+
+
+def _create(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+    # WAL lets the web read while a worker writes; NORMAL is durable in WAL mode.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def after_fork() -> None:
+    """In a forked child: forget the parent's pool without touching its sockets."""
+    global _engine, _engine_pid
+    if _engine is not None and _engine_pid != os.getpid():
+        _engine.dispose(close=False)
+        _engine_pid = os.getpid()
+        shutdown.current().register("database", close)
+
+
+def close() -> None:
+    """Close every pooled connection of this process (at shutdown)."""
+    global _engine
+    if _engine is not None and _engine_pid == os.getpid():
+        _engine.dispose()
+        _engine = None

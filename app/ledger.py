@@ -1,0 +1,178 @@
+"""The job ledger: every accepted job and its state, in the database.
+
+The ledger, not the broker, is the source of truth. A 202 from the API means
+the row is committed; the queue message only says "look at job X". That is
+what makes shutdown safe:
+
+* a task claims its job with one conditional UPDATE, so a message delivered
+  twice (handed back, restored after a crash, republished by the sweeper)
+  runs the job at most once at a time and never after it finished;
+* ``attempts`` is a fencing token: a stale run cannot overwrite a newer one;
+* a run ended by a shutdown is *handed back* (``running`` -> ``queued``, the
+  attempt not counted), never marked failed;
+* a job stranded past its lease (message lost, worker SIGKILLed) is found by
+  the beat sweeper and queued again.
+
+Times are naive UTC datetimes, which SQLite and PostgreSQL both store as is.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    exc,
+    or_,
+    select,
+    update,
+)
+
+from app.db import get_engine
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+FINISHED = (SUCCEEDED, FAILED)
+
+metadata = MetaData()
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task", String(64), nullable=False),
+    Column("args", JSON, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("result", JSON),
+    Column("error", Text),
+    Column("created_at", DateTime, nullable=False),
+    Column("queued_at", DateTime, nullable=False),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("lease_until", DateTime),
+)
+
+PUBLIC_FIELDS = ("id", "task", "args", "status", "attempts", "result", "error",
+                 "created_at", "started_at", "finished_at")
+
+_schema_ready_pid: int | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def ensure_schema() -> None:
+    """Create the table if missing; every process may race to do it at start."""
+    try:
+        metadata.create_all(get_engine())
+    except exc.OperationalError as error:  # another process created it first
+        if "already exists" not in str(error):
+            raise
+
+
+def create(task: str, args: dict[str, Any]) -> dict[str, Any]:
+    now = utcnow()
+    row = {"id": uuid.uuid4().hex, "task": task, "args": args, "status": QUEUED,
+           "attempts": 0, "created_at": now, "queued_at": now}
+    with get_engine().begin() as conn:
+        conn.execute(jobs.insert().values(**row))
+    return get(row["id"])  # type: ignore[return-value]
+
+
+def get(job_id: str) -> dict[str, Any] | None:
+    with get_engine().connect() as conn:
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def claim(job_id: str, *, lease: float, max_attempts: int) -> dict[str, Any] | None:
+    """Start a run of the job; None when it is not runnable (finished, or running elsewhere).
+
+    Runnable means queued, or running with an expired lease (its worker died).
+    A job out of attempts is marked failed instead.
+    """
+    now = utcnow()
+    runnable = and_(jobs.c.id == job_id,
+                    or_(jobs.c.status == QUEUED,
+                        and_(jobs.c.status == RUNNING, jobs.c.lease_until < now)))
+    with get_engine().begin() as conn:
+        gave_up = conn.execute(
+            update(jobs).where(runnable, jobs.c.attempts >= max_attempts).values(
+                status=FAILED, finished_at=now, lease_until=None,
+                error=f"gave up after {max_attempts} attempts (each ended without finishing)"))
+        if gave_up.rowcount:
+            return None
+        claimed = conn.execute(
+            update(jobs).where(runnable).values(
+                status=RUNNING, attempts=jobs.c.attempts + 1, started_at=now,
+                finished_at=None, lease_until=now + timedelta(seconds=lease)))
+        if not claimed.rowcount:
+            return None
+        return dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+
+
+def _fenced(job_id: str, attempt: int):
+    return and_(jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.attempts == attempt)
+
+
+def _update(where, **values: Any) -> bool:
+    with get_engine().begin() as conn:
+        return bool(conn.execute(update(jobs).where(where).values(**values)).rowcount)
+
+
+def renew(job_id: str, attempt: int, *, lease: float) -> bool:
+    return _update(_fenced(job_id, attempt), lease_until=utcnow() + timedelta(seconds=lease))
+
+
+def succeed(job_id: str, attempt: int, result: Any) -> bool:
+    return _update(_fenced(job_id, attempt), status=SUCCEEDED, result=result, error=None,
+                   finished_at=utcnow(), lease_until=None)
+
+
+def fail(job_id: str, attempt: int, error: str) -> bool:
+    return _update(_fenced(job_id, attempt), status=FAILED, error=error,
+                   finished_at=utcnow(), lease_until=None)
+
+
+def hand_back(job_id: str, attempt: int) -> bool:
+    """A shutdown interrupted this run: queue the job again, attempt not counted."""
+    return _update(_fenced(job_id, attempt), status=QUEUED, attempts=jobs.c.attempts - 1,
+                   started_at=None, lease_until=None, queued_at=utcnow())
+
+
+def sweep_stranded(*, queued_lease: float) -> list[str]:
+    """Jobs whose message is presumed lost; they are marked for republishing.
+
+    Running past the lease (no heartbeat: the worker died) goes back to
+    queued; queued and not started for ``queued_lease`` gets its timer reset.
+    The caller republishes every id returned; a duplicate message is harmless
+    because :func:`claim` lets only one run start.
+    """
+    now = utcnow()
+    stale = or_(and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
+                and_(jobs.c.status == QUEUED, jobs.c.queued_at < now - timedelta(seconds=queued_lease)))
+    with get_engine().begin() as conn:
+        ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
+        if ids:
+            conn.execute(update(jobs).where(jobs.c.id.in_(ids), stale).values(
+                status=QUEUED, queued_at=now, lease_until=None))
+    return ids
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    """The API's view of a job: ISO 8601 UTC times, no internal fields."""
+    out = {k: job[k] for k in PUBLIC_FIELDS}
+    for key in ("created_at", "started_at", "finished_at"):
+        if out[key] is not None:
+            out[key] = out[key].isoformat(timespec="milliseconds") + "Z"
+    return out

@@ -1,0 +1,63 @@
+"""One log format for every process of the set.
+
+gunicorn, Celery and the app all write through the root logger with this
+format, so a ``honcho start`` screen reads as one story: who (role and pid),
+when, what. gunicorn takes :data:`LOGGING` via ``logconfig_dict``; Celery is
+kept off the root logger (``worker_hijack_root_logger=False``) and calls
+:func:`configure` from its ``setup_logging`` signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+
+FORMAT = "%(asctime)s.%(msecs)03d %(role)s[%(process)d] %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%H:%M:%S"
+
+_role = "main"
+
+
+def set_role(role: str) -> None:
+    """Name this process in every line it logs (``web``, ``worker.child`` ...)."""
+    global _role
+    _role = role
+
+
+def role() -> str:
+    return _role
+
+
+class RoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _role
+        return True
+
+
+LOGGING: dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"role": {"()": RoleFilter}},
+    "formatters": {"plain": {"format": FORMAT, "datefmt": DATEFMT}},
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+            "formatter": "plain",
+            "filters": ["role"],
+        }
+    },
+    "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # gunicorn's own loggers propagate to root instead of keeping handlers.
+        "gunicorn.error": {"handlers": [], "propagate": True},
+        "gunicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
+    },
+}
+
+
+def configure(role: str | None = None) -> None:
+    if role:
+        set_role(role)
+    logging.config.dictConfig(LOGGING)

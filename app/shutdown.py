@@ -1,0 +1,177 @@
+"""The shutdown registry: one per process, closing what that process opened.
+
+Every resource that holds a connection (SQLAlchemy engine, Redis client,
+Celery's broker connection and producer pools) registers a named close
+handler in the process that opened it. When the process stops, the handlers
+run once, newest first (a client is closed before the pool it came from),
+each in its own thread with a time limit: one that raises is logged and the
+rest still run, one that hangs is abandoned so the process can still exit
+before the platform's SIGKILL (honcho: 5 s; Heroku, Kubernetes: 30 s).
+
+Who calls :meth:`ShutdownRegistry.close_all`:
+  gunicorn worker  ``worker_exit``  (gunicorn.conf.py)
+  gunicorn master  ``on_exit``      (gunicorn.conf.py)
+  Celery worker    ``worker_shutdown`` in the MainProcess,
+                   ``worker_process_shutdown`` in each pool child (tasks/lifecycle.py)
+  Celery beat      scheduler ``close()`` (tasks/beat.py)
+  embedded Redis   its launcher (app/embedded_redis.py)
+
+Every process logs the same sequence, so a log shows at a glance who stopped
+and how: ``signal received`` -> ``graceful shutdown started`` ->
+``closing X`` -> ``closed X`` -> ``shutdown complete in N ms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("shutdown")
+
+DEFAULT_HANDLER_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str  # "closed", "failed" or "timed out"
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class _Handler:
+    name: str
+    close: Callable[[], object]
+    timeout: float
+
+
+class ShutdownRegistry:
+    """Named close handlers of one process, run once in reverse order."""
+
+    def __init__(self, *, handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._handler_timeout = handler_timeout
+        self._clock = clock
+        self._handlers: list[_Handler] = []
+        self._lock = threading.Lock()
+        self._started_at: float | None = None
+        self._closed = False
+        self.shutting_down = threading.Event()
+
+    # -- registration -----------------------------------------------------
+    def register(self, name: str, close: Callable[[], object], *, timeout: float | None = None) -> None:
+        """Add a close handler; it runs at shutdown, before those registered earlier."""
+        handler = _Handler(name, close, self._handler_timeout if timeout is None else timeout)
+        with self._lock:
+            late = self._closed
+            if not late:
+                self._handlers.append(handler)
+        if late:
+            # Opened while closing (a request that raced the shutdown): close it now.
+            log.warning("%s registered after shutdown; closing it now", name)
+            self._run(handler)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [h.name for h in self._handlers]
+
+    # -- the shutdown sequence --------------------------------------------
+    def signal_received(self, signum: int) -> None:
+        """Record the signal that starts the shutdown (safe in a signal handler)."""
+        name = signal.Signals(signum).name
+        if self.shutting_down.is_set():
+            log.debug("signal received again: %s", name)
+            return
+        log.info("signal received: %s", name)
+        self.begin()
+
+    def begin(self, detail: str = "") -> bool:
+        """Mark the process as shutting down; True the first time only."""
+        with self._lock:
+            if self._started_at is not None:
+                return False
+            self._started_at = self._clock()
+        self.shutting_down.set()
+        log.info("graceful shutdown started%s", f" ({detail})" if detail else "")
+        return True
+
+    @property
+    def elapsed_ms(self) -> int:
+        started = self._started_at
+        return 0 if started is None else round((self._clock() - started) * 1000)
+
+    def close_all(self) -> list[Outcome]:
+        """Run every handler once, newest first; later calls do nothing."""
+        self.begin()
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            handlers = list(reversed(self._handlers))
+            self._handlers.clear()
+        outcomes = [self._run(h) for h in handlers]
+        log.info("shutdown complete in %d ms", self.elapsed_ms)
+        return outcomes
+
+    def _run(self, handler: _Handler) -> Outcome:
+        log.info("closing %s", handler.name)
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                handler.close()
+            except BaseException as exc:  # noqa: BLE001 - isolate every handler
+                errors.append(exc)
+
+        started = self._clock()
+        thread = threading.Thread(target=target, name=f"close-{handler.name}", daemon=True)
+        thread.start()
+        thread.join(handler.timeout)
+        elapsed = self._clock() - started
+        if thread.is_alive():
+            log.error("closing %s timed out after %.1f s; abandoned", handler.name, handler.timeout)
+            return Outcome(handler.name, "timed out", elapsed)
+        if errors:
+            log.error("closing %s failed: %r", handler.name, errors[0],
+                      exc_info=(type(errors[0]), errors[0], errors[0].__traceback__))
+            return Outcome(handler.name, "failed", elapsed)
+        log.info("closed %s in %d ms", handler.name, round(elapsed * 1000))
+        return Outcome(handler.name, "closed", elapsed)
+
+
+_registry: ShutdownRegistry | None = None
+_registry_pid: int | None = None
+
+
+def chain_signal(signum: int, before: Callable[[int], object]) -> None:
+    """Run ``before(signum)`` ahead of the handler already installed for ``signum``.
+
+    For logging the signal in processes whose server (gunicorn, Celery beat)
+    owns the handler: its behaviour stays exactly as it was.
+    """
+    previous = signal.getsignal(signum)
+
+    def handler(sig: int, frame: object) -> None:
+        before(sig)
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signum, handler)
+
+
+def current() -> ShutdownRegistry:
+    """This process's registry; a forked child gets a fresh, empty one.
+
+    A child must never close (or even use) the parent's connections, so the
+    parent's handlers are not inherited: the child's resources register again
+    when it reopens them.
+    """
+    global _registry, _registry_pid
+    if _registry is None or _registry_pid != os.getpid():
+        _registry, _registry_pid = ShutdownRegistry(), os.getpid()
+    return _registry

@@ -1,0 +1,89 @@
+"""gunicorn for the web process: settings, then lifecycle hooks.
+
+Stop signals and what they do here:
+  SIGTERM (honcho, systemd, Heroku; to the master *and* workers at once):
+      graceful. Workers finish the requests in flight (long polls answer at
+      once with the job's current state), then ``worker_exit`` closes their
+      connections; the master waits ``graceful_timeout`` at most.
+  SIGINT (Ctrl+C of ``gunicorn`` run directly; the tty sends it to every
+      process): stock gunicorn does a quick shutdown and its workers answer
+      requests in flight with HTTP 500. Here SIGINT is made graceful too, in
+      the master (``on_starting``) and in each worker (``post_worker_init``).
+  SIGQUIT: left as gunicorn's quick shutdown, the explicit "now" signal.
+"""
+
+import os
+import signal
+
+from app import db, logs, shutdown
+from app.config import get_settings
+
+_settings = get_settings()
+
+# -- server ----------------------------------------------------------------
+bind = [f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{_settings.port}"]
+workers = _settings.web_workers
+worker_class = "gthread"  # long polls (GET /jobs/<id>?wait=) must not block a process
+threads = _settings.web_threads
+proc_name = "web"
+preload_app = False  # the master opens no connection; each worker opens its own
+control_socket_disable = True  # no extra master thread and socket to stop
+
+# -- shutdown --------------------------------------------------------------
+graceful_timeout = _settings.shutdown_grace_seconds  # shared budget with the worker
+keepalive = 2
+
+# -- logging ---------------------------------------------------------------
+logconfig_dict = logs.LOGGING
+
+
+def on_starting(server):
+    """Master: name its log lines; make SIGINT graceful; log the stop signal."""
+    logs.set_role("web")
+    registry = shutdown.current()
+    graceful = server.handle_term
+
+    def handle_term():
+        registry.signal_received(signal.SIGTERM)
+        graceful()
+
+    def handle_int():
+        registry.signal_received(signal.SIGINT)
+        graceful()  # not gunicorn's quick stop: requests in flight would get 500
+
+    server.handle_term = handle_term
+    server.handle_int = handle_int
+
+
+def post_fork(server, worker):
+    """Worker, just forked: never use a connection the master opened."""
+    logs.set_role("web.worker")
+    db.after_fork()
+
+
+def post_worker_init(worker):
+    """Worker, app loaded: graceful SIGINT, logged signals, Celery's pools closed at exit."""
+    from tasks.celery_app import celery_app
+
+    registry = shutdown.current()
+    registry.register("celery broker connections", celery_app.close)
+    # The same graceful exit for a terminal's SIGINT as for SIGTERM.
+    signal.signal(signal.SIGINT, worker.handle_exit)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        shutdown.chain_signal(signum, registry.signal_received)
+        signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
+
+
+def worker_exit(server, worker):
+    """Worker, leaving its loop after the requests in flight: close its connections.
+
+    gunicorn also calls this hook in the master for a worker that vanished;
+    the master has nothing of the worker's to close then.
+    """
+    if os.getpid() == worker.pid:
+        shutdown.current().close_all()
+
+
+def on_exit(server):
+    """Master, last thing before exit."""
+    shutdown.current().close_all()

@@ -1,0 +1,55 @@
+"""The Celery application: broker, delivery guarantees and the beat schedule.
+
+Every setting that matters for shutdown carries its reason. The short
+version: a message is acknowledged only after its job ran, a pool child
+that dies gives its message back instead of failing it, and the worker
+holds no more messages than it is running, so a stop hands back at most
+one message per pool child and loses none.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import get_settings
+
+settings = get_settings()
+
+celery_app = Celery("tasks")
+celery_app.conf.update(
+    broker_url=settings.broker_url,
+    broker_connection_retry_on_startup=True,
+    # The job ledger (database) holds states and results; no result backend.
+    task_ignore_result=True,
+    # Ack after the run: a run cut short by a stop leaves its message unacked,
+    # and kombu puts unacked messages back on the queue when the channel closes.
+    task_acks_late=True,
+    # A pool child killed mid-run (SIGKILL, OOM) requeues its message instead
+    # of acking it as FAILURE. The ledger bounds retries (JOB_MAX_ATTEMPTS).
+    task_reject_on_worker_lost=True,
+    # Reserve one message per pool child at most: nothing waits in a stopping
+    # worker's memory while another worker could run it.
+    worker_prefetch_multiplier=1,
+    worker_concurrency=settings.worker_concurrency,
+    # Lost broker connection: cancel running tasks' acks (they are redelivered)
+    # rather than acking on a new connection that does not own them.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Keep our one log format (app/logs.py); Celery must not replace it.
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+    # Off by default anyway; stated because a soft shutdown sleeps its whole
+    # timeout even when the tasks finish early. tasks/lifecycle.py bounds the
+    # warm shutdown instead.
+    worker_soft_shutdown_timeout=0,
+    task_default_queue="jobs",
+    beat_schedule={
+        "requeue-stranded-jobs": {
+            "task": "jobs.requeue_stranded",
+            "schedule": settings.sweep_interval_seconds,
+            # A sweep is pointless once the next one is due.
+            "options": {"expires": settings.sweep_interval_seconds},
+        },
+    },
+    beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+    beat_scheduler="tasks.beat:Scheduler",
+)

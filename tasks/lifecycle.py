@@ -1,0 +1,168 @@
+"""How a Celery worker starts and stops: the whole story, in one place.
+
+The hazard: honcho, systemd and Heroku send SIGTERM to every process of the
+tree at once. Celery resets SIGTERM in its pool children, so they die with
+their tasks (``WorkerLostError: signal 15``) while the MainProcess is still
+in its warm shutdown; and that warm shutdown has no time limit of its own.
+
+What we do instead:
+
+* Pool children ignore SIGTERM and SIGINT (``worker_process_init``): a
+  broadcast cannot kill a running task. They answer SIGUSR2 by handing their
+  job back (tasks/jobs.py: ``HandBack`` -> ledger ``queued`` -> ``Reject``
+  with requeue).
+* The MainProcess answers the first SIGTERM/SIGINT/SIGQUIT with Celery's
+  *warm* shutdown (stop consuming, let running tasks finish) and starts a
+  watchdog. When ``SHUTDOWN_GRACE_SECONDS`` is used up, the watchdog sends
+  SIGUSR2 to every child still running a task; a child that does not hand
+  back within ``HANDBACK_SECONDS`` is SIGKILLed (``task_reject_on_worker_lost``
+  requeues its message, the watchdog requeues its ledger row). A second
+  signal skips the rest of the grace. Celery's cold shutdown is never used:
+  it would SIGTERM the children, which now ignore it, and wait forever.
+* Connections never cross a fork: each child drops the inherited database
+  pool and opens its own; every process closes what it opened through its
+  shutdown registry (``worker_process_shutdown`` in children,
+  ``worker_shutdown`` in the MainProcess, after Celery closed the consumer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from celery import signals
+from celery.worker import state
+
+from app import broker, db, ledger, logs, shutdown
+from app.config import get_settings
+from tasks import jobs
+from tasks.celery_app import celery_app
+
+log = logging.getLogger("shutdown")
+
+#: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
+HANDBACK_SECONDS = 0.5
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: object) -> None:
+    logs.configure("worker" if _is_worker() else "beat")
+
+
+def _is_worker() -> bool:
+    return "worker" in sys.argv[1:]  # celery ... worker / celery ... beat
+
+
+@signals.celeryd_init.connect
+def _wait_for_broker(**_: object) -> None:
+    """The embedded broker starts beside us; skip Celery's 2 s retry sleeps."""
+    broker.wait_until_up()
+
+
+@signals.worker_init.connect
+def _worker_init(**_: object) -> None:
+    """MainProcess, before the pool forks: schema, and what to close at exit."""
+    ledger.ensure_schema()
+    shutdown.current().register("celery broker connections", celery_app.close)
+
+
+@signals.worker_ready.connect
+def _install_stop_handlers(**_: object) -> None:
+    """MainProcess: replace Celery's stop handlers (installed just before)."""
+    coordinator = WorkerStop(get_settings().shutdown_grace_seconds)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, coordinator.on_signal)
+
+
+class WorkerStop:
+    """The MainProcess's answer to stop signals: warm, then bounded."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._started = False
+        self._now = threading.Event()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        registry = shutdown.current()
+        if self._started:
+            log.warning("%s again: handing back running tasks now",
+                        signal.Signals(signum).name)
+            self._now.set()
+            return
+        self._started = True
+        registry.signal_received(signum)
+        registry.begin(f"grace {self.grace:.1f} s for {len(_running())} running task(s)")
+        # Celery's own warm shutdown: the event loop raises WorkerShutdown,
+        # the consumer stops, the pool drains, exit code 0.
+        state.should_stop = 0
+        threading.Thread(target=self._watch, name="grace-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        self._now.wait(self.grace)
+        running = _running()
+        if not running:
+            return
+        log.warning("grace of %.1f s used up: handing back %d running task(s)",
+                    self.grace, len(running))
+        for request in running:
+            _kill(request.worker_pid, signal.SIGUSR2)
+        deadline = time.monotonic() + HANDBACK_SECONDS
+        while time.monotonic() < deadline and _still_running(running):
+            time.sleep(0.01)
+        for request in _still_running(running):
+            job_id = request.args[0] if request.args else "?"
+            log.error("pool child %s did not hand back job %s: SIGKILL", request.worker_pid, job_id)
+            job = ledger.get(job_id)
+            if job is not None:
+                ledger.hand_back(job_id, job["attempts"])
+            _kill(request.worker_pid, signal.SIGKILL)
+
+
+def _running() -> list:
+    """Requests being executed by a pool child right now (MainProcess view)."""
+    for _ in range(10):  # the event loop may change the set while we copy it
+        try:
+            return [r for r in list(state.active_requests) if r.worker_pid]
+        except RuntimeError:
+            time.sleep(0.001)
+    return []
+
+
+def _still_running(requests: list) -> list:
+    active = {id(r) for r in _running()}
+    return [r for r in requests if id(r) in active]
+
+
+def _kill(pid: int | None, signum: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: object) -> None:
+    """Pool child, right after fork: own connections, broadcast-proof signals."""
+    logs.set_role("worker.child")
+    db.after_fork()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group broadcast is for the MainProcess
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl+C, likewise
+    signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+
+
+@signals.worker_process_shutdown.connect
+def _child_shutdown(**_: object) -> None:
+    """Pool child, leaving (atexit never runs here: children exit by os._exit)."""
+    shutdown.current().close_all()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_: object) -> None:
+    """MainProcess, after the consumer's connection is closed (warm paths)."""
+    shutdown.current().close_all()
