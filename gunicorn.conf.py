@@ -12,6 +12,7 @@ Stop signals and what they do here:
   SIGQUIT: left as gunicorn's quick shutdown, the explicit "now" signal.
 """
 
+import math
 import os
 import signal
 
@@ -30,7 +31,7 @@ preload_app = False  # the master opens no connection; each worker opens its own
 control_socket_disable = True  # no extra master thread and socket to stop
 
 # -- shutdown --------------------------------------------------------------
-graceful_timeout = _settings.shutdown_grace_seconds  # shared budget with the worker
+graceful_timeout = math.ceil(_settings.shutdown_grace_seconds)  # budget shared with the worker
 keepalive = 2
 
 # -- logging ---------------------------------------------------------------

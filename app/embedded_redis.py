@@ -9,7 +9,7 @@ The broker must outlive its clients: at a stop, the worker still needs it to
 hand running jobs back. So redis-server runs in its own session, out of
 reach of honcho's group SIGTERM, and this launcher stops it only once every
 client has disconnected (or the linger budget, grace + 1.5 s, is spent: still
-inside honcho's 5 s window), with ``SHUTDOWN SAVE``. If the launcher itself
+inside honcho's 5 s window), with SIGTERM, on which it saves and exits. If the launcher itself
 is SIGKILLed, the kernel sends redis-server SIGTERM (PR_SET_PDEATHSIG), which
 saves and exits: never an orphan.
 
@@ -70,6 +70,7 @@ def start(data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
         "--appendfsync", "everysec",
         "--save", "60 1",
         "--loglevel", "warning",
+        "--logfile", str(data_dir / "redis" / "redis.log"),
         "--daemonize", "no",
     ]
     return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
@@ -94,12 +95,10 @@ def linger(client: redis.Redis, server: subprocess.Popen[bytes], budget: float) 
     return remaining
 
 
-def _stop_server(client: redis.Redis, server: subprocess.Popen[bytes]) -> None:
+def _stop_server(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits."""
     if server.poll() is None:
-        try:
-            client.shutdown(save=True)
-        except redis.ConnectionError:
-            pass  # the server closes the connection as it exits: expected
+        server.terminate()
     server.wait(timeout=5)
 
 
@@ -127,9 +126,9 @@ def main() -> int:
 
     server = start(settings.data_dir, settings.redis_socket)
     client = redis.Redis(unix_socket_path=str(settings.redis_socket), socket_timeout=2)
-    # Newest first at close: stop the server (through the client), then the client.
+    # Newest first at close: the server, then our connection to it.
     registry.register("broker monitor connection", client.close)
-    registry.register("redis-server", lambda: _stop_server(client, server), timeout=6)
+    registry.register("redis-server", lambda: _stop_server(server), timeout=6)
     log.info("embedded redis-server %d on %s, data in %s",
              server.pid, settings.redis_socket, settings.data_dir / "redis")
 
