@@ -9,6 +9,7 @@ killed by pid in :meth:`ProcessSet.cleanup`, even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -58,7 +59,9 @@ class ProcessSet:
         self.var = workdir / "var"
         self.env = {**os.environ, "PORT": str(self.port), "VAR_DIR": str(self.var),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.env.pop("REDIS_URL", None) if "REDIS_URL" not in (env or {}) else None
+        for inherited in ("REDIS_URL", "DATABASE_URL", "SHUTDOWN_GRACE_SECONDS"):
+            if inherited not in (env or {}):  # the developer's own settings stay out
+                self.env.pop(inherited, None)
         bindir = str(Path(sys.executable).parent)
         self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
         self.procfile = procfile
@@ -121,6 +124,18 @@ class ProcessSet:
             except psutil.NoSuchProcess:
                 pass
         return alive
+
+    def accepted_connections(self) -> int:
+        """TCP connections the web processes have accept()ed (not those still in the backlog)."""
+        count = 0
+        for p in self.snapshot():
+            try:
+                conns = p.net_connections(kind="tcp")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            count += sum(1 for c in conns
+                         if c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_ESTABLISHED)
+        return count
 
     def ctrl_c(self) -> None:
         """Type ^C into honcho's terminal (the tty's SIGINT to its foreground group)."""
@@ -233,6 +248,23 @@ class ProcessSet:
         r = self.http("POST", "/jobs", {"task": task, "args": args})
         assert r.status == 202, r
         return r.body["id"]
+
+    def wait_status(self, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, wait=0)
+            if job["status"] == status or time.monotonic() > deadline:
+                assert job["status"] == status, job
+                return job
+            time.sleep(0.05)
+
+    def stored_jobs(self) -> dict[str, dict[str, Any]]:
+        """The ledger as the database holds it (readable with the set stopped)."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.var / "app.db")) as db:
+            db.row_factory = sqlite3.Row
+            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
 
     def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         r = self.http("GET", f"/jobs/{job_id}?wait={wait}")

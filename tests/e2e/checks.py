@@ -1,0 +1,34 @@
+"""Assertions shared by the end-to-end tests: what a clean stop looks like."""
+
+from __future__ import annotations
+
+import re
+
+from tests.procset import ProcessSet
+
+PROCESSES = ("web", "worker", "beat", "broker")
+SEQUENCE = ("signal received: SIG", "graceful shutdown started", "closing ", "closed ",
+            "shutdown complete in ")
+
+
+def assert_clean_stop(ps: ProcessSet, rc: int, expected_rc: int) -> None:
+    out = ps.output
+    assert rc == expected_rc, out
+    assert "sending SIGKILL" not in out, out
+    for name in PROCESSES:
+        assert re.search(rf"{name}\.1 stopped \(rc=0\)", out), f"{name} did not exit 0:\n{out}"
+        assert_shutdown_sequence(ps.lines(name), name)
+    survivors = ps.survivors()
+    assert not survivors, f"left running: {[(p.pid, p.cmdline()) for p in survivors]}"
+
+
+def assert_shutdown_sequence(lines: list[str], name: str) -> None:
+    """The process logged each step of the shutdown sequence, in order."""
+    position = 0
+    for step in SEQUENCE:
+        for index in range(position, len(lines)):
+            if step in lines[index]:
+                position = index
+                break
+        else:
+            raise AssertionError(f"{name}: no {step!r} after line {position}:\n" + "\n".join(lines))
