@@ -20,12 +20,15 @@ from app import db, logs, shutdown
 from app.config import get_settings
 
 _settings = get_settings()
+logs.set_role("web")  # the master; post_fork renames its workers
 
 # -- server ----------------------------------------------------------------
 bind = [f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{_settings.port}"]
 workers = _settings.web_workers
-worker_class = "gthread"  # long polls (GET /jobs/<id>?wait=) must not block a process
-threads = _settings.web_threads
+# gthread: a long poll (GET /jobs/<id>?wait=) holds a thread, not a process.
+# sync works too (WEB_WORKER_CLASS=sync): its SIGINT hazard is the worst (500s).
+worker_class = _settings.web_worker_class
+threads = _settings.web_threads if worker_class == "gthread" else 1  # >1 turns sync into gthread
 proc_name = "web"
 preload_app = False  # the master opens no connection; each worker opens its own
 control_socket_disable = True  # no extra master thread and socket to stop
@@ -39,8 +42,7 @@ logconfig_dict = logs.LOGGING
 
 
 def on_starting(server):
-    """Master: name its log lines; make SIGINT graceful; log the stop signal."""
-    logs.set_role("web")
+    """Master: make SIGINT graceful; log the stop signal."""
     registry = shutdown.current()
     graceful = server.handle_term
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     port: int = Field(default=5000, ge=1, le=65535)
     web_workers: int = Field(default=2, ge=1, le=64)
     web_threads: int = Field(default=8, ge=1, le=256)
+    web_worker_class: Literal["gthread", "sync"] = "gthread"
     worker_concurrency: int = Field(default=2, ge=1, le=256)
     job_lease_seconds: float = Field(default=30.0, ge=1, description="running job without heartbeat for this long = stranded")
     job_queued_lease_seconds: float = Field(default=60.0, ge=1, description="queued job not started for this long = republished")

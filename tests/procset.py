@@ -40,6 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_python(code: str, env: dict[str, str]) -> str:
+    """Run a snippet of project code in a fresh interpreter (its own settings); its stdout."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+
+
 def _controlling_tty() -> None:  # in the child: the pty becomes its terminal
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -53,7 +59,8 @@ class Response:
 
 class ProcessSet:
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
-                 procfile: Path | None = None, cwd: Path = ROOT) -> None:
+                 procfile: Path | None = None, cwd: Path = ROOT,
+                 command: list[str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.var = workdir / "var"
@@ -66,6 +73,7 @@ class ProcessSet:
         self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
         self.procfile = procfile
         self.cwd = cwd
+        self.command = command  # default: honcho start
         self.proc: subprocess.Popen[bytes] | None = None
         self._master: int | None = None
         self._output: list[str] = []
@@ -77,8 +85,8 @@ class ProcessSet:
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         master, slave = pty.openpty()
-        command = [sys.executable, "-m", "honcho", "start", "--no-colour"]
-        if self.procfile:
+        command = self.command or [sys.executable, "-m", "honcho", "start", "--no-colour"]
+        if self.procfile and not self.command:
             command += ["-f", str(self.procfile), "-d", str(self.cwd)]
         self.proc = subprocess.Popen(
             command, cwd=self.cwd, env=self.env, stdin=slave, stdout=slave, stderr=slave,
@@ -192,6 +200,8 @@ class ProcessSet:
 
     def lines(self, name: str | None = None) -> list[str]:
         """Lines printed by one process type (``web``, ``worker`` ...) or all."""
+        if self.command:  # a single program, not honcho: its lines as they are
+            return list(self._output)
         out = []
         for line in self._output:
             m = HONCHO_LINE.match(line)
