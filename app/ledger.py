@@ -33,6 +33,7 @@ from sqlalchemy import (
     Text,
     and_,
     exc,
+    inspect,
     or_,
     select,
     update,
@@ -73,10 +74,11 @@ def utcnow() -> datetime:
 
 def ensure_schema() -> None:
     """Create the table if missing; every process may race to do it at start."""
+    engine = get_engine()
     try:
-        metadata.create_all(get_engine())
-    except exc.OperationalError as error:  # another process created it first
-        if "already exists" not in str(error):
+        metadata.create_all(engine)
+    except exc.DBAPIError:  # another process created it between check and CREATE
+        if not inspect(engine).has_table(jobs.name):
             raise
 
 
