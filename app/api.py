@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -21,6 +22,7 @@ bp = Blueprint("api", __name__)
 
 MAX_WAIT_SECONDS = 30
 POLL_SECONDS = 0.05
+MAX_JSON_DEPTH = 64
 
 
 class JobRequest(BaseModel):
@@ -31,6 +33,38 @@ class JobRequest(BaseModel):
 
 class WaitQuery(BaseModel):
     wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _json_body() -> Any:
+    """The request's JSON, strictly (RFC 8259: no NaN/Infinity), or a clear 4xx."""
+    if not request.is_json:
+        raise UnsupportedMediaType("send the job as application/json")
+    try:
+        body = json.loads(request.get_data(cache=False), parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:
+        raise BadRequest(f"the body is not valid JSON: {error}") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
 
 
 def _problem(error: ValidationError) -> str:
@@ -61,11 +95,7 @@ def readyz() -> tuple[dict[str, Any], int]:
 
 @bp.post("/jobs")
 def submit_job() -> tuple[Response, int]:
-    if not request.is_json:
-        raise UnsupportedMediaType("send the job as application/json")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise BadRequest("the body is not valid JSON")
+    body = _json_body()
     try:
         job_request = JobRequest.model_validate(body)
     except ValidationError as error:
@@ -112,3 +142,10 @@ def get_job(job_id: str) -> dict[str, Any]:
 def http_error(error: HTTPException) -> tuple[Response, int]:
     code = error.code or 500
     return jsonify({"error": {"status": code, "message": error.description}}), code
+
+
+@bp.app_errorhandler(Exception)
+def server_error(error: Exception) -> tuple[Response, int]:
+    """A bug or an outage, never a client's mistake: logged, answered as JSON."""
+    log.exception("unhandled error", exc_info=error)
+    return jsonify({"error": {"status": 500, "message": "internal error"}}), 500

@@ -25,14 +25,15 @@ _client_pid: int | None = None
 
 def client() -> redis.Redis:
     global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
+    current = _client
+    if current is None or _client_pid != os.getpid():
         # A client inherited across fork is dropped, not closed: redis-py's
         # pool notices the pid change and never reuses the parent's sockets.
-        _client = redis.Redis.from_url(get_settings().redis_client_url,
-                                       socket_timeout=1, socket_connect_timeout=1)
+        current = _client = redis.Redis.from_url(get_settings().redis_client_url,
+                                                 socket_timeout=1, socket_connect_timeout=1)
         _client_pid = os.getpid()
-        shutdown.current().register("redis client", close)
-    return _client
+        shutdown.current().register("redis client", close)  # closed at once if late
+    return current
 
 
 def close() -> None:

@@ -26,11 +26,14 @@ def get_engine() -> Engine:
     global _engine, _engine_pid
     if _engine is not None and _engine_pid != os.getpid():
         after_fork()
-    if _engine is None:
-        _engine = _create(get_settings().sqlalchemy_url)
+    engine = _engine
+    if engine is None:
+        engine = _engine = _create(get_settings().sqlalchemy_url)
         _engine_pid = os.getpid()
+        # During shutdown the registry closes a late resource at once; the
+        # caller still gets a working engine for the request in hand.
         shutdown.current().register("database", close)
-    return _engine
+    return engine
 
 
 def _create(url: str) -> Engine:

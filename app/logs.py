@@ -35,17 +35,31 @@ class RoleFilter(logging.Filter):
         return True
 
 
+class QuietHandBack(logging.Filter):
+    """Drop the traceback Celery attaches to a job's hand-back (``Reject``).
+
+    A hand-back at shutdown is expected, and tasks/jobs.py already logs it in
+    one line; a traceback per running job would bury the shutdown sequence.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and type(record.exc_info[1]).__name__ == "Reject":
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 LOGGING: dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"role": {"()": RoleFilter}},
+    "filters": {"role": {"()": RoleFilter}, "quiet_hand_back": {"()": QuietHandBack}},
     "formatters": {"plain": {"format": FORMAT, "datefmt": DATEFMT}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
             "stream": "ext://sys.stdout",
             "formatter": "plain",
-            "filters": ["role"],
+            "filters": ["role", "quiet_hand_back"],
         }
     },
     "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO")},

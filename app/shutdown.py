@@ -81,14 +81,14 @@ class ShutdownRegistry:
             return [h.name for h in self._handlers]
 
     # -- the shutdown sequence --------------------------------------------
-    def signal_received(self, signum: int) -> None:
+    def signal_received(self, signum: int, detail: str = "") -> None:
         """Record the signal that starts the shutdown (safe in a signal handler)."""
         name = signal.Signals(signum).name
         if self.shutting_down.is_set():
             log.debug("signal received again: %s", name)
             return
         log.info("signal received: %s", name)
-        self.begin()
+        self.begin(detail)
 
     def begin(self, detail: str = "") -> bool:
         """Mark the process as shutting down; True the first time only."""
@@ -160,6 +160,9 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
         before(sig)
         if callable(previous):
             previous(sig, frame)
+        elif previous == signal.SIG_DFL:  # e.g. terminate: do it, as before
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
 
     signal.signal(signum, handler)
 

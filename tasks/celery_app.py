@@ -31,6 +31,9 @@ celery_app.conf.update(
     # worker's memory while another worker could run it.
     worker_prefetch_multiplier=1,
     worker_concurrency=settings.worker_concurrency,
+    # Celery's prefork pool with a stop that ends when the pool has drained
+    # (stock sleeps up to 0.5 s more): tasks/pool.py.
+    worker_pool="tasks.pool:TaskPool",
     # Lost broker connection: cancel running tasks' acks (they are redelivered)
     # rather than acking on a new connection that does not own them.
     worker_cancel_long_running_tasks_on_connection_loss=True,

@@ -121,8 +121,7 @@ class WorkerStop:
             self._now.set()
             return
         self._started = True
-        registry.signal_received(signum)
-        registry.begin(f"grace {self.grace:.1f} s for {len(_running())} running task(s)")
+        registry.signal_received(signum, f"grace {self.grace:.1f} s for {len(_running())} running task(s)")
         # Celery's own warm shutdown: the event loop raises WorkerShutdown,
         # the consumer stops, the pool drains, exit code 0.
         state.should_stop = 0

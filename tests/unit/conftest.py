@@ -1,0 +1,102 @@
+"""Fixtures for the unit tests: one private var/ dir, fresh settings, engine and registry.
+
+Nothing here starts a process or talks to a broker: publishing (``run_job.apply_async``)
+and the broker ping are replaced. The real broker is covered by tests/e2e.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import app.config
+import app.db
+import app.shutdown
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry() -> Iterator[None]:
+    """Every test starts and ends with no process registry (``current()`` builds a new one)."""
+    app.shutdown._registry = None
+    app.shutdown._registry_pid = None
+    yield
+    app.shutdown._registry = None
+    app.shutdown._registry_pid = None
+
+
+@pytest.fixture
+def var_dir(tmp_path, monkeypatch) -> Iterator[Any]:
+    """VAR_DIR points at tmp_path (so SQLite lives there); settings and engine start fresh."""
+    monkeypatch.setenv("VAR_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    app.config.get_settings.cache_clear()
+    app.db.close()
+    app.db._engine = None
+    yield tmp_path
+    app.db.close()
+    app.db._engine = None
+    app.config.get_settings.cache_clear()
+
+
+@pytest.fixture
+def schema(var_dir) -> None:
+    """The jobs table exists in this test's SQLite file."""
+    from app import ledger
+
+    ledger.ensure_schema()
+
+
+class Recorder:
+    """Stands in for ``run_job.apply_async``: records every call, optionally raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.raises: BaseException | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((args, kwargs))
+        if self.raises is not None:
+            raise self.raises
+
+    @property
+    def published_args(self) -> list[Any]:
+        return [kwargs.get("args", args[0] if args else None) for args, kwargs in self.calls]
+
+
+@pytest.fixture
+def publish(monkeypatch) -> Recorder:
+    import tasks.jobs
+
+    recorder = Recorder()
+    monkeypatch.setattr(tasks.jobs.run_job, "apply_async", recorder)
+    return recorder
+
+
+@pytest.fixture
+def flask_app(var_dir, publish):
+    from app import create_app
+
+    # TESTING: an unexpected exception propagates into the test instead of becoming a 500.
+    return create_app({"TESTING": True})
+
+
+@pytest.fixture
+def client(flask_app):
+    return flask_app.test_client()
+
+
+@pytest.fixture
+def broker_up(monkeypatch) -> None:
+    import app.broker
+
+    monkeypatch.setattr(app.broker, "ping", lambda: True)
+
+
+@pytest.fixture
+def broker_down(monkeypatch) -> None:
+    import app.broker
+
+    monkeypatch.setattr(app.broker, "ping", lambda: False)
