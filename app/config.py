@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # honcho sends SIGKILL 5 s after the first process of the set exits
@@ -75,4 +75,10 @@ class Settings(BaseSettings):
 
 @functools.cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings, or exit at start with one line per bad variable (no traceback)."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(f"{str(e['loc'][0]).upper()}={e.get('input')!r}: {e['msg']}"
+                             for e in error.errors())
+        raise SystemExit(f"invalid settings: {problems}") from None

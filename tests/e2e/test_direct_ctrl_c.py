@@ -172,3 +172,24 @@ def test_shutdown_log_names_each_process(tmp_path: Path, broker: dict[str, str])
     finally:
         ps.cleanup()
 
+
+
+def test_a_second_ctrl_c_hands_back_at_once(tmp_path: Path, broker: dict[str, str]) -> None:
+    # With a 10-minute grace, only the second Ctrl+C can end this stop before the test's timeout.
+    ps = ProcessSet(tmp_path, command=WORKER, env={"SHUTDOWN_GRACE_SECONDS": "600"})
+    try:
+        ps.start()
+        ps.wait_for_line(r"\bready\.$", timeout=60)
+        job_id = queue_job(broker, "sleep", {"seconds": 600})
+        deadline = time.monotonic() + 30
+        while job_status(broker, job_id) != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ps.ctrl_c()
+        ps.wait_for_line("graceful shutdown started", timeout=10)
+        rc, _ = ps.stop_and_wait("ctrl_c", timeout=60)
+        assert rc == 0, ps.output
+        assert "SIGINT again: handing back running tasks now" in ps.output
+        assert job_status(broker, job_id) == "queued"
+        assert not ps.survivors()
+    finally:
+        ps.cleanup()
