@@ -12,9 +12,11 @@ Stop signals and what they do here:
   SIGQUIT: left as gunicorn's quick shutdown, the explicit "now" signal.
 """
 
+import logging
 import math
 import os
 import signal
+import sys
 
 from app import db, logs, shutdown
 from app.config import get_settings
@@ -80,11 +82,22 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Worker, leaving its loop after the requests in flight: close its connections.
 
-    gunicorn also calls this hook in the master for a worker that vanished;
-    the master has nothing of the worker's to close then.
+    Then exit at once: everything this worker opened is closed by now, and
+    tearing down an interpreter with Flask, Celery and SQLAlchemy loaded
+    takes 0.15 s alone and half a second with the whole set stopping on two
+    cores, which only delays the master. The exit code is gunicorn's own
+    (the SystemExit on its way out). gunicorn also calls this hook in the
+    master for a worker that vanished; the master has nothing to do then.
     """
-    if os.getpid() == worker.pid:
-        shutdown.current().close_all()
+    if os.getpid() != worker.pid:
+        return
+    shutdown.current().close_all()
+    leaving = sys.exc_info()[1]
+    if isinstance(leaving, SystemExit):
+        code = leaving.code if isinstance(leaving.code, int) else int(leaving.code is not None)
+        logging.shutdown()  # flush the log handlers: os._exit skips atexit
+        sys.stdout.flush()
+        os._exit(code)
 
 
 def on_exit(server):

@@ -80,44 +80,48 @@ def test_gunicorn_alone_answers_requests_in_flight_on_ctrl_c(tmp_path: Path, wor
         ps.cleanup()
 
 
-def test_celery_worker_alone_finishes_its_task_on_ctrl_c(tmp_path: Path, broker: dict[str, str]) -> None:
-    ps = ProcessSet(tmp_path, command=WORKER)
-    try:
+@pytest.fixture
+def lone_worker(tmp_path: Path, broker: dict[str, str]) -> Iterator:
+    """Start ``celery worker`` alone in a terminal, busy with one sleep job."""
+    started: list[ProcessSet] = []
+
+    def start(job_seconds: float, **env: str) -> tuple[ProcessSet, str]:
+        ps = ProcessSet(tmp_path, command=WORKER, env=env)
+        started.append(ps)
         ps.start()
         ps.wait_for_line(r"\bready\.$", timeout=60)
-        job_id = queue_job(broker, "sleep", {"seconds": 1.5})
+        job_id = queue_job(broker, "sleep", {"seconds": job_seconds})
         deadline = time.monotonic() + 30
         while job_status(broker, job_id) != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
-        rc, _ = ps.stop_and_wait("ctrl_c")
-        assert rc == 0, ps.output
-        assert job_status(broker, job_id) == "succeeded"
-        assert "WorkerLostError" not in ps.output
-        assert "signal received: SIGINT" in ps.output
-        assert_shutdown_sequence(ps.lines(), "worker")
-        assert not ps.survivors()
-    finally:
+        assert job_status(broker, job_id) == "running", ps.output
+        return ps, job_id
+
+    yield start
+    for ps in started:
         ps.cleanup()
 
 
-def test_celery_worker_alone_hands_back_a_long_task_on_ctrl_c(tmp_path: Path, broker: dict[str, str]) -> None:
-    ps = ProcessSet(tmp_path, command=WORKER)
-    try:
-        ps.start()
-        ps.wait_for_line(r"\bready\.$", timeout=60)
-        job_id = queue_job(broker, "sleep", {"seconds": 60})
-        deadline = time.monotonic() + 30
-        while job_status(broker, job_id) != "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        rc, _ = ps.stop_and_wait("ctrl_c")
-        assert rc == 0, ps.output
-        assert job_status(broker, job_id) == "queued"
-        # The message is back on the queue: the broker holds it for the next worker.
-        queued = run_python("from app import broker; print(broker.client().llen('jobs'))", broker)
-        assert queued == "1"
-        assert not ps.survivors()
-    finally:
-        ps.cleanup()
+def test_celery_worker_alone_finishes_its_task_on_ctrl_c(lone_worker, broker: dict[str, str]) -> None:
+    ps, job_id = lone_worker(1.5)
+    rc, _ = ps.stop_and_wait("ctrl_c")
+    assert rc == 0, ps.output
+    assert job_status(broker, job_id) == "succeeded"
+    assert "WorkerLostError" not in ps.output
+    assert "signal received: SIGINT" in ps.output
+    assert_shutdown_sequence(ps.lines(), "worker")
+    assert not ps.survivors()
+
+
+def test_celery_worker_alone_hands_back_a_long_task_on_ctrl_c(lone_worker, broker: dict[str, str]) -> None:
+    ps, job_id = lone_worker(60)
+    rc, _ = ps.stop_and_wait("ctrl_c")
+    assert rc == 0, ps.output
+    assert job_status(broker, job_id) == "queued"
+    # The message is back on the queue: the broker holds it for the next worker.
+    queued = run_python("from app import broker; print(broker.client().llen('jobs'))", broker)
+    assert queued == "1"
+    assert not ps.survivors()
 
 
 def _sends(lines: list[str]) -> list[datetime]:
@@ -174,22 +178,13 @@ def test_shutdown_log_names_each_process(tmp_path: Path, broker: dict[str, str])
 
 
 
-def test_a_second_ctrl_c_hands_back_at_once(tmp_path: Path, broker: dict[str, str]) -> None:
+def test_a_second_ctrl_c_hands_back_at_once(lone_worker, broker: dict[str, str]) -> None:
     # With a 10-minute grace, only the second Ctrl+C can end this stop before the test's timeout.
-    ps = ProcessSet(tmp_path, command=WORKER, env={"SHUTDOWN_GRACE_SECONDS": "600"})
-    try:
-        ps.start()
-        ps.wait_for_line(r"\bready\.$", timeout=60)
-        job_id = queue_job(broker, "sleep", {"seconds": 600})
-        deadline = time.monotonic() + 30
-        while job_status(broker, job_id) != "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ps.ctrl_c()
-        ps.wait_for_line("graceful shutdown started", timeout=10)
-        rc, _ = ps.stop_and_wait("ctrl_c", timeout=60)
-        assert rc == 0, ps.output
-        assert "SIGINT again: handing back running tasks now" in ps.output
-        assert job_status(broker, job_id) == "queued"
-        assert not ps.survivors()
-    finally:
-        ps.cleanup()
+    ps, job_id = lone_worker(600, SHUTDOWN_GRACE_SECONDS="600")
+    ps.ctrl_c()
+    ps.wait_for_line("graceful shutdown started", timeout=10)
+    rc, _ = ps.stop_and_wait("ctrl_c", timeout=60)
+    assert rc == 0, ps.output
+    assert "SIGINT again: handing back running tasks now" in ps.output
+    assert job_status(broker, job_id) == "queued"
+    assert not ps.survivors()
