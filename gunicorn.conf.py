@@ -44,7 +44,8 @@ logconfig_dict = logs.LOGGING
 
 
 def on_starting(server):
-    """Master: make SIGINT graceful; log the stop signal."""
+    """Master: make SIGINT graceful; log the stop signal; stop if honcho dies."""
+    shutdown.stop_with_parent()
     registry = shutdown.current()
     graceful = server.handle_term
 

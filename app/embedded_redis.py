@@ -19,7 +19,6 @@ stopped, so the same Procfile serves both cases.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import shutil
 import signal
@@ -36,7 +35,6 @@ from app.config import get_settings
 
 log = logging.getLogger("broker")
 
-PR_SET_PDEATHSIG = 1
 LINGER_MARGIN_SECONDS = 1.5
 
 
@@ -54,7 +52,7 @@ def redis_server_binary() -> str:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    shutdown.parent_death_signal(signal.SIGTERM)
 
 
 def start(data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
@@ -117,6 +115,7 @@ def main() -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    shutdown.stop_with_parent()
 
     if not settings.embedded_redis:
         log.info("REDIS_URL is set: using that Redis, no embedded broker to run")

@@ -23,9 +23,11 @@ and how: ``signal received`` -> ``graceful shutdown started`` ->
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -165,6 +167,34 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
             os.kill(os.getpid(), sig)
 
     signal.signal(signum, handler)
+
+
+_PR_SET_PDEATHSIG = 1
+_parent_at_start = os.getppid()
+
+
+def stop_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Get ``signum`` when the process that started us dies; never run on as an orphan.
+
+    A closed terminal (SIGHUP) or a SIGKILL kills honcho but not its children,
+    which are each in a session of their own: without this they keep running
+    (and serving, and holding jobs) until someone finds them with ``ps``.
+    With it, they get SIGTERM and stop as gracefully as on Ctrl+C. Linux only
+    (``prctl``); elsewhere a no-op. Call it early in each top-level process
+    (gunicorn master, Celery worker and beat, the broker launcher); forked
+    children do not inherit it.
+    """
+    if not parent_death_signal(signum):
+        return
+    if os.getppid() != _parent_at_start:  # it died while we were starting
+        os.kill(os.getpid(), signum)
+
+
+def parent_death_signal(signum: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG)``: the kernel sends ``signum`` when our parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum) == 0
 
 
 def current() -> ShutdownRegistry:

@@ -23,6 +23,7 @@ from tasks.celery_app import celery_app
 class Scheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
         logs.set_role("beat")
+        shutdown.stop_with_parent()
         super().setup_schedule()
         registry = shutdown.current()
         registry.register("celery broker connections", celery_app.close)

@@ -59,8 +59,13 @@ def _is_worker() -> bool:
 
 
 @signals.celeryd_init.connect
-def _wait_for_broker(**_: object) -> None:
-    """The embedded broker starts beside us; skip Celery's 2 s retry sleeps."""
+def _worker_starting(**_: object) -> None:
+    """MainProcess, first thing: follow honcho's death; wait for the broker.
+
+    The embedded broker starts beside us: waiting for it here skips Celery's
+    2 s connection-retry sleeps.
+    """
+    shutdown.stop_with_parent()
     broker.wait_until_up()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import threading
 import time
 
@@ -114,3 +116,26 @@ def test_a_larger_budget_does_not_slow_a_stop_whose_work_is_done(procset: Proces
     rc, _ = ps.stop_and_wait("sigterm")
     assert_clean_stop(ps, rc, 143)
     assert ps.stored_jobs()[job_id]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("how", ["terminal closed", "honcho killed"])
+def test_nothing_runs_on_when_honcho_dies(procset: ProcessSet, how: str) -> None:
+    # honcho dies (SIGHUP from a closed terminal, or SIGKILL) without stopping its
+    # children; each child follows its parent's death with a graceful stop.
+    procset.start()
+    procset.wait_ready()
+    job_id = procset.submit("sleep", seconds=30)
+    procset.wait_status(job_id, "running")
+    tree = procset.snapshot()
+    assert len(tree) >= 8
+    if how == "terminal closed":
+        os.killpg(procset.proc.pid, signal.SIGHUP)  # the tty's hang-up, to honcho's group
+    else:
+        procset.proc.kill()
+    procset.proc.wait(10)
+    deadline = time.monotonic() + 20
+    while procset.survivors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not procset.survivors(), [p.cmdline() for p in procset.survivors()]
+    job = procset.stored_jobs()[job_id]
+    assert job["status"] == "queued" and job["attempts"] == 0, job  # handed back, not lost
