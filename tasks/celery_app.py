@@ -34,9 +34,12 @@ celery_app.conf.update(
     # Celery's prefork pool with a stop that ends when the pool has drained
     # (stock sleeps up to 0.5 s more): tasks/pool.py.
     worker_pool="tasks.pool:TaskPool",
-    # Lost broker connection: cancel running tasks' acks (they are redelivered)
-    # rather than acking on a new connection that does not own them.
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Lost broker connection: let running jobs finish. Cancelling them would
+    # SIGTERM pool children, which ignore it (tasks/lifecycle.py). Their acks
+    # die with the connection, the messages are redelivered, and the ledger's
+    # claim drops the copies of finished jobs. (Celery warns that 6.0 will
+    # default to True; this stays False on purpose.)
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     # Keep our one log format (app/logs.py); Celery must not replace it.
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,

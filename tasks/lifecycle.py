@@ -17,7 +17,7 @@ What we do instead:
   SIGUSR2 to every child still running a task; a child that does not hand
   back within ``HANDBACK_SECONDS`` is SIGKILLed (``task_reject_on_worker_lost``
   requeues its message, the watchdog requeues its ledger row). A second
-  signal skips the rest of the grace. Celery's cold shutdown is never used:
+  SIGINT or SIGQUIT skips the rest of the grace. Celery's cold shutdown is never used:
   it would SIGTERM the children, which now ignore it, and wait forever.
 * Connections never cross a fork: each child drops the inherited database
   pool and opens its own; every process closes what it opened through its
@@ -119,11 +119,18 @@ class WorkerStop:
         self._now = threading.Event()
 
     def on_signal(self, signum: int, _frame: object) -> None:
+        """First stop signal: warm shutdown. A later SIGINT/SIGQUIT: hand back now.
+
+        A repeated SIGTERM changes nothing: the kernel's parent-death signal
+        (``stop_with_parent``) comes once per thread of the dying parent, so
+        two can arrive within a millisecond of each other.
+        """
         registry = shutdown.current()
         if self._started:
-            log.warning("%s again: handing back running tasks now",
-                        signal.Signals(signum).name)
-            self._now.set()
+            if signum != signal.SIGTERM:
+                log.warning("%s again: handing back running tasks now",
+                            signal.Signals(signum).name)
+                self._now.set()
             return
         self._started = True
         registry.signal_received(signum, f"grace {self.grace:.1f} s for {len(_running())} running task(s)")
