@@ -29,8 +29,28 @@ class Scheduler(PersistentScheduler):
         registry.register("celery broker connections", celery_app.close)
         registry.register("beat schedule store and connection",
                           functools.partial(PersistentScheduler.close, self))
-        for signum in (signal.SIGTERM, signal.SIGINT):  # Celery's sync handler follows
-            shutdown.chain_signal(signum, registry.signal_received)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _first_only(signum, registry)
 
     def close(self) -> None:
         shutdown.current().close_all()
+
+
+def _first_only(signum: int, registry: shutdown.ShutdownRegistry) -> None:
+    """Log the first stop signal, then run Celery's sync handler; ignore repeats.
+
+    Celery's handler syncs the store and raises SystemExit. A second signal
+    (the parent-death signal comes once per thread of the dying parent; an
+    impatient Ctrl+C) would raise SystemExit again in the middle of that
+    sync. The first one is enough.
+    """
+    celery_handler = signal.getsignal(signum)
+
+    def handler(sig: int, frame: object) -> None:
+        if registry.shutting_down.is_set():
+            return
+        registry.signal_received(sig)
+        if callable(celery_handler):
+            celery_handler(sig, frame)
+
+    signal.signal(signum, handler)
