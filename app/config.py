@@ -36,9 +36,12 @@ class Settings(BaseSettings):
     web_threads: int = Field(default=8, ge=1, le=256)
     web_worker_class: Literal["gthread", "sync"] = "gthread"
     worker_concurrency: int = Field(default=2, ge=1, le=256)
-    job_lease_seconds: float = Field(default=30.0, ge=1, description="running job without heartbeat for this long = stranded")
-    job_queued_lease_seconds: float = Field(default=60.0, ge=1, description="queued job not started for this long = republished")
-    job_max_attempts: int = Field(default=5, ge=1, description="starts not ended by a shutdown")
+    # A running job whose heartbeat stopped this long ago (its worker died) is requeued.
+    job_lease_seconds: float = Field(default=30.0, ge=1)
+    # A queued job not started this long after it was queued (message lost) is republished.
+    job_queued_lease_seconds: float = Field(default=60.0, ge=1)
+    # Runs that ended without finishing (crashes; shutdowns do not count) before "failed".
+    job_max_attempts: int = Field(default=5, ge=1)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"
 
