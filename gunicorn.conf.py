@@ -25,7 +25,7 @@ _settings = get_settings()
 logs.set_role("web")  # the master; post_fork renames its workers
 
 # -- server ----------------------------------------------------------------
-bind = [f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{_settings.port}"]
+bind = [f"{_settings.bind_host}:{_settings.port}"]
 workers = _settings.web_workers
 # gthread: a long poll (GET /jobs/<id>?wait=) holds a thread, not a process.
 # sync works too (WEB_WORKER_CLASS=sync): its SIGINT hazard is the worst (500s).

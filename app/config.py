@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in var/")
     shutdown_grace_seconds: float = Field(default=DEFAULT_GRACE_SECONDS, gt=0, le=3600)
     port: int = Field(default=5000, ge=1, le=65535)
+    bind_host: str = "127.0.0.1"  # 0.0.0.0 where a platform routes traffic to you
     web_workers: int = Field(default=2, ge=1, le=64)
     web_threads: int = Field(default=8, ge=1, le=256)
     web_worker_class: Literal["gthread", "sync"] = "gthread"

@@ -75,8 +75,11 @@ def start(data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
 
 
 def _clients(client: redis.Redis) -> int:
-    """Connected clients other than ourselves."""
-    return max(0, len(client.client_list()) - 1)
+    """Connected clients other than ourselves (0 once the server is gone)."""
+    try:
+        return max(0, len(client.client_list()) - 1)
+    except redis.ConnectionError:
+        return 0
 
 
 def linger(client: redis.Redis, server: subprocess.Popen[bytes], budget: float) -> int:
@@ -105,12 +108,9 @@ def main() -> int:
     logs.configure("broker")
     registry = shutdown.current()
     stop = threading.Event()
-    received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        if not received:
-            received.append(signum)
-            registry.signal_received(signum)
+        registry.signal_received(signum)  # logs the first one only
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -119,7 +119,8 @@ def main() -> int:
 
     if not settings.embedded_redis:
         log.info("REDIS_URL is set: using that Redis, no embedded broker to run")
-        stop.wait()
+        while not stop.wait(1):
+            pass
         registry.close_all()
         return 0
 

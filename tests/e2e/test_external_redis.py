@@ -1,0 +1,57 @@
+"""With REDIS_URL set, plain ``honcho start`` uses that Redis (the broker entry idles)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.embedded_redis import redis_server_binary
+from tests.e2e.checks import assert_clean_stop
+from tests.procset import ProcessSet, free_port
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    data = tmp_path / "external-redis"
+    data.mkdir()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--dir", str(data), "--save", "", "--loglevel", "warning"],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/3"
+    try:
+        with redis.Redis.from_url(url) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline and server.poll() is None, "redis did not start"
+                    time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_set_uses_an_external_redis(procset: ProcessSet, redis_url: str) -> None:
+    ps = procset.make(REDIS_URL=redis_url)
+    ps.start()
+    ps.wait_ready()
+    assert "REDIS_URL is set: using that Redis" in ps.output
+    assert not (ps.var / "redis.sock").exists()
+    job_id = ps.submit("echo", value="via tcp")
+    assert ps.job(job_id, wait=20)["result"] == "via tcp"
+    long = ps.submit("sleep", seconds=30)
+    ps.wait_status(long, "running")
+    rc, _ = ps.stop_and_wait("ctrl_c")
+    assert_clean_stop(ps, rc, 130, nothing_to_close=("broker",))  # it opened nothing
+    # The handed-back message waits in the external Redis (db 3) for the next worker.
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.llen("jobs") == 1
