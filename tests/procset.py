@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # honcho colours its prefixes on a terminal
 HONCHO_LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<name>[\w.-]+)\s*\| ?(?P<text>.*)$")
 
 
@@ -60,7 +61,7 @@ class Response:
 class ProcessSet:
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
                  procfile: Path | None = None, cwd: Path = ROOT,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, runs_honcho: bool | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.var = workdir / "var"
@@ -74,6 +75,8 @@ class ProcessSet:
         self.procfile = procfile
         self.cwd = cwd
         self.command = command  # default: honcho start
+        # Output in honcho's "HH:MM:SS name.1 | text" form (honcho, or a script that execs it)?
+        self.runs_honcho = command is None if runs_honcho is None else runs_honcho
         self.proc: subprocess.Popen[bytes] | None = None
         self._master: int | None = None
         self._output: list[str] = []
@@ -105,7 +108,7 @@ class ProcessSet:
                 break
             if not chunk:
                 break
-            text = self._partial + chunk.decode(errors="replace").replace("\r\n", "\n")
+            text = self._partial + ANSI.sub("", chunk.decode(errors="replace").replace("\r\n", "\n"))
             *lines, self._partial = text.split("\n")
             self._output.extend(lines)
 
@@ -200,7 +203,7 @@ class ProcessSet:
 
     def lines(self, name: str | None = None) -> list[str]:
         """Lines printed by one process type (``web``, ``worker`` ...) or all."""
-        if self.command:  # a single program, not honcho: its lines as they are
+        if not self.runs_honcho:  # a single program: its lines as they are
             return list(self._output)
         out = []
         for line in self._output:
