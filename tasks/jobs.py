@@ -68,8 +68,8 @@ def run_job(job_id: str) -> None:
         log.info("job %s is finished or running elsewhere; message dropped", job_id)
         return
     attempt = job["attempts"]
-    model, run = KINDS[job["task"]]
     try:
+        model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
         with _heartbeat(job_id, attempt, settings.job_lease_seconds):
             _running.set()
             try:

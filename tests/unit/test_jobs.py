@@ -1,0 +1,92 @@
+"""The job runner (tasks/jobs.py) against a real SQLite ledger, without a broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from celery.exceptions import Reject
+
+from app import ledger
+from tasks import jobs
+from tasks.kinds import KINDS, EchoArgs
+
+
+def run(job_id: str) -> None:
+    jobs.run_job.run(job_id)  # the task's body, in this process
+
+
+def test_a_job_runs_and_records_its_result(schema) -> None:
+    job = ledger.create("echo", {"value": {"a": [1, 2]}})
+    run(job["id"])
+    done = ledger.get(job["id"])
+    assert (done["status"], done["attempts"], done["result"]) == ("succeeded", 1, {"a": [1, 2]})
+    assert done["started_at"] is not None and done["finished_at"] is not None
+
+
+def test_a_finished_job_is_not_run_again(schema, monkeypatch) -> None:
+    job = ledger.create("echo", {"value": 1})
+    run(job["id"])
+    calls = []
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, lambda args: calls.append(args)))
+    run(job["id"])  # a duplicate message
+    assert calls == []
+    assert ledger.get(job["id"])["attempts"] == 1
+
+
+def test_a_job_that_raises_is_failed_with_the_error(schema, monkeypatch) -> None:
+    def boom(args: EchoArgs) -> None:
+        raise ValueError("no good")
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, boom))
+    job = ledger.create("echo", {"value": 1})
+    run(job["id"])
+    failed = ledger.get(job["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"] == "ValueError: no good"
+
+
+def test_a_job_of_a_kind_that_no_longer_exists_is_failed(schema) -> None:
+    job = ledger.create("vanished", {})
+    run(job["id"])
+    assert ledger.get(job["id"])["status"] == "failed"
+
+
+def test_sigusr2_hands_a_running_job_back(schema, monkeypatch) -> None:
+    # What the worker MainProcess does at the end of the grace: SIGUSR2 to the pool child.
+    def long_job(args: EchoArgs) -> None:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        raise AssertionError("the job was not interrupted")
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    try:
+        job = ledger.create("echo", {"value": 1})
+        with pytest.raises(Reject) as rejected:
+            run(job["id"])
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert rejected.value.requeue is True
+    back = ledger.get(job["id"])
+    assert (back["status"], back["attempts"], back["started_at"]) == ("queued", 0, None)
+
+
+def test_sigusr2_between_jobs_does_nothing(schema) -> None:
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)  # no job running: no HandBack raised here
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_the_sweep_republishes_stranded_jobs(schema, publish, monkeypatch) -> None:
+    monkeypatch.setenv("JOB_QUEUED_LEASE_SECONDS", "1")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    job = ledger.create("echo", {"value": 1})
+    with ledger.get_engine().begin() as conn:  # queued long ago, its message lost
+        conn.execute(ledger.jobs.update().values(queued_at=ledger.utcnow().replace(year=2000)))
+    assert jobs.requeue_stranded.run() == 1
+    assert [tuple(args) for args in publish.published_args] == [(job["id"],)]  # republished
