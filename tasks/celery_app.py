@@ -32,7 +32,7 @@ celery_app.conf.update(
     worker_prefetch_multiplier=1,
     worker_concurrency=settings.worker_concurrency,
     # Celery's prefork pool with a stop that ends when the pool has drained
-    # (stock sleeps up to 0.5 s more): tasks/pool.py.
+    # (stock sleeps up to 0.5 s more, twice): tasks/pool.py.
     worker_pool="tasks.pool:TaskPool",
     # Lost broker connection: let running jobs finish. Cancelling them would
     # SIGTERM pool children, which ignore it (tasks/lifecycle.py). Their acks

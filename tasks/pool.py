@@ -1,13 +1,20 @@
-"""Celery's prefork pool, minus half a second of every stop.
+"""Celery's prefork pool, minus the fixed sleeps in its warm shutdown.
 
-Celery 5.7's ``TaskPool.on_stop`` keeps firing the event loop's timers (acks,
-heartbeats) in a thread while the pool drains. That thread sleeps 0.5 s
-between passes and is joined after the drain, so every warm shutdown, idle
-or busy, waits up to half a second longer than its work. This copy of
-``on_stop`` is Celery's own with one change: the thread waits on its stop
-event instead of sleeping, so it ends the moment the pool has drained.
-Selected by ``worker_pool`` in tasks/celery_app.py; revisit on a Celery
-upgrade (the e2e tests time nothing, scripts/bench does).
+Two sleeps in Celery 5.7 make every warm shutdown last longer than its work:
+
+* ``TaskPool.on_stop`` keeps firing the event loop's timers (acks,
+  heartbeats) in a thread while the pool drains. The thread sleeps 0.5 s
+  between passes and is joined after the drain: up to 0.5 s more, idle or
+  busy. Here it waits on its stop event instead, so it ends with the drain.
+* While draining, ``ResultHandler._flush_outqueue`` checks each child's
+  result pipe and sleeps 0.5 s when nothing is there yet. A job finishing
+  just after the check waits out the sleep, and so does its pool child:
+  billiard keeps the child alive until the parent has read its result.
+  Here the check waits on the pipe itself, briefly, so a result is read
+  as soon as it is written.
+
+Both methods are Celery's own code with only that change. Selected by
+``worker_pool`` in tasks/celery_app.py; revisit on a Celery upgrade.
 """
 
 from __future__ import annotations
@@ -15,16 +22,58 @@ from __future__ import annotations
 import logging
 import threading
 
+from billiard.compat import setblocking
 from billiard.pool import CLOSE, RUN
-from celery.concurrency import prefork
+from celery.concurrency import asynpool, prefork
 from kombu.asynchronous import get_event_loop
 
 logger = logging.getLogger("celery.concurrency.prefork")
 
 TIMER_PERIOD = 0.5  # Celery's; no longer a floor on the stop
+RESULT_WAIT = 0.02  # per child pipe and pass while draining (Celery: poll, then sleep 0.5)
+
+
+class ResultHandler(asynpool.ResultHandler):
+    def _flush_outqueue(self, fd, remove, process_index, on_state_change):
+        try:
+            proc = process_index[fd]
+        except KeyError:
+            # process already found terminated: its outqueue was processed
+            # by the worker lost handler.
+            return remove(fd)
+
+        if self._finish_partial_read(fd, proc):
+            return remove(fd)
+
+        reader = proc.outq._reader
+        try:
+            setblocking(reader, 1)
+        except OSError:
+            return remove(fd)
+        result = None
+        try:
+            # Celery: ``if reader.poll(0): recv() else: sleep(0.5)``.
+            task = reader.recv() if reader.poll(RESULT_WAIT) else None
+        except (OSError, EOFError):
+            result = remove(fd)
+        else:
+            if task:
+                on_state_change(task)
+        finally:
+            try:
+                setblocking(reader, 0)
+            except OSError:
+                result = remove(fd)
+        return result
+
+
+class AsynPool(asynpool.AsynPool):
+    ResultHandler = ResultHandler
 
 
 class TaskPool(prefork.TaskPool):
+    Pool = AsynPool
+
     def on_stop(self) -> None:
         """Gracefully stop the pool (warm shutdown)."""
         if self._pool is None or self._pool._state not in (RUN, CLOSE):
