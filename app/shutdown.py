@@ -153,8 +153,8 @@ _registry_pid: int | None = None
 def chain_signal(signum: int, before: Callable[[int], object]) -> None:
     """Run ``before(signum)`` ahead of the handler already installed for ``signum``.
 
-    For logging the signal in processes whose server (gunicorn, Celery beat)
-    owns the handler: its behaviour stays exactly as it was.
+    For logging the signal in processes whose server owns the handler
+    (gunicorn workers): its behaviour stays exactly as it was.
     """
     previous = signal.getsignal(signum)
 
