@@ -148,6 +148,13 @@ class ProcessSet:
                          if c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_ESTABLISHED)
         return count
 
+    def wait_accepted(self, count: int, timeout: float = 10) -> None:
+        """Block until the web processes hold ``count`` accepted connections (requests in flight)."""
+        deadline = time.monotonic() + timeout
+        while self.accepted_connections() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.accepted_connections() >= count, f"fewer than {count} requests reached the server"
+
     def ctrl_c(self) -> None:
         """Type ^C into honcho's terminal (the tty's SIGINT to its foreground group)."""
         assert self._master is not None

@@ -66,9 +66,7 @@ def test_gunicorn_alone_answers_requests_in_flight_on_ctrl_c(tmp_path: Path, wor
             time.sleep(0.05)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             polls = [pool.submit(ps.http, "GET", f"/jobs/{job_id}?wait=30") for _ in range(3)]
-            while ps.accepted_connections() < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert ps.accepted_connections() >= 3
+            ps.wait_accepted(3)
             rc, _ = ps.stop_and_wait("ctrl_c")
             answers = [f.result(timeout=30) for f in polls]
         assert rc == 0, ps.output

@@ -88,10 +88,7 @@ def test_requests_in_flight_are_answered(procset: ProcessSet) -> None:
         return codes
 
     hammers = [pool.submit(hammer) for _ in range(2)]
-    deadline = time.monotonic() + 10
-    while procset.accepted_connections() < len(long_polls) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert procset.accepted_connections() >= len(long_polls)  # the server holds them
+    procset.wait_accepted(len(long_polls))  # the server holds them
     rc, _ = procset.stop_and_wait("sigterm")
     stop_hammer.set()
     answers = [f.result(timeout=30) for f in long_polls]
