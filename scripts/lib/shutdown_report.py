@@ -1,0 +1,1231 @@
+"""Start a Procfile's process set under ``honcho start``, stop it, and report how each process stopped.
+
+Usage: ``scripts/shutdown-report DIR [options]`` (``--help`` lists them).
+
+The set runs under honcho in a pseudo-terminal. Once it is up (every entry
+started and old enough, or a URL answers 2xx), the report stops it the way a
+user or a platform would: ``^C`` typed into honcho's terminal (``--signal
+INT``), SIGTERM to honcho (``--signal TERM``), or the signal to every process
+of the tree at once (``--broadcast``, like systemd's control-group kill or
+Heroku). It then prints one row per process: the signal it received, when it
+exited, its exit code, whether honcho had to SIGKILL it, and whether it was
+still running after honcho exited (those are then killed by pid).
+
+How it observes (stdlib and psutil only):
+
+- the report is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so processes
+  that daemonise or are orphaned are reparented to it and stay in its tree;
+- the tree is polled every 20 ms from ``/proc``: parent, process group,
+  session, command line and signal dispositions (``SigIgn``/``SigCgt``);
+- the Linux proc connector (netlink, needs CAP_NET_ADMIN, so root) reports
+  every fork, exec and exit with the exit status and a kernel timestamp.
+  Without it, exit times come from polling, and exit codes from honcho's
+  ``stopped (rc=N)`` lines and from orphans the report reaps itself;
+- honcho's own lines (``started``, ``sending SIGTERM``, ``sending SIGKILL``,
+  ``stopped``) tell which process group got which signal when.
+
+Exit status: 0 clean, 1 something was SIGKILLed or left running (or honcho
+did not exit in time), 2 the report could not run (no Procfile, bad
+arguments, the set did not come up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POLL_INTERVAL = 0.02
+FULL_SCAN_EVERY = 10  # with the proc connector, a full /proc scan every 10th poll (else every poll)
+PR_SET_CHILD_SUBREAPER = 36
+PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")  # honcho.environ's own pattern
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+HONCHO_PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?P<name>\S+)\s*\| ?(?P<text>.*)$")
+STARTED = re.compile(r"^(?P<name>[\w.-]+) started \(pid=(?P<pid>\d+)\)$")
+SENDING = re.compile(r"^sending (?P<sig>SIG[A-Z0-9]+) to (?P<name>[\w.-]+) \(pid (?P<pid>\d+)\)$")
+STOPPED = re.compile(r"^(?P<name>[\w.-]+) stopped \(rc=(?P<rc>-?\d+|None)\)$")
+PYTHON = re.compile(r"^python[0-9.]*$")
+RECEIVED = re.compile(r"^(?P<sig>SIG[A-Z0-9]+) received$")
+
+# Linux proc connector (include/uapi/linux/cn_proc.h, connector.h).
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
+PROC_EVENT_FORK = 0x1
+PROC_EVENT_EXEC = 0x2
+PROC_EVENT_EXIT = 0x80000000
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+CN_MSG_HDR = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
+EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+NLMSG_DONE = 3
+SO_RCVBUFFORCE = 33
+
+
+# --------------------------------------------------------------------------
+# Pure helpers: parsing and formatting (unit-tested)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HonchoEvent:
+    kind: str  # "started", "sending", "stopped" or "received"
+    name: str = ""  # honcho's process name, e.g. "web.1"
+    pid: int | None = None
+    rc: int | None = None
+    signal: str = ""  # "SIGTERM", "SIGKILL", "SIGINT"
+
+
+def clean_line(line: str) -> str:
+    """A line of honcho's terminal output without colours, CR, or the tty's echoed ``^C``."""
+    line = ANSI.sub("", line).replace("\r", "")
+    while line.startswith("^C"):
+        line = line[2:]
+    return line
+
+
+def parse_honcho_line(line: str) -> HonchoEvent | None:
+    """honcho's own ``system`` lines as events; anything else (a program's output) is None.
+
+    Accepts the full ``HH:MM:SS system | text`` form or the bare text.
+    """
+    line = clean_line(line).strip()
+    m = HONCHO_PREFIX.match(line)
+    if m:
+        if m["name"] != "system":
+            return None
+        line = m["text"].strip()
+    if m := STARTED.match(line):
+        return HonchoEvent("started", m["name"], pid=int(m["pid"]))
+    if m := SENDING.match(line):
+        return HonchoEvent("sending", m["name"], pid=int(m["pid"]), signal=m["sig"])
+    if m := STOPPED.match(line):
+        rc = None if m["rc"] == "None" else int(m["rc"])
+        return HonchoEvent("stopped", m["name"], rc=rc)
+    if m := RECEIVED.match(line):
+        return HonchoEvent("received", signal=m["sig"])
+    return None
+
+
+def parse_procfile(text: str) -> list[tuple[str, str]]:
+    """(name, command) for each entry, as honcho reads them (lines it cannot parse are skipped)."""
+    entries = []
+    for line in text.splitlines():
+        m = PROCFILE_LINE.match(line)
+        if m and m.group(1) not in {n for n, _ in entries}:
+            entries.append((m.group(1), m.group(2)))
+    return entries
+
+
+def decode_wait_status(status: int) -> tuple[int | None, int | None]:
+    """(exit code, None) for a normal exit, (None, signal number) for a death by signal."""
+    termsig = status & 0x7F
+    if termsig == 0:
+        return (status >> 8) & 0xFF, None
+    return None, termsig
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def signal_number(name: str) -> int:
+    return int(signal.Signals[name])
+
+
+def parse_status_masks(text: str) -> dict[str, int]:
+    """The signal masks of /proc/PID/status (``SigIgn``, ``SigCgt``, ``SigBlk``, ...) as integers."""
+    masks = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Sig") or key.startswith("Shd"):
+            with contextlib.suppress(ValueError):
+                masks[key] = int(value.strip(), 16)
+    return masks
+
+
+def disposition(ignored: int | None, caught: int | None, signum: int) -> str:
+    """What a process does with ``signum``: "ignored", "handled", "default action" or "?"."""
+    if ignored is None or caught is None:
+        return "?"
+    bit = 1 << (signum - 1)
+    if ignored & bit:
+        return "ignored"
+    if caught & bit:
+        return "handled"
+    return "default action"
+
+
+def describe_exit(code: int | None, termsig: int | None) -> str:
+    """``0``, ``1``, ``SIGKILL`` (died of that signal) or ``?``."""
+    if termsig is not None:
+        return signal_name(termsig)
+    if code is not None:
+        return str(code)
+    return "?"
+
+
+def describe_signals(received: Sequence[tuple[str, str]]) -> str:
+    """[("SIGTERM", "handled"), ("SIGTERM", "handled")] -> "SIGTERM x2 (handled)"."""
+    if not received:
+        return "none directly"
+    groups: list[list[Any]] = []
+    for name, disp in received:
+        if groups and groups[-1][0] == name and groups[-1][1] == disp:
+            groups[-1][2] += 1
+        else:
+            groups.append([name, disp, 1])
+    return ", ".join(f"{n}{f' x{c}' if c > 1 else ''} ({d})" for n, d, c in groups)
+
+
+def short_command(argv: Sequence[str], limit: int = 40) -> str:
+    """A command line shortened for a table: paths to their last part, at most ``limit`` characters."""
+    if not argv:
+        return "?"
+    head, sep, rest = argv[0].partition(" ")  # a process title may be one string with spaces
+    parts = [os.path.basename(head) or head] + ([rest] if sep else [])
+    args = list(argv[1:])
+    if not sep and PYTHON.match(parts[0]) and args and args[0].startswith("/"):
+        parts = [os.path.basename(args.pop(0))]  # a console script (celery, gunicorn): its name
+    for arg in args:
+        parts.append(os.path.basename(arg) if arg.startswith("/") and len(arg) > 1 else arg)
+    return shorten(" ".join(parts), limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> str:
+    """A plain-text table: columns padded to their widest cell, ``right`` ones right-aligned."""
+    rows = [list(map(str, r)) for r in rows]
+    right = set(right)
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, cell in enumerate(r):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Proc connector events in one netlink datagram: (what, timestamp_ns, fields).
+
+    fields: FORK (parent_pid, parent_tgid, child_pid, child_tgid); EXEC (pid, tgid);
+    EXIT (pid, tgid, exit_code as a wait status, exit_signal). Other events are skipped.
+    """
+    events = []
+    offset = 0
+    while offset + NLMSG_HDR.size <= len(data):
+        length, _type, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, offset)
+        if length < NLMSG_HDR.size:
+            break
+        body = offset + NLMSG_HDR.size
+        if body + CN_MSG_HDR.size + EVENT_HDR.size <= offset + length:
+            idx, val, _s, _a, _len, _f = CN_MSG_HDR.unpack_from(data, body)
+            if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC):
+                ev = body + CN_MSG_HDR.size
+                what, _cpu, ts = EVENT_HDR.unpack_from(data, ev)
+                payload = ev + EVENT_HDR.size
+                if what == PROC_EVENT_FORK and payload + 16 <= offset + length:
+                    events.append((what, ts, struct.unpack_from("=IIII", data, payload)))
+                elif what == PROC_EVENT_EXEC and payload + 8 <= offset + length:
+                    events.append((what, ts, struct.unpack_from("=II", data, payload)))
+                elif what == PROC_EVENT_EXIT and payload + 16 <= offset + length:
+                    events.append((what, ts, struct.unpack_from("=IIII", data, payload)))
+        offset += (length + 3) & ~3
+    return events
+
+
+# --------------------------------------------------------------------------
+# /proc
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stat:
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    starttime: int  # clock ticks after boot: tells a process from a later one with the same pid
+
+
+def read_stat(pid: int) -> Stat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return Stat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def read_masks(pid: int) -> tuple[int | None, int | None]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = parse_status_masks(f.read())
+    except OSError:
+        return None, None
+    return masks.get("SigIgn"), masks.get("SigCgt")
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    if not raw:  # kernel thread or zombie; try the short name
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return [f"[{f.read().strip()}]"]
+        except OSError:
+            return []
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def all_stats() -> dict[int, Stat]:
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = read_stat(int(name))
+            if st is not None:
+                stats[int(name)] = st
+    return stats
+
+
+def set_child_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------
+# What the report saw of each process
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    pid: int
+    parent: int  # parent when first known (at fork, from the proc connector, else at first sight)
+    seen_at: float  # monotonic: forked (connector) or first seen (poll)
+    forked: bool  # seen_at is the fork time
+    starttime: int | None = None
+    cmdline: list[str] = field(default_factory=list)
+    # (monotonic time, ppid, pgid, sid, SigIgn, SigCgt), appended when something changes
+    samples: list[tuple[float, int, int, int, int | None, int | None]] = field(default_factory=list)
+    exit_at: float | None = None
+    exit_time_source: str = ""  # "proc connector" or "poll"
+    exit_status: int | None = None  # wait status
+    exit_status_source: str = ""  # "proc connector", "reaped", "honcho", "popen"
+    killed_by_report: bool = False
+    gone: bool = False  # no longer in /proc (not even as a zombie)
+
+    def sample_at(self, t: float) -> tuple[float, int, int, int, int | None, int | None] | None:
+        """The last state sampled at or before t (else the first one)."""
+        best = None
+        for s in self.samples:
+            if s[0] <= t or best is None:
+                best = s
+            else:
+                break
+        return best
+
+    def alive_at(self, t: float) -> bool:
+        return self.seen_at <= t and (self.exit_at is None or self.exit_at > t)
+
+
+class Tracker:
+    """Every process of the tree under the report, from polls of /proc and the proc connector."""
+
+    def __init__(self) -> None:
+        self.root = os.getpid()
+        self.lock = threading.RLock()
+        self.current: dict[int, Proc] = {}  # pid -> its latest process
+        self.history: list[Proc] = []
+        self.honcho_pid: int | None = None
+        self.polls = 0
+        self.connector_active = False
+        self.connector_lost_events = False
+
+    # -- from the proc connector (its thread) -------------------------------
+    def note_fork(self, parent_tgid: int, child: int, t: float) -> None:
+        with self.lock:
+            parent = self.current.get(parent_tgid)
+            if parent_tgid != self.root and (parent is None or parent.exit_at is not None):
+                return
+            known = self.current.get(child)
+            if known is not None and known.exit_at is None and known.seen_at >= t:
+                known.seen_at, known.forked, known.parent = t, True, parent_tgid  # a poll saw it first
+                return
+            proc = Proc(child, parent_tgid, t, forked=True)
+            self._add(proc)
+            self._refresh(proc, t)
+
+    def note_exec(self, pid: int, t: float) -> None:
+        with self.lock:
+            proc = self.current.get(pid)
+            if proc is not None and proc.exit_at is None:
+                proc.cmdline = read_cmdline(pid) or proc.cmdline
+                self._refresh(proc, t)
+
+    def note_exit(self, pid: int, status: int, t: float) -> None:
+        with self.lock:
+            proc = self.current.get(pid)
+            if proc is None or proc.exit_status_source == "proc connector":
+                return
+            if proc.exit_at is None or proc.exit_time_source != "proc connector":
+                proc.exit_at = t
+                proc.exit_time_source = "proc connector"
+            proc.exit_status = status
+            proc.exit_status_source = "proc connector"
+
+    # -- polling -------------------------------------------------------------
+    def _add(self, proc: Proc) -> None:
+        self.current[proc.pid] = proc
+        self.history.append(proc)
+
+    def _refresh(self, proc: Proc, t: float, full: bool = True) -> Stat | None:
+        st = read_stat(proc.pid)
+        if st is None:
+            return None
+        if proc.starttime is None:
+            proc.starttime = st.starttime
+        elif proc.starttime != st.starttime:
+            return None  # the pid now belongs to another process
+        if not proc.cmdline or (full and st.state != "Z"):  # full polls catch an exec the connector missed
+            proc.cmdline = read_cmdline(proc.pid) or proc.cmdline
+        ign, cgt = read_masks(proc.pid) if st.state != "Z" else (None, None)
+        last = proc.samples[-1] if proc.samples else None
+        if st.state != "Z":
+            if last is None or last[1:] != (st.ppid, st.pgid, st.sid, ign, cgt):
+                proc.samples.append((t, st.ppid, st.pgid, st.sid, ign, cgt))
+        return st
+
+    def poll(self, full: bool) -> None:
+        with self.lock:
+            t = time.monotonic()
+            self.polls += 1
+            if full:
+                stats = all_stats()
+                children: dict[int, list[int]] = {}
+                for pid, st in stats.items():
+                    children.setdefault(st.ppid, []).append(pid)
+                tree: list[int] = []
+                todo = list(children.get(self.root, []))
+                while todo:
+                    pid = todo.pop()
+                    tree.append(pid)
+                    todo.extend(children.get(pid, []))
+                for pid in tree:
+                    st = stats[pid]
+                    proc = self.current.get(pid)
+                    if proc is None or (proc.starttime is not None and proc.starttime != st.starttime):
+                        proc = Proc(pid, st.ppid, t, forked=False)
+                        self._add(proc)
+            for proc in list(self.current.values()):
+                if proc.exit_at is not None and (proc.exit_status is not None or proc.gone):
+                    continue
+                st = self._refresh(proc, t, full)
+                if st is None:
+                    proc.gone = True  # reaped by its parent (or the pid is another process now)
+                if st is None or st.state in "ZX":
+                    if proc.exit_at is None:
+                        proc.exit_at = t
+                        proc.exit_time_source = "poll"
+                    if st is not None and st.ppid == self.root:
+                        self.reap(proc)
+
+    def reap(self, proc: Proc) -> None:
+        """Collect the status of an orphan that was reparented to the report (never honcho's)."""
+        if proc.pid == self.honcho_pid or proc.exit_status_source in ("proc connector", "reaped"):
+            return
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == proc.pid:
+            if proc.exit_at is None:
+                proc.exit_at = time.monotonic()
+                proc.exit_time_source = "poll"
+            if proc.exit_status is None:
+                proc.exit_status = status
+                proc.exit_status_source = "reaped"
+
+    def reap_all(self) -> None:
+        with self.lock:
+            for proc in self.current.values():
+                st = read_stat(proc.pid)
+                if st is not None and st.state == "Z" and st.ppid == self.root:
+                    self.reap(proc)
+
+    def alive(self) -> list[Proc]:
+        """Tracked processes still running (not zombies), checked now."""
+        with self.lock:
+            out = []
+            for proc in self.current.values():
+                st = read_stat(proc.pid)
+                if st is not None and st.state not in "ZX" and st.starttime == proc.starttime:
+                    out.append(proc)
+            return out
+
+    def kill(self, procs: Iterable[Proc]) -> None:
+        """SIGKILL these processes by pid (only if the pid is still the same process)."""
+        with self.lock:
+            for proc in procs:
+                st = read_stat(proc.pid)
+                if st is not None and st.starttime == proc.starttime and st.state not in "ZX":
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        proc.killed_by_report = True
+
+
+class ProcConnector:
+    """Fork, exec and exit events of every process on the machine (needs CAP_NET_ADMIN)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+        try:
+            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+                    break
+            self.sock.bind((os.getpid(), CN_IDX_PROC))
+            self._control(PROC_CN_MCAST_LISTEN)
+            self.sock.settimeout(0.1)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _control(self, op: int) -> None:
+        payload = struct.pack("=I", op)
+        cn = CN_MSG_HDR.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
+        self.sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn)
+
+    def run(self, tracker: Tracker, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:  # events dropped: polling covers the gap
+                    tracker.connector_lost_events = True
+                    continue
+                break
+            now = time.monotonic()
+            for what, ts, fields in parse_proc_events(data):
+                t = ts / 1e9
+                if not now - 1.0 <= t <= now + 0.01:  # another clock (time namespace): use receipt
+                    t = now
+                if what == PROC_EVENT_FORK:
+                    _ppid, parent_tgid, child_pid, child_tgid = fields
+                    if child_pid == child_tgid:  # a process, not a thread
+                        tracker.note_fork(parent_tgid, child_pid, t)
+                elif what == PROC_EVENT_EXEC:
+                    pid, tgid = fields
+                    if pid == tgid:
+                        tracker.note_exec(pid, t)
+                elif what == PROC_EVENT_EXIT:
+                    pid, tgid, status, _exit_signal = fields
+                    if pid == tgid:
+                        tracker.note_exit(pid, status, t)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._control(PROC_CN_MCAST_IGNORE)
+        self.sock.close()
+
+
+def open_proc_connector() -> tuple[ProcConnector | None, str]:
+    try:
+        return ProcConnector(), ""
+    except PermissionError:
+        return None, "no permission for the proc connector (needs root / CAP_NET_ADMIN)"
+    except OSError as e:
+        return None, f"proc connector unavailable ({e.strerror or e})"
+
+
+# --------------------------------------------------------------------------
+# honcho in a pseudo-terminal
+# --------------------------------------------------------------------------
+
+
+def _controlling_tty() -> None:  # in the child: the pty becomes honcho's terminal
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Honcho:
+    def __init__(self, directory: Path, procfile: Path, *, verbose: bool, log: Path | None) -> None:
+        self.directory = directory
+        self.procfile = procfile
+        self.verbose = verbose
+        self.log = open(log, "w", encoding="utf-8") if log else None  # noqa: SIM115
+        self.lines: list[tuple[float, str]] = []
+        self.events: list[tuple[float, HonchoEvent]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.master: int | None = None
+        self.exit_at: float | None = None
+        self._partial = ""
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        master, slave = pty.openpty()
+        command = [sys.executable, "-m", "honcho", "start", "--no-colour",
+                   "-f", str(self.procfile), "-d", str(self.directory)]
+        try:
+            self.proc = subprocess.Popen(command, cwd=self.directory, stdin=slave, stdout=slave,
+                                         stderr=slave, start_new_session=True,
+                                         preexec_fn=_controlling_tty, close_fds=True)
+        finally:
+            os.close(slave)
+        self.master = master
+        self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        self._reader.start()
+
+    def _read(self, fd: int) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            now = time.monotonic()
+            text = self._partial + chunk.decode(errors="replace")
+            *complete, self._partial = text.split("\n")
+            for raw in complete:
+                self._line(now, raw)
+        if self._partial:
+            self._line(time.monotonic(), self._partial)
+            self._partial = ""
+
+    def _line(self, now: float, raw: str) -> None:
+        line = clean_line(raw)
+        event = parse_honcho_line(line)
+        with self._lock:
+            self.lines.append((now, line))
+            if event is not None:
+                self.events.append((now, event))
+        if self.verbose:
+            print(line, file=sys.stderr, flush=True)
+        if self.log:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def poll(self) -> int | None:
+        assert self.proc is not None
+        rc = self.proc.poll()
+        if rc is not None and self.exit_at is None:
+            self.exit_at = time.monotonic()
+        return rc
+
+    def wait(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rc = self.poll()
+            if rc is not None:
+                return rc
+            time.sleep(0.01)
+        return self.poll()
+
+    def events_of(self, kind: str) -> list[tuple[float, HonchoEvent]]:
+        with self._lock:
+            return [(t, e) for t, e in self.events if e.kind == kind]
+
+    def tail(self, n: int = 20) -> list[str]:
+        with self._lock:
+            return [line for _, line in self.lines[-n:]]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.join(0.5)
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        if self.log:
+            self.log.close()
+            self.log = None
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+class NotReady(Exception):
+    pass
+
+
+@dataclass
+class Delivery:
+    """A signal sent to a set of processes: by the tty, by the report, or by honcho."""
+
+    at: float
+    signum: int
+    source: str  # "tty", "report", "honcho"
+    pgid: int | None = None  # every process of this group at that time
+    pids: frozenset[int] = frozenset()  # or these processes
+    exact: bool = True  # False: timed by honcho's line, not by the kill itself
+
+
+def url_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def proc_age(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return time.time() - psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - gone, or no access: not ready yet
+        return None
+
+
+def wait_ready(args: argparse.Namespace, honcho: Honcho, names: list[str]) -> None:
+    deadline = time.monotonic() + args.ready_timeout
+    expected = {f"{n}.1" for n in names}
+    last_url_check = 0.0
+    while True:
+        rc = honcho.poll()
+        if rc is not None:
+            raise NotReady(f"honcho exited with code {rc} before the set was ready")
+        stopped = honcho.events_of("stopped")
+        if stopped:
+            e = stopped[0][1]
+            raise NotReady(f"{e.name} stopped (rc={e.rc}) before the set was ready")
+        started = {e.name: e.pid for _, e in honcho.events_of("started")}
+        ready = expected <= set(started)
+        if ready and args.up:
+            ages = [proc_age(pid) for name, pid in started.items() if name in expected and pid]
+            ready = all(a is not None and a >= args.up for a in ages)
+        if ready and args.url:
+            if time.monotonic() - last_url_check >= 0.2:
+                last_url_check = time.monotonic()
+                ready = url_answers(args.url)
+            else:
+                ready = False
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            what = f"{args.url} did not answer 2xx" if args.url else "not every entry was up"
+            raise NotReady(f"not ready within {args.ready_timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, directory: Path, entries: list[tuple[str, str]]) -> None:
+        self.args = args
+        self.directory = directory
+        self.entries = entries
+        self.names = [n for n, _ in entries]
+        self.signum = signal.SIGINT if args.signal == "INT" else signal.SIGTERM
+        self.tracker = Tracker()
+        self.subreaper = set_child_subreaper()
+        self.connector: ProcConnector | None = None
+        self.connector_note = "disabled by --no-proc-connector"
+        if not args.no_proc_connector:
+            self.connector, self.connector_note = open_proc_connector()
+        self.tracker.connector_active = self.connector is not None
+        self.honcho = Honcho(directory, directory / "Procfile", verbose=args.verbose, log=args.log)
+        self.stop_threads = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.deliveries: list[Delivery] = []
+        self.signal_at: float | None = None
+        self.method = ""
+        self.timed_out = False
+        self.timeout_kill_at: float | None = None
+        self.honcho_rc: int | None = None
+        self.leftovers: list[Proc] = []
+
+    # -- threads ---------------------------------------------------------------
+    def _poller(self) -> None:
+        every = FULL_SCAN_EVERY if self.connector else 1
+        n = 0
+        while not self.stop_threads.is_set():
+            self.tracker.poll(full=n % every == 0 or self.tracker.connector_lost_events)
+            n += 1
+            self.stop_threads.wait(POLL_INTERVAL)
+
+    def start(self) -> None:
+        if self.connector:
+            t = threading.Thread(target=self.connector.run, args=(self.tracker, self.stop_threads),
+                                 daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.honcho.start()
+        assert self.honcho.proc is not None
+        self.tracker.honcho_pid = self.honcho.proc.pid
+        with self.tracker.lock:
+            if self.honcho.proc.pid not in self.tracker.current:
+                self.tracker._add(Proc(self.honcho.proc.pid, os.getpid(), time.monotonic(), forked=False))
+        t = threading.Thread(target=self._poller, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def stop_observing(self) -> None:
+        time.sleep(0.05)  # exit events already sent by the kernel reach the connector thread
+        self.stop_threads.set()
+        for t in self.threads:
+            t.join(2)
+        if self.connector:
+            self.connector.close()
+
+    # -- the stop ----------------------------------------------------------------
+    def send_stop(self) -> None:
+        honcho = self.honcho
+        assert honcho.proc is not None and honcho.master is not None
+        self.tracker.poll(full=True)  # dispositions and groups just before the signal
+        name = signal_name(self.signum)
+        if self.args.broadcast:
+            targets = [p for p in self.tracker.alive()]
+            self.signal_at = time.monotonic()
+            sent = []
+            for p in sorted(targets, key=lambda p: p.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, self.signum)
+                    sent.append(p.pid)
+            self.deliveries.append(Delivery(self.signal_at, self.signum, "report", pids=frozenset(sent)))
+            self.method = f"{name} sent by the report to every process of the tree at once ({len(sent)})"
+        elif self.signum == signal.SIGINT:
+            foreground = os.tcgetpgrp(honcho.master)
+            self.signal_at = time.monotonic()
+            os.write(honcho.master, b"\x03")
+            self.deliveries.append(Delivery(self.signal_at, self.signum, "tty", pgid=foreground))
+            self.method = f"SIGINT as ^C typed into honcho's terminal (foreground process group {foreground})"
+        else:
+            self.signal_at = time.monotonic()
+            honcho.proc.send_signal(self.signum)
+            self.deliveries.append(Delivery(self.signal_at, self.signum, "report",
+                                            pids=frozenset({honcho.proc.pid})))
+            self.method = f"SIGTERM sent to honcho (pid {honcho.proc.pid})"
+
+    def wait_stop(self) -> None:
+        honcho = self.honcho
+        assert honcho.proc is not None
+        rc = honcho.wait(self.args.timeout)
+        if rc is None:
+            self.timed_out = True
+            self.timeout_kill_at = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                honcho.proc.kill()
+            self.tracker.kill(self.tracker.alive())
+            rc = honcho.wait(5)
+        self.honcho_rc = rc
+        # The tree drains: processes that outlive honcho are leftovers after --settle.
+        deadline = time.monotonic() + self.args.settle
+        while self.tracker.alive() and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        self.tracker.poll(full=True)
+        self.leftovers = [p for p in self.tracker.alive() if p.pid != self.tracker.honcho_pid]
+        if self.leftovers:
+            self.tracker.kill(self.leftovers)
+        self.drain(5)
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tracker.reap_all()
+            if not self.tracker.alive():
+                break
+            time.sleep(POLL_INTERVAL)
+        self.tracker.poll(full=True)
+        self.tracker.reap_all()
+
+    def abort(self) -> None:
+        """The set did not come up (or the report was interrupted): stop it, then kill what is left."""
+        honcho = self.honcho
+        if honcho.proc is not None and honcho.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                honcho.proc.send_signal(signal.SIGTERM)
+            if honcho.wait(min(self.args.timeout, 10)) is None:
+                with contextlib.suppress(ProcessLookupError):
+                    honcho.proc.kill()
+                honcho.wait(5)
+        deadline = time.monotonic() + min(self.args.settle, 2)
+        while self.tracker.alive() and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        self.leftovers = self.tracker.alive()
+        self.tracker.kill(self.leftovers)
+        self.drain(5)
+
+    def cleanup(self) -> None:
+        """Whatever happened: nothing the report started stays running."""
+        with contextlib.suppress(Exception):
+            self.tracker.poll(full=True)
+        self.tracker.kill(self.tracker.alive())
+        if self.honcho.proc is not None and self.honcho.proc.poll() is None:
+            self.honcho.proc.kill()
+            self.honcho.proc.wait(5)
+        self.tracker.reap_all()
+        self.honcho.close()
+
+    # -- the report -----------------------------------------------------------------
+    def honcho_deliveries(self) -> None:
+        for t, e in self.honcho.events_of("sending"):
+            if e.pid is not None:
+                self.deliveries.append(Delivery(t, signal_number(e.signal), "honcho", pgid=e.pid,
+                                                exact=False))
+        self.deliveries.sort(key=lambda d: d.at)
+
+    def entry_of(self) -> tuple[dict[int, str], dict[int, int], dict[int, str]]:
+        """For each relevant pid: its entry name, its depth under the entry, and a label for helpers."""
+        tracker = self.tracker
+        started = {e.name: e.pid for _, e in self.honcho.events_of("started") if e.pid}
+        entry_pids = {pid: name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1] == "1" else name
+                      for name, pid in started.items()}
+        honcho_pid = tracker.honcho_pid
+        procs = {p.pid: p for p in tracker.history}  # the latest process for each pid
+        entry: dict[int, str] = {}
+        depth: dict[int, int] = {}
+        labels: dict[int, str] = {}
+        for pid, proc in procs.items():
+            chain = []
+            cur: int | None = pid
+            seen = set()
+            found = None
+            while cur is not None and cur not in seen:
+                seen.add(cur)
+                if cur in entry_pids:
+                    found = entry_pids[cur]
+                    break
+                if cur == honcho_pid:
+                    found = "honcho"
+                    break
+                chain.append(cur)
+                parent = procs.get(cur)
+                cur = parent.parent if parent is not None else None
+            if found is None:  # orphaned before it was seen: its group or session says which entry
+                for s in proc.samples:
+                    if s[2] in entry_pids or s[3] in entry_pids:
+                        found = entry_pids.get(s[2]) or entry_pids[s[3]]
+                        break
+            entry[pid] = found or "?"
+            depth[pid] = len(chain)
+        for name, pid in started.items():
+            sh = procs.get(pid)
+            if sh is not None and sh.parent in procs and sh.parent != honcho_pid:
+                labels[sh.parent] = f"honcho: reader of {name}"
+        return entry, depth, labels
+
+    def rows(self) -> list[dict[str, Any]]:
+        tracker = self.tracker
+        t0 = self.signal_at
+        assert t0 is not None
+        self.honcho_deliveries()
+        entry, depth, labels = self.entry_of()
+        kills_by_honcho = [d for d in self.deliveries if d.source == "honcho" and d.signum == signal.SIGKILL]
+        rows = []
+        for proc in tracker.history:
+            if proc.exit_at is not None and proc.exit_at <= t0:
+                continue  # gone before the signal
+            if proc.pid == tracker.honcho_pid and proc.exit_status is None and self.honcho_rc is not None:
+                rc = self.honcho_rc
+                proc.exit_status = (-rc) & 0x7F if rc < 0 else (rc & 0xFF) << 8
+                proc.exit_status_source = "popen"
+            if proc.exit_status is None and proc.pid in {e.pid for _, e in self.honcho.events_of("started")}:
+                for _, e in self.honcho.events_of("stopped"):
+                    started = {s.name: s.pid for _, s in self.honcho.events_of("started")}
+                    if started.get(e.name) == proc.pid and e.rc is not None:
+                        proc.exit_status = (-e.rc) & 0x7F if e.rc < 0 else (e.rc & 0xFF) << 8
+                        proc.exit_status_source = "honcho"
+            received = []
+            killed_by_honcho = False
+            for d in self.deliveries:
+                if not proc.alive_at(d.at):
+                    continue
+                sample = proc.sample_at(d.at)
+                if d.pgid is not None:
+                    hit = sample is not None and sample[2] == d.pgid
+                else:
+                    hit = proc.pid in d.pids
+                if not hit:
+                    continue
+                if d in kills_by_honcho:
+                    killed_by_honcho = True
+                    continue
+                if d.signum == signal.SIGKILL:
+                    continue
+                disp = disposition(sample[4], sample[5], d.signum) if sample else "?"
+                received.append({"signal": signal_name(d.signum), "disposition": disp, "source": d.source,
+                                 "after_s": round(d.at - t0, 3), "exact": d.exact})
+            code, termsig = (None, None)
+            if proc.exit_status is not None:
+                code, termsig = decode_wait_status(proc.exit_status)
+            if termsig is not None and termsig != signal.SIGKILL:
+                killed_by_honcho = False
+            left = proc in self.leftovers
+            killed_at_timeout = proc.killed_by_report and not left
+            sigkilled = (termsig == signal.SIGKILL or killed_by_honcho) and not proc.killed_by_report
+            late = proc.seen_at > t0 and (proc.forked or proc.seen_at > t0 + POLL_INTERVAL * 2)
+            argv = proc.cmdline
+            label = labels.get(proc.pid) or short_command(argv, 200)
+            if proc.pid == tracker.honcho_pid:
+                label = "honcho start"
+            indent = "  " * depth.get(proc.pid, 0)
+            exit_after = None if proc.exit_at is None or left else round(proc.exit_at - t0, 3)
+            rows.append({
+                "entry": entry.get(proc.pid, "?"),
+                "pid": proc.pid,
+                "parent": proc.parent,
+                "pgid": proc.samples[-1][2] if proc.samples else None,
+                "sid": proc.samples[-1][3] if proc.samples else None,
+                "depth": depth.get(proc.pid, 0),
+                "process": shorten(indent + label, 40),
+                "cmdline": argv,
+                "started_after_signal": late,
+                "signals": received,
+                "signal_received": ("none (started after the signal)" if late and not received else
+                                    describe_signals([(r["signal"], r["disposition"]) for r in received])),
+                "exit_after_s": exit_after,
+                "exit_time_source": proc.exit_time_source or None,
+                "exit_code": code,
+                "exit_signal": signal_name(termsig) if termsig else None,
+                "exit": "-" if left else describe_exit(code, termsig),
+                "exit_status_source": proc.exit_status_source or None,
+                "sigkilled": sigkilled,
+                "killed_by_honcho": killed_by_honcho and not proc.killed_by_report,
+                "left_running": left,
+                "killed_at_timeout": killed_at_timeout,
+                "killed_by_report": proc.killed_by_report,
+            })
+        order = {"honcho": -1, **{n: i for i, n in enumerate(self.names)}}
+        by_pid = {r["pid"]: r for r in rows}
+
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            path = []  # the ancestry inside the entry, so children follow their parent
+            cur: dict[str, Any] | None = r
+            while cur is not None and len(path) < 64:
+                path.append(cur["pid"])
+                parent = by_pid.get(cur["parent"])
+                same_entry = parent is not None and parent["entry"] == r["entry"] and parent is not cur
+                cur = parent if same_entry else None
+            return (order.get(r["entry"], len(order)), list(reversed(path)))
+
+        rows.sort(key=key)
+        return rows
+
+    def report(self) -> tuple[str, dict[str, Any], int]:
+        t0 = self.signal_at
+        assert t0 is not None
+        rows = self.rows()
+        sigkilled = [r for r in rows if r["sigkilled"]]
+        left = [r for r in rows if r["left_running"]]
+        problems = []
+        if self.timed_out:
+            n = sum(1 for r in rows if r["killed_at_timeout"])
+            problems.append(f"honcho did not exit within {self.args.timeout:g} s: the report SIGKILLed it "
+                            f"and {max(0, n - 1)} other process(es)")
+        if sigkilled:
+            by_honcho = [r for r in sigkilled if r["killed_by_honcho"]]
+            what = ", ".join(f"{r['entry']} pid {r['pid']}" for r in sigkilled)
+            problems.append(f"{len(sigkilled)} SIGKILLed ({len(by_honcho)} by honcho): {what}")
+        if left:
+            what = ", ".join(f"{r['entry']} pid {r['pid']}" for r in left)
+            problems.append(f"{len(left)} left running after honcho exited (killed by the report): {what}")
+        if problems:
+            verdict = "NOT clean: " + "; ".join(problems)
+        else:
+            verdict = f"clean: all {len(rows)} processes exited, none SIGKILLed, none left"
+        exited = [r["exit_after_s"] for r in rows if r["exit_after_s"] is not None]
+        last = max(exited) if exited else None
+        honcho_exit = self.honcho.exit_at
+        honcho_proc = self.tracker.current.get(self.tracker.honcho_pid or -1)
+        if honcho_proc is not None and honcho_proc.exit_time_source == "proc connector":
+            honcho_exit = honcho_proc.exit_at  # the kernel's time, not the next Popen poll
+        honcho_after = None if honcho_exit is None else round(honcho_exit - t0, 3)
+        rc = self.honcho_rc
+        honcho_rc = "exit code unknown" if rc is None else (f"killed by {signal_name(-rc)}" if rc < 0
+                                                             else f"exit code {rc}")
+        source = ("exit codes and times from the Linux proc connector" if self.connector
+                  else f"exit times from polling every {POLL_INTERVAL * 1000:.0f} ms; exit codes from "
+                  f"honcho's 'stopped' lines and reaped orphans, '?' otherwise ({self.connector_note})")
+        if self.tracker.connector_lost_events:
+            source += " (some events were dropped; polling filled in)"
+        nonzero = [r for r in rows if r["exit"] not in ("0", "-") and r["entry"] != "honcho"
+                   and not r["sigkilled"] and not r["killed_by_report"]]
+        data = {
+            "directory": str(self.directory),
+            "entries": self.names,
+            "signal": signal_name(self.signum),
+            "broadcast": bool(self.args.broadcast),
+            "method": self.method,
+            "honcho": {"pid": self.tracker.honcho_pid, "exit_code": self.honcho_rc,
+                       "exit_after_s": honcho_after, "timed_out": self.timed_out},
+            "last_exit_after_s": last,
+            "observation": {"proc_connector": self.connector is not None, "note": self.connector_note,
+                            "subreaper": self.subreaper, "polls": self.tracker.polls, "source": source},
+            "processes": rows,
+            "clean": not problems,
+            "verdict": verdict,
+            "exit_code": 1 if problems else 0,
+        }
+        lines = [
+            f"shutdown report: {self.directory} ({len(self.names)} "
+            f"{'entry' if len(self.names) == 1 else 'entries'}: {', '.join(self.names)})",
+            f"stop:     {self.method}",
+            f"honcho:   {honcho_rc}, "
+            + (f"{honcho_after:.2f} s after the signal" if honcho_after is not None else "exit time unknown")
+            + (f" (it had not exited within {self.args.timeout:g} s)" if self.timed_out else ""),
+            f"tree:     {len(rows)} processes; "
+            + (f"the last exited {last:.2f} s after the signal" if last is not None else "none exited")
+            + (f"; {len(left)} left running" if left else ""),
+            f"observed: {source}",
+            "",
+            format_table(
+                ["entry", "pid", "process", "signal received", "exit s", "exit", "SIGKILLed",
+                 "left running"],
+                [[r["entry"], str(r["pid"]), r["process"], r["signal_received"],
+                  "-" if r["exit_after_s"] is None else f"{r['exit_after_s']:.2f}", r["exit"],
+                  sigkilled_by(r), "yes" if r["left_running"] else "no"]
+                 for r in rows],
+                right=[1, 4]),
+            "",
+            "signal received: sent to the process by the tty (^C to its foreground group), the report,",
+            "  or honcho (killpg of the entry's group, timed by its 'sending' line), with the disposition",
+            "  read from /proc just before. Signals a parent sends its own children (gunicorn to its",
+            "  workers, Celery to its pool) are not seen. exit: the code, or the signal it died of.",
+            "SIGKILLed: by honcho (5 s after the first entry stopped), by the report (left running, or",
+            "  honcho timed out), or yes (by another process, e.g. its parent).",
+        ]
+        if nonzero:
+            lines.append("note:     non-zero exits: " + ", ".join(f"{r['entry']} pid {r['pid']} {r['exit']}"
+                                                         for r in nonzero))
+        lines.append(verdict)
+        return "\n".join(lines), data, data["exit_code"]
+
+
+def sigkilled_by(row: dict[str, Any]) -> str:
+    """The table's SIGKILLed column: "no", "by honcho", "by report" or "yes" (someone else)."""
+    if row["killed_by_report"]:
+        return "by report"
+    if row["killed_by_honcho"]:
+        return "by honcho"
+    return "yes" if row["sigkilled"] else "no"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="shutdown-report",
+        description="Start DIR/Procfile under honcho, stop it with a signal, and report how every process "
+                    "stopped: signal received, time to exit, exit code, SIGKILLed by honcho, left running.",
+        epilog="Exit status: 0 clean; 1 something was SIGKILLed or left running, or honcho did not exit "
+               "in time; 2 could not run. The environment is passed to honcho (set PORT etc.).")
+    p.add_argument("dir", help="directory holding the Procfile (relative to the current directory)")
+    p.add_argument("--signal", choices=["INT", "TERM"], default="INT", type=str.upper,
+                   help="INT (default): ^C typed into honcho's terminal, as a user; TERM: SIGTERM to honcho, "
+                        "as a platform")
+    p.add_argument("--broadcast", action="store_true",
+                   help="send the signal to every process of the tree at once (systemd, Heroku)")
+    p.add_argument("--up", type=float, default=None, metavar="SECONDS",
+                   help="ready when every entry has started and the youngest is this old (default 3; "
+                        "with --url, 0 unless given)")
+    p.add_argument("--url", help="ready when this URL answers HTTP 2xx")
+    p.add_argument("--ready-timeout", type=float, default=60, metavar="S", help="give up after (default 60)")
+    p.add_argument("--timeout", type=float, default=30, metavar="S",
+                   help="SIGKILL honcho and its tree if it has not exited this long after the signal (30)")
+    p.add_argument("--settle", type=float, default=2, metavar="S",
+                   help="after honcho exits, wait this long for the rest of the tree (default 2)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    p.add_argument("--log", type=Path, metavar="FILE", help="write honcho's output to FILE")
+    p.add_argument("--verbose", action="store_true", help="echo honcho's output to stderr")
+    p.add_argument("--no-proc-connector", action="store_true",
+                   help="observe by polling only (what a non-root user gets)")
+    args = p.parse_args(argv)
+    if args.up is None:
+        args.up = 0.0 if args.url else 3.0
+    for name in ("up", "ready_timeout", "timeout", "settle"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    directory = Path(args.dir).resolve()
+    procfile = directory / "Procfile"
+    if not procfile.is_file():
+        print(f"shutdown-report: no Procfile in {directory}", file=sys.stderr)
+        return 2
+    entries = parse_procfile(procfile.read_text())
+    if not entries:
+        print(f"shutdown-report: {procfile} has no entries", file=sys.stderr)
+        return 2
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    run = Run(args, directory, entries)
+    try:
+        run.start()
+        try:
+            wait_ready(args, run.honcho, run.names)
+        except NotReady as e:
+            run.abort()
+            run.stop_observing()
+            print(f"shutdown-report: could not run: {e}", file=sys.stderr)
+            print("last lines of output:", file=sys.stderr)
+            for line in run.honcho.tail(20):
+                print(f"  {line}", file=sys.stderr)
+            if run.leftovers:
+                print(f"(killed {len(run.leftovers)} process(es) still running afterwards)", file=sys.stderr)
+            return 2
+        run.send_stop()
+        run.wait_stop()
+        run.stop_observing()
+        text, data, code = run.report()
+    except KeyboardInterrupt:
+        print("shutdown-report: interrupted; killing what it started", file=sys.stderr)
+        return 130
+    finally:
+        run.cleanup()
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
