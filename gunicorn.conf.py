@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 
+import app
 from app import db, logs, shutdown
 from app.config import get_settings
 
@@ -34,6 +35,11 @@ threads = _settings.web_threads if worker_class == "gthread" else 1  # >1 turns 
 proc_name = "web"
 preload_app = False  # the master opens no connection; each worker opens its own
 control_socket_disable = True  # no extra master thread and socket to stop
+
+# Loaded by every worker (most of them lazily, on the first request): imported
+# once in the master instead, so the workers share the pages (app.share_with_forks).
+SHARED_MODULES = ("flask", "sqlalchemy.dialects.sqlite", "app.api", "tasks.jobs", "celery.app.task",
+                  "celery.canvas", "celery.result", "celery.loaders.app", "kombu.transport.redis")
 
 # -- shutdown --------------------------------------------------------------
 graceful_timeout = math.ceil(_settings.shutdown_grace_seconds)  # budget shared with the worker
@@ -59,6 +65,11 @@ def on_starting(server):
 
     server.handle_term = handle_term
     server.handle_int = handle_int
+
+
+def pre_fork(server, worker):
+    """Master, before each fork: share the app's modules with the workers (memory)."""
+    app.share_with_forks(*SHARED_MODULES)
 
 
 def post_fork(server, worker):

@@ -15,27 +15,36 @@ saves and exits: never an orphan.
 
 With ``REDIS_URL`` set, there is nothing to run: the entry idles until it is
 stopped, so the same Procfile serves both cases.
+
+Memory: the launcher reads the settings (pydantic, ~20 MB of a Python
+process) and then ``exec``s itself as a lean watcher that knows only the
+socket, the data directory and the linger budget (stdlib and app.logs,
+~10 MB). It asks redis-server for its clients with a raw ``CLIENT LIST``
+instead of loading redis-py. The stop signals are blocked across the
+``exec`` (a blocked signal stays pending through it), so a Ctrl+C that
+lands in between is handled, not lost.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import shutil
 import signal
+import socket as sockets
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import redis
-
 from app import logs, shutdown
-from app.config import get_settings
 
 log = logging.getLogger("broker")
 
 LINGER_MARGIN_SECONDS = 1.5
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def redis_server_binary() -> str:
@@ -55,11 +64,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     shutdown.parent_death_signal(signal.SIGTERM)
 
 
-def start(data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
+def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
     (data_dir / "redis").mkdir(parents=True, exist_ok=True)
     socket.unlink(missing_ok=True)  # left by a killed server; nobody listens on it
     command = [
-        redis_server_binary(),
+        binary,
         "--port", "0",
         "--unixsocket", str(socket),
         "--unixsocketperm", "700",
@@ -74,23 +83,36 @@ def start(data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def _clients(client: redis.Redis) -> int:
-    """Connected clients other than ourselves (0 once the server is gone)."""
+def client_count(socket: Path) -> int:
+    """Connected clients other than this probe (0 once the server is gone): raw ``CLIENT LIST``."""
     try:
-        return max(0, len(client.client_list()) - 1)
-    except redis.ConnectionError:
+        with sockets.socket(sockets.AF_UNIX) as conn:
+            conn.settimeout(2)
+            conn.connect(str(socket))
+            conn.sendall(b"*2\r\n$6\r\nCLIENT\r\n$4\r\nLIST\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n") or reply.count(b"\r\n") < 2:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
         return 0
+    if not reply.startswith(b"$"):
+        return 0
+    listing = reply.split(b"\r\n", 1)[1]
+    return max(0, sum(1 for line in listing.split(b"\n") if line.startswith(b"id=")) - 1)
 
 
-def linger(client: redis.Redis, server: subprocess.Popen[bytes], budget: float) -> int:
+def linger(socket: Path, server: subprocess.Popen[bytes], budget: float) -> int:
     """Wait until every client has gone (or the budget is spent); return how many remain."""
     deadline = time.monotonic() + budget
-    remaining = _clients(client)
+    remaining = client_count(socket)
     if remaining:
         log.info("waiting up to %.1f s for %d client(s) to disconnect", budget, remaining)
     while remaining and time.monotonic() < deadline and server.poll() is None:
         time.sleep(0.02)
-        remaining = _clients(client)
+        remaining = client_count(socket)
     if remaining:
         log.warning("%d client(s) still connected after %.1f s; stopping anyway", remaining, budget)
     return remaining
@@ -103,8 +125,23 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=5)
 
 
-def main() -> int:
+def main() -> None:
+    """Read and check the settings, then become the lean watcher (never returns)."""
+    from app.config import get_settings  # pydantic: dropped by the exec below
+
     settings = get_settings()
+    shutdown.stop_with_parent()  # kept across exec
+    watch = [sys.executable, "-m", "app.embedded_redis", "--watch"]
+    if settings.embedded_redis:
+        watch += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
+                  "--socket", str(settings.redis_socket),
+                  "--linger", str(settings.shutdown_grace_seconds + LINGER_MARGIN_SECONDS)]
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
+    os.execv(sys.executable, watch)
+
+
+def watch(args: argparse.Namespace) -> int:
+    """The broker entry from here on: run redis-server, or idle when REDIS_URL is set."""
     logs.configure("broker")
     registry = shutdown.current()
     stop = threading.Event()
@@ -113,34 +150,39 @@ def main() -> int:
         registry.signal_received(signum)  # logs the first one only
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
-    shutdown.stop_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    if not settings.embedded_redis:
+    if args.server is None:
         log.info("REDIS_URL is set: using that Redis, no embedded broker to run")
         while not stop.wait(1):
             pass
         registry.close_all()
         return 0
 
-    server = start(settings.data_dir, settings.redis_socket)
-    client = redis.Redis(unix_socket_path=str(settings.redis_socket), socket_timeout=2)
-    # Newest first at close: the server, then our connection to it.
-    registry.register("broker monitor connection", client.close)
+    server = start(args.server, args.data_dir, args.socket)
     registry.register("redis-server", lambda: _stop_server(server), timeout=6)
-    log.info("embedded redis-server %d on %s, data in %s",
-             server.pid, settings.redis_socket, settings.data_dir / "redis")
+    log.info("embedded redis-server %d on %s, data in %s", server.pid, args.socket, args.data_dir / "redis")
 
     while not stop.wait(0.2):
         if server.poll() is not None:
             log.error("redis-server exited with %s", server.returncode)
             registry.close_all()
             return server.returncode or 1
-    linger(client, server, settings.shutdown_grace_seconds + LINGER_MARGIN_SECONDS)
+    linger(args.socket, server, args.linger)
     registry.close_all()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description="the embedded broker (Procfile entry)")
+    parser.add_argument("--watch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--server")
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--socket", type=Path)
+    parser.add_argument("--linger", type=float, default=0.0)
+    cli = parser.parse_args()
+    if not cli.watch:
+        main()
+    sys.exit(watch(cli))

@@ -1,8 +1,6 @@
-"""Celery side of the set: ``celery --app tasks worker`` / ``beat``."""
+"""Celery side of the set.
 
-from tasks import jobs, lifecycle  # noqa: F401  (register tasks and signal handlers)
-from tasks.celery_app import celery_app
-
-app = celery_app
-
-__all__ = ["app", "celery_app"]
+``celery --app tasks.worker worker`` loads the job runner and the worker's
+start/stop wiring; ``celery --app tasks.celery_app beat`` loads only the
+Celery app, so beat carries no database code (it sends tasks by name).
+"""

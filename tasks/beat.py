@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import signal
+from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
@@ -24,6 +25,8 @@ class Scheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
         logs.set_role("beat")
         shutdown.stop_with_parent()
+        # Beat may be first up on a fresh machine: nothing else has made var/ yet.
+        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         super().setup_schedule()
         registry = shutdown.current()
         registry.register("celery broker connections", celery_app.close)

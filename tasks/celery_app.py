@@ -9,8 +9,11 @@ one message per pool child and loses none.
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
 
+from celery import Celery, signals
+
+from app import logs
 from app.config import get_settings
 
 settings = get_settings()
@@ -59,3 +62,9 @@ celery_app.conf.update(
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
     beat_scheduler="tasks.beat:Scheduler",
 )
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: object) -> None:
+    """Worker and beat: our one log format instead of Celery's."""
+    logs.configure("worker" if "worker" in sys.argv[1:] else "beat")

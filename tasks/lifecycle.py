@@ -30,13 +30,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 
 from celery import signals
 from celery.worker import state
 
+import app
 from app import broker, db, ledger, logs, shutdown
 from app.config import get_settings
 from tasks import jobs
@@ -47,15 +47,6 @@ log = logging.getLogger("shutdown")
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-
-
-@signals.setup_logging.connect
-def _setup_logging(**_: object) -> None:
-    logs.configure("worker" if _is_worker() else "beat")
-
-
-def _is_worker() -> bool:
-    return "worker" in sys.argv[1:]  # celery ... worker / celery ... beat
 
 
 @signals.celeryd_init.connect
@@ -74,6 +65,7 @@ def _worker_init(**_: object) -> None:
     """MainProcess, before the pool forks: schema, and what to close at exit."""
     ledger.ensure_schema()
     shutdown.current().register("celery broker connections", celery_app.close)
+    app.share_with_forks()
 
 
 @signals.worker_ready.connect
