@@ -246,8 +246,8 @@ def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
     offset = 0
     while offset + NLMSG_HDR.size <= len(data):
         length, _type, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, offset)
-        if length < NLMSG_HDR.size:
-            break
+        if length < NLMSG_HDR.size or offset + length > len(data):
+            break  # malformed or truncated
         body = offset + NLMSG_HDR.size
         if body + CN_MSG_HDR.size + EVENT_HDR.size <= offset + length:
             idx, val, _s, _a, _len, _f = CN_MSG_HDR.unpack_from(data, body)
@@ -670,9 +670,13 @@ class Honcho:
         with self._lock:
             return [(t, e) for t, e in self.events if e.kind == kind]
 
-    def tail(self, n: int = 20) -> list[str]:
+    def tail(self, n: int = 20, name: str | None = None) -> list[str]:
+        """The last n lines of output, or of one process's output (honcho's name, e.g. ``web.1``)."""
         with self._lock:
-            return [line for _, line in self.lines[-n:]]
+            lines = [line for _, line in self.lines]
+        if name is not None:
+            lines = [line for line in lines if (m := HONCHO_PREFIX.match(line)) and m["name"] == name]
+        return lines[-n:]
 
     def close(self) -> None:
         if self._reader is not None:
@@ -691,7 +695,9 @@ class Honcho:
 
 
 class NotReady(Exception):
-    pass
+    def __init__(self, message: str, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry  # honcho's name of the entry that stopped, if one did
 
 
 @dataclass
@@ -734,7 +740,7 @@ def wait_ready(args: argparse.Namespace, honcho: Honcho, names: list[str]) -> No
         stopped = honcho.events_of("stopped")
         if stopped:
             e = stopped[0][1]
-            raise NotReady(f"{e.name} stopped (rc={e.rc}) before the set was ready")
+            raise NotReady(f"{e.name} stopped (rc={e.rc}) before the set was ready", e.name)
         started = {e.name: e.pid for _, e in honcho.events_of("started")}
         ready = expected <= set(started)
         if ready and args.up:
@@ -955,44 +961,55 @@ class Run:
         assert t0 is not None
         self.honcho_deliveries()
         entry, depth, labels = self.entry_of()
-        kills_by_honcho = [d for d in self.deliveries if d.source == "honcho" and d.signum == signal.SIGKILL]
+        started = {e.name: e.pid for _, e in self.honcho.events_of("started") if e.pid}
+        stopped = {started.get(e.name): e.rc for _, e in self.honcho.events_of("stopped") if e.rc is not None}
         rows = []
         for proc in tracker.history:
             if proc.exit_at is not None and proc.exit_at <= t0:
                 continue  # gone before the signal
             if proc.pid == tracker.honcho_pid and proc.exit_status is None and self.honcho_rc is not None:
-                rc = self.honcho_rc
-                proc.exit_status = (-rc) & 0x7F if rc < 0 else (rc & 0xFF) << 8
+                proc.exit_status = rc_to_wait_status(self.honcho_rc)
                 proc.exit_status_source = "popen"
-            if proc.exit_status is None and proc.pid in {e.pid for _, e in self.honcho.events_of("started")}:
-                for _, e in self.honcho.events_of("stopped"):
-                    started = {s.name: s.pid for _, s in self.honcho.events_of("started")}
-                    if started.get(e.name) == proc.pid and e.rc is not None:
-                        proc.exit_status = (-e.rc) & 0x7F if e.rc < 0 else (e.rc & 0xFF) << 8
-                        proc.exit_status_source = "honcho"
+            if proc.exit_status is None and proc.pid in stopped:  # an entry's process: honcho's rc
+                proc.exit_status = rc_to_wait_status(stopped[proc.pid])
+                proc.exit_status_source = "honcho"
+            code, termsig = (None, None)
+            if proc.exit_status is not None:
+                code, termsig = decode_wait_status(proc.exit_status)
             received = []
             killed_by_honcho = False
+            signalled = False  # something reached it at an exactly known time
             for d in self.deliveries:
-                if not proc.alive_at(d.at):
+                if d.source == "honcho" and d.signum == signal.SIGKILL:
+                    # It dies at once, often before the report reads honcho's line.
+                    slack = 0.5 if termsig == signal.SIGKILL else 0.05 if termsig is None else -1
+                    if proc.seen_at > d.at or (proc.exit_at is not None and proc.exit_at < d.at - slack):
+                        continue
+                    sample = proc.sample_at(d.at)
+                    if sample is not None and sample[2] == d.pgid:
+                        killed_by_honcho = True
                     continue
-                sample = proc.sample_at(d.at)
+                # honcho sends its signal after printing the line, and the report reads the line a
+                # little later (possibly after the process reacted to it). When nothing else reached
+                # the process since the stop, it was in the same state as at the stop (t0).
+                at = d.at
+                if d.source == "honcho" and not signalled and d.at >= t0:
+                    at = max(t0, proc.seen_at)
+                if proc.seen_at > d.at or (proc.exit_at is not None and proc.exit_at <= at):
+                    continue
+                sample = proc.sample_at(at)
                 if d.pgid is not None:
                     hit = sample is not None and sample[2] == d.pgid
                 else:
                     hit = proc.pid in d.pids
                 if not hit:
                     continue
-                if d in kills_by_honcho:
-                    killed_by_honcho = True
-                    continue
+                signalled = signalled or d.exact
                 if d.signum == signal.SIGKILL:
                     continue
                 disp = disposition(sample[4], sample[5], d.signum) if sample else "?"
                 received.append({"signal": signal_name(d.signum), "disposition": disp, "source": d.source,
                                  "after_s": round(d.at - t0, 3), "exact": d.exact})
-            code, termsig = (None, None)
-            if proc.exit_status is not None:
-                code, termsig = decode_wait_status(proc.exit_status)
             if termsig is not None and termsig != signal.SIGKILL:
                 killed_by_honcho = False
             left = proc in self.leftovers
@@ -1136,6 +1153,11 @@ class Run:
         return "\n".join(lines), data, data["exit_code"]
 
 
+def rc_to_wait_status(rc: int) -> int:
+    """A Popen-style return code (negative: killed by that signal) as a wait status."""
+    return (-rc) & 0x7F if rc < 0 else (rc & 0xFF) << 8
+
+
 def sigkilled_by(row: dict[str, Any]) -> str:
     """The table's SIGKILLed column: "no", "by honcho", "by report" or "yes" (someone else)."""
     if row["killed_by_report"]:
@@ -1206,6 +1228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.abort()
             run.stop_observing()
             print(f"shutdown-report: could not run: {e}", file=sys.stderr)
+            if e.entry:
+                own = run.honcho.tail(10, e.entry)
+                print(f"last lines of {e.entry}:", file=sys.stderr)
+                for line in own or ["(none)"]:
+                    print(f"  {line}", file=sys.stderr)
             print("last lines of output:", file=sys.stderr)
             for line in run.honcho.tail(20):
                 print(f"  {line}", file=sys.stderr)
