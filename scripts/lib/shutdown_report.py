@@ -17,7 +17,7 @@ How it observes (stdlib and psutil only):
   that daemonise or are orphaned are reparented to it and stay in its tree;
 - the tree is polled every 20 ms from ``/proc``: parent, process group,
   session, command line and signal dispositions (``SigIgn``/``SigCgt``);
-- the Linux proc connector (netlink, needs CAP_NET_ADMIN, so root) reports
+- the Linux proc connector (netlink; before Linux 6.6 only for root) reports
   every fork, exec and exit with the exit status and a kernel timestamp.
   Without it, exit times come from polling, and exit codes from honcho's
   ``stopped (rc=N)`` lines and from orphans the report reaps itself;
@@ -74,6 +74,7 @@ CN_IDX_PROC = 1
 CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
 PROC_CN_MCAST_IGNORE = 2
+PROC_EVENT_NONE = 0x0  # the kernel's answer to LISTEN: err 0, or EPERM where listening needs root
 PROC_EVENT_FORK = 0x1
 PROC_EVENT_EXEC = 0x2
 PROC_EVENT_EXIT = 0x80000000
@@ -240,7 +241,8 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: I
 def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
     """Proc connector events in one netlink datagram: (what, timestamp_ns, fields).
 
-    fields: FORK (parent_pid, parent_tgid, child_pid, child_tgid); EXEC (pid, tgid);
+    fields: NONE (err,), the answer to LISTEN; FORK (parent_pid, parent_tgid, child_pid, child_tgid);
+    EXEC (pid, tgid);
     EXIT (pid, tgid, exit_code as a wait status, exit_signal). Other events are skipped.
     """
     events = []
@@ -256,7 +258,9 @@ def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
                 ev = body + CN_MSG_HDR.size
                 what, _cpu, ts = EVENT_HDR.unpack_from(data, ev)
                 payload = ev + EVENT_HDR.size
-                if what == PROC_EVENT_FORK and payload + 16 <= offset + length:
+                if what == PROC_EVENT_NONE and payload + 4 <= offset + length:
+                    events.append((what, ts, struct.unpack_from("=I", data, payload)))
+                elif what == PROC_EVENT_FORK and payload + 16 <= offset + length:
                     events.append((what, ts, struct.unpack_from("=IIII", data, payload)))
                 elif what == PROC_EVENT_EXEC and payload + 8 <= offset + length:
                     events.append((what, ts, struct.unpack_from("=II", data, payload)))
@@ -517,7 +521,7 @@ class Tracker:
 
 
 class ProcConnector:
-    """Fork, exec and exit events of every process on the machine (needs CAP_NET_ADMIN)."""
+    """Fork, exec and exit events of every process on the machine (root only before Linux 6.6)."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
@@ -528,10 +532,27 @@ class ProcConnector:
                     break
             self.sock.bind((os.getpid(), CN_IDX_PROC))
             self._control(PROC_CN_MCAST_LISTEN)
+            self._wait_ack()
             self.sock.settimeout(0.1)
         except BaseException:
             self.sock.close()
             raise
+
+    def _wait_ack(self) -> None:
+        """Before Linux 6.6 an unprivileged LISTEN is answered with EPERM (and no events)."""
+        self.sock.settimeout(0.2)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            for what, _ts, fields in parse_proc_events(data):
+                if what == PROC_EVENT_NONE:
+                    if fields[0]:
+                        raise OSError(fields[0], os.strerror(fields[0]))
+                    return
+        raise OSError(errno.ETIMEDOUT, "no answer to PROC_CN_MCAST_LISTEN")
 
     def _control(self, op: int) -> None:
         payload = struct.pack("=I", op)
@@ -577,7 +598,7 @@ def open_proc_connector() -> tuple[ProcConnector | None, str]:
     try:
         return ProcConnector(), ""
     except PermissionError:
-        return None, "no permission for the proc connector (needs root / CAP_NET_ADMIN)"
+        return None, "no permission for the proc connector (before Linux 6.6 it needs CAP_NET_ADMIN)"
     except OSError as e:
         return None, f"proc connector unavailable ({e.strerror or e})"
 
@@ -1016,7 +1037,7 @@ class Run:
             left = proc in self.leftovers
             killed_at_timeout = proc.killed_by_report and not left
             sigkilled = (termsig == signal.SIGKILL or killed_by_honcho) and not proc.killed_by_report
-            late = proc.seen_at > t0 and (proc.forked or proc.seen_at > t0 + POLL_INTERVAL * 2)
+            late = proc.seen_at > t0  # forked after it (a full scan of the tree ran just before it)
             argv = proc.cmdline
             label = labels.get(proc.pid) or short_command(argv, 200)
             if proc.pid == tracker.honcho_pid:

@@ -149,11 +149,13 @@ def _nlmsg(what: int, ts: int, payload: bytes) -> bytes:
 
 
 def test_proc_connector_events_are_decoded() -> None:
-    data = (_nlmsg(0x1, 10, struct.pack("=IIII", 100, 100, 200, 200))
+    data = (_nlmsg(0x0, 9, struct.pack("=I", 1))  # the answer to LISTEN: EPERM
+            + _nlmsg(0x1, 10, struct.pack("=IIII", 100, 100, 200, 200))
             + _nlmsg(0x2, 11, struct.pack("=II", 200, 200))
             + _nlmsg(0x4, 12, struct.pack("=IIII", 1, 1, 1, 1))  # UID change: skipped
             + _nlmsg(0x80000000, 13, struct.pack("=IIIIII", 200, 200, 7 << 8, 17, 100, 100)))
     assert sr.parse_proc_events(data) == [
+        (0x0, 9, (1,)),
         (0x1, 10, (100, 100, 200, 200)),
         (0x2, 11, (200, 200)),
         (0x80000000, 13, (200, 200, 7 << 8, 17)),
