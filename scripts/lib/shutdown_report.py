@@ -371,9 +371,6 @@ class Proc:
                 break
         return best
 
-    def alive_at(self, t: float) -> bool:
-        return self.seen_at <= t and (self.exit_at is None or self.exit_at > t)
-
 
 class Tracker:
     """Every process of the tree under the report, from polls of /proc and the proc connector."""
@@ -385,7 +382,6 @@ class Tracker:
         self.history: list[Proc] = []
         self.honcho_pid: int | None = None
         self.polls = 0
-        self.connector_active = False
         self.connector_lost_events = False
 
     # -- from the proc connector (its thread) -------------------------------
@@ -464,7 +460,7 @@ class Tracker:
                         proc = Proc(pid, st.ppid, t, forked=False)
                         self._add(proc)
             for proc in list(self.current.values()):
-                if proc.exit_at is not None and (proc.exit_status is not None or proc.gone):
+                if proc.gone:
                     continue
                 st = self._refresh(proc, t, full)
                 if st is None:
@@ -477,8 +473,8 @@ class Tracker:
                         self.reap(proc)
 
     def reap(self, proc: Proc) -> None:
-        """Collect the status of an orphan that was reparented to the report (never honcho's)."""
-        if proc.pid == self.honcho_pid or proc.exit_status_source in ("proc connector", "reaped"):
+        """Collect an orphan that was reparented to the report (never honcho: Popen waits for it)."""
+        if proc.pid == self.honcho_pid or proc.exit_status_source == "reaped":
             return
         try:
             pid, status = os.waitpid(proc.pid, os.WNOHANG)
@@ -795,7 +791,6 @@ class Run:
         self.connector_note = "disabled by --no-proc-connector"
         if not args.no_proc_connector:
             self.connector, self.connector_note = open_proc_connector()
-        self.tracker.connector_active = self.connector is not None
         self.honcho = Honcho(directory, directory / "Procfile", verbose=args.verbose, log=args.log)
         self.stop_threads = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -803,7 +798,6 @@ class Run:
         self.signal_at: float | None = None
         self.method = ""
         self.timed_out = False
-        self.timeout_kill_at: float | None = None
         self.honcho_rc: int | None = None
         self.leftovers: list[Proc] = []
 
@@ -875,7 +869,6 @@ class Run:
         rc = honcho.wait(self.args.timeout)
         if rc is None:
             self.timed_out = True
-            self.timeout_kill_at = time.monotonic()
             with contextlib.suppress(ProcessLookupError):
                 honcho.proc.kill()
             self.tracker.kill(self.tracker.alive())
@@ -1208,7 +1201,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="ready when every entry has started and the youngest is this old (default 3; "
                         "with --url, 0 unless given)")
     p.add_argument("--url", help="ready when this URL answers HTTP 2xx")
-    p.add_argument("--ready-timeout", type=float, default=60, metavar="S", help="give up after (default 60)")
+    p.add_argument("--ready-timeout", type=float, default=60, metavar="S",
+                   help="exit 2 if the set is not ready after S seconds (default 60)")
     p.add_argument("--timeout", type=float, default=30, metavar="S",
                    help="SIGKILL honcho and its tree if it has not exited this long after the signal (30)")
     p.add_argument("--settle", type=float, default=2, metavar="S",
@@ -1217,7 +1211,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--log", type=Path, metavar="FILE", help="write honcho's output to FILE")
     p.add_argument("--verbose", action="store_true", help="echo honcho's output to stderr")
     p.add_argument("--no-proc-connector", action="store_true",
-                   help="observe by polling only (what a non-root user gets)")
+                   help="observe by polling only (what a non-root user gets before Linux 6.6)")
     args = p.parse_args(argv)
     if args.up is None:
         args.up = 0.0 if args.url else 3.0
