@@ -10,16 +10,20 @@ connections and registers their close in its own shutdown registry.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
+from collections.abc import Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 from app import shutdown
 from app.config import get_settings
 
 _engine: Engine | None = None
 _engine_pid: int | None = None
+_write_lock = threading.Lock()
 
 
 def get_engine() -> Engine:
@@ -34,6 +38,24 @@ def get_engine() -> Engine:
         # caller still gets a working engine for the request in hand.
         shutdown.current().register("database", close)
     return engine
+
+
+@contextlib.contextmanager
+def transaction() -> Iterator[Connection]:
+    """A write transaction; on SQLite, one at a time per process.
+
+    SQLite lets one writer in at a time. A writer that finds the database
+    locked sleeps in SQLite's busy handler (1, 2, 5, 10 ... ms) and often
+    wakes long after the lock came and went: with sixteen web threads and two
+    pool children writing, most of a job's time went to those sleeps
+    (py-spy, scripts/bench). Queued on a lock, a process's writers get the
+    database one after another without sleeping; only processes contend.
+    PostgreSQL locks rows, so there the lock is skipped.
+    """
+    engine = get_engine()
+    serial = _write_lock if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    with serial, engine.begin() as conn:
+        yield conn
 
 
 def _create(url: str) -> Engine:
@@ -57,7 +79,8 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
 
 def after_fork() -> None:
     """In a forked child: forget the parent's pool without touching its sockets."""
-    global _engine, _engine_pid
+    global _engine, _engine_pid, _write_lock
+    _write_lock = threading.Lock()  # another thread of the parent may have held it at fork
     if _engine is not None and _engine_pid != os.getpid():
         _engine.dispose(close=False)
         _engine_pid = os.getpid()

@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 
+from app import db
 from app.db import get_engine
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
@@ -86,9 +87,9 @@ def create(task: str, args: dict[str, Any]) -> dict[str, Any]:
     now = utcnow()
     row = {"id": uuid.uuid4().hex, "task": task, "args": args, "status": QUEUED,
            "attempts": 0, "created_at": now, "queued_at": now}
-    with get_engine().begin() as conn:
+    with db.transaction() as conn:
         conn.execute(jobs.insert().values(**row))
-    return get(row["id"])  # type: ignore[return-value]
+    return {column.name: None for column in jobs.columns} | row
 
 
 def get(job_id: str) -> dict[str, Any] | None:
@@ -107,20 +108,20 @@ def claim(job_id: str, *, lease: float, max_attempts: int) -> dict[str, Any] | N
     runnable = and_(jobs.c.id == job_id,
                     or_(jobs.c.status == QUEUED,
                         and_(jobs.c.status == RUNNING, jobs.c.lease_until < now)))
-    with get_engine().begin() as conn:
-        gave_up = conn.execute(
+    with db.transaction() as conn:
+        # One statement on the common path: UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
+        claimed = conn.execute(
+            update(jobs).where(runnable, jobs.c.attempts < max_attempts).values(
+                status=RUNNING, attempts=jobs.c.attempts + 1, started_at=now,
+                finished_at=None, lease_until=now + timedelta(seconds=lease))
+            .returning(*jobs.columns)).mappings().first()
+        if claimed is not None:
+            return dict(claimed)
+        conn.execute(
             update(jobs).where(runnable, jobs.c.attempts >= max_attempts).values(
                 status=FAILED, finished_at=now, lease_until=None,
                 error=f"gave up after {max_attempts} attempts (each ended without finishing)"))
-        if gave_up.rowcount:
-            return None
-        claimed = conn.execute(
-            update(jobs).where(runnable).values(
-                status=RUNNING, attempts=jobs.c.attempts + 1, started_at=now,
-                finished_at=None, lease_until=now + timedelta(seconds=lease)))
-        if not claimed.rowcount:
-            return None
-        return dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+        return None
 
 
 def _fenced(job_id: str, attempt: int):
@@ -128,7 +129,7 @@ def _fenced(job_id: str, attempt: int):
 
 
 def _update(where, **values: Any) -> bool:
-    with get_engine().begin() as conn:
+    with db.transaction() as conn:
         return bool(conn.execute(update(jobs).where(where).values(**values)).rowcount)
 
 
@@ -163,7 +164,7 @@ def sweep_stranded(*, queued_lease: float) -> list[str]:
     now = utcnow()
     stale = or_(and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
                 and_(jobs.c.status == QUEUED, jobs.c.queued_at < now - timedelta(seconds=queued_lease)))
-    with get_engine().begin() as conn:
+    with db.transaction() as conn:
         ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
         if ids:
             conn.execute(update(jobs).where(jobs.c.id.in_(ids), stale).values(
