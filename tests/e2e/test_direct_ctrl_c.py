@@ -186,3 +186,20 @@ def test_a_second_ctrl_c_hands_back_at_once(lone_worker, broker: dict[str, str])
     assert "SIGINT again: handing back running tasks now" in ps.output
     assert job_status(broker, job_id) == "queued"
     assert not ps.survivors()
+
+
+def test_celery_beat_first_up_on_a_fresh_machine_makes_its_data_dir(tmp_path: Path,
+                                                                     broker: dict[str, str]) -> None:
+    """Beat loads no database code, so nothing else creates var/ before its schedule store."""
+    fresh = tmp_path / "fresh" / "var"
+    env = {"VAR_DIR": str(fresh), "SWEEP_INTERVAL_SECONDS": "1",
+           "REDIS_URL": f"unix://{broker['VAR_DIR']}/redis.sock?db=0"}
+    ps = ProcessSet(tmp_path / "beat", command=BEAT, env=env)
+    try:
+        ps.start()
+        ps.wait_for_line("Sending due task requeue-stranded-jobs", timeout=60)
+        rc, _ = ps.stop_and_wait("ctrl_c")
+        assert rc == 0, ps.output
+        assert list(fresh.glob("celerybeat-schedule*")), ps.output
+    finally:
+        ps.cleanup()
