@@ -1,0 +1,140 @@
+"""scripts/bench's own parts: the load client against a real HTTP server, and the verdicts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like gthread
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        status = 503 if self.path == "/down" else 200
+        self._reply(status, {"status": "ok"}, close=self.path == "/close")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            job_id = f"job-{len(self.seen)}"
+            self.seen.append(body["task"])
+        self._reply(202, {"id": job_id})
+
+    def _reply(self, status: int, payload: dict, close: bool = False) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:  # like gunicorn's sync worker: one request per connection
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    Handler.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def load(port: int, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.load", "--port", str(port), *args], cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def test_load_posts_exactly_the_count_and_returns_every_id(server: int) -> None:
+    result = load(server, "--method", "POST", "--path", "/jobs", "--body", '{"task": "sleep"}',
+                  "--count", "200", "--concurrency", "8", "--ids")
+    assert result["ok"] == result["requests"] == 200
+    assert sorted(result["ids"]) == sorted(f"job-{n}" for n in range(200))
+    assert Handler.seen == ["sleep"] * 200
+    assert result["rate"] > 0 and result["errors"] == {}
+
+
+def test_load_reconnects_when_the_server_closes_each_connection(server: int) -> None:
+    result = load(server, "--path", "/close", "--count", "50", "--concurrency", "4")
+    assert result["ok"] == 50 and result["errors"] == {}
+
+
+def test_load_counts_non_2xx_answers_as_errors(server: int) -> None:
+    result = load(server, "--path", "/down", "--count", "20", "--concurrency", "2")
+    assert result["ok"] == 0 and result["errors"] == {"status:503": 20}
+
+
+def test_load_against_nothing_reports_connection_errors() -> None:
+    port = run.free_port()
+    result = load(port, "--seconds", "0.3", "--concurrency", "2")
+    assert result["ok"] == 0
+    assert any(k.startswith("error:") for k in result["errors"]), result
+
+
+def figures(**overrides: float) -> dict:
+    base = {"start_s": 1.0, "idle_stop_s": 0.5, "busy_short_stop_s": 1.0, "busy_short_remaining_s": 0.7,
+            "busy_long_stop_s": 3.4, "busy_long_lost": 0, "busy_long_failed": 0, "e2e_rate": 500.0,
+            "submit_rate": 800.0, "pss_mib": 250.0}
+    return base | overrides
+
+
+def verdicts(this: dict, ref: dict) -> list[bool]:
+    return [t["met"] for t in run.targets(this, ref)]
+
+
+def test_targets_met_when_every_figure_is_inside_its_bound() -> None:
+    ref = figures(idle_stop_s=1.0, busy_long_lost=2, pss_mib=240.0, start_s=1.5)
+    assert verdicts(figures(), ref) == [True] * 7
+
+
+@pytest.mark.parametrize(("override", "index"), [
+    ({"idle_stop_s": 1.01}, 0),                    # slower than the reference's 1.0 s
+    ({"busy_short_stop_s": 1.21}, 1),              # 0.51 s after the work was done
+    ({"busy_long_stop_s": 3.51}, 2),               # past grace 3 s + 0.5 s
+    ({"busy_long_lost": 1}, 2),                    # fast but lost a job
+    ({"start_s": 1.81}, 3),                        # > 1.2 x 1.5 s
+    ({"e2e_rate": 499.0}, 4),
+    ({"submit_rate": 799.0}, 5),
+    ({"pss_mib": 264.1}, 6),                       # > 1.1 x 240 MiB
+])
+def test_each_target_is_missed_just_past_its_bound(override: dict, index: int) -> None:
+    ref = figures(idle_stop_s=1.0, pss_mib=240.0, start_s=1.5)
+    met = verdicts(figures(**override), ref)
+    assert not met[index]
+    assert all(m for i, m in enumerate(met) if i != index)
+
+
+def test_summary_takes_medians_and_sums_job_counts() -> None:
+    rounds = [{"idle_stop_s": v, "busy_long_lost": lost, "idle_stop_clean": clean}
+              for v, lost, clean in ((0.3, 0, True), (0.9, 1, True), (0.5, 1, False))]
+    summary = run.summarize(rounds)
+    assert summary == {"idle_stop_s": 0.5, "busy_long_lost": 2, "idle_stop_clean": False}
+
+
+def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run.README_START}\nold table\n{run.README_END}\nrest\n")
+    monkeypatch.setattr(run, "README", readme)
+    assert run.update_readme("| new |\n")
+    assert readme.read_text() == f"intro\n{run.README_START}\n| new |\n{run.README_END}\nrest\n"
