@@ -869,9 +869,10 @@ class Run:
         rc = honcho.wait(self.args.timeout)
         if rc is None:
             self.timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                honcho.proc.kill()
-            self.tracker.kill(self.tracker.alive())
+            self.tracker.kill(self.tracker.alive())  # honcho and its whole tree at once, by pid
+            if honcho.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    honcho.proc.kill()
             rc = honcho.wait(5)
         self.honcho_rc = rc
         # The tree drains: processes that outlive honcho are leftovers after --settle.
