@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 
 from celery.exceptions import Reject
@@ -41,22 +43,50 @@ def interrupt_running_job() -> None:
         raise HandBack()
 
 
-@contextlib.contextmanager
-def _heartbeat(job_id: str, attempt: int, lease: float) -> Iterator[None]:
-    """Renew the job's lease while it runs; the sweeper requeues it if we die."""
-    stop = threading.Event()
+class _Lease:
+    """Renews the running job's lease while it runs; the sweeper requeues it if we die.
 
-    def beat() -> None:
-        while not stop.wait(lease / 3):
-            if not ledger.renew(job_id, attempt, lease=lease):
-                return
+    One thread per pool child, started with the first job, renews whichever
+    job is running every ``lease / 3``. (A thread per job cost a quarter of a
+    short job's CPU: starting a thread waits for it to run.)
+    """
 
-    thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._job: tuple[str, int, float] | None = None  # id, attempt, lease seconds
+        self._due = 0.0
+        self._thread_pid: int | None = None
+
+    @contextlib.contextmanager
+    def held(self, job_id: str, attempt: int, lease: float) -> Iterator[None]:
+        with self._cond:
+            if self._thread_pid != os.getpid():  # first job here (threads do not survive fork)
+                self._thread_pid = os.getpid()
+                threading.Thread(target=self._renew_forever, name="lease", daemon=True).start()
+            self._job, self._due = (job_id, attempt, lease), time.monotonic() + lease / 3
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._job = None
+
+    def _renew_forever(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None or time.monotonic() < self._due:
+                    idle = self._job is None or self._due == float("inf")
+                    self._cond.wait(None if idle else self._due - time.monotonic())
+                job = self._job
+                job_id, attempt, lease = job
+                self._due = time.monotonic() + lease / 3
+            if not ledger.renew(job_id, attempt, lease=lease):  # no longer ours: stop renewing it
+                with self._cond:
+                    if self._job is job:
+                        self._due = float("inf")
+
+
+_lease = _Lease()
 
 
 @celery_app.task(name="jobs.run")
@@ -70,7 +100,7 @@ def run_job(job_id: str) -> None:
     attempt = job["attempts"]
     try:
         model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
-        with _heartbeat(job_id, attempt, settings.job_lease_seconds):
+        with _lease.held(job_id, attempt, settings.job_lease_seconds):
             _running.set()
             try:
                 result = run(model.model_validate(job["args"]))

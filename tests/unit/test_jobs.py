@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from celery.exceptions import Reject
@@ -90,3 +91,49 @@ def test_the_sweep_republishes_stranded_jobs(schema, publish, monkeypatch) -> No
         conn.execute(ledger.jobs.update().values(queued_at=ledger.utcnow().replace(year=2000)))
     assert jobs.requeue_stranded.run() == 1
     assert [tuple(args) for args in publish.published_args] == [(job["id"],)]  # republished
+
+
+def _lease_until(job_id: str):
+    return ledger.get(job_id)["lease_until"]
+
+
+def _wait_past(job_id: str, before, timeout: float = 5.0):
+    """Poll until the stored lease moves past ``before``; the new value (or None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _lease_until(job_id)
+        if now is not None and now > before:
+            return now
+        time.sleep(0.02)
+    return None
+
+
+def test_the_lease_is_renewed_while_the_job_runs_and_not_after(schema) -> None:
+    period = 0.3  # renewed every period / 3
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    attempt = ledger.claim(job_id, lease=period, max_attempts=5)["attempts"]
+    lease = jobs._Lease()
+    start = _lease_until(job_id)
+    with lease.held(job_id, attempt, period):
+        first = _wait_past(job_id, start)
+        assert first is not None, "not renewed while running"
+        assert _wait_past(job_id, first) is not None, "renewed only once"
+    after = _lease_until(job_id)
+    time.sleep(4 * period / 3)  # four renewal periods: long enough to see a stray renewal
+    assert _lease_until(job_id) == after
+
+
+def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema) -> None:
+    period = 0.3
+    lease = jobs._Lease()
+    lost = ledger.create("echo", {"value": 1})["id"]
+    attempt = ledger.claim(lost, lease=period, max_attempts=5)["attempts"]
+    with lease.held(lost, attempt, period):
+        assert ledger.hand_back(lost, attempt)  # e.g. swept as stranded: the fence no longer matches
+        time.sleep(2 * period / 3)  # the renewal in this window fails and stops renewing it
+    kept = ledger.create("echo", {"value": 2})["id"]
+    attempt = ledger.claim(kept, lease=period, max_attempts=5)["attempts"]
+    start = _lease_until(kept)
+    with lease.held(kept, attempt, period):
+        assert _wait_past(kept, start) is not None, "the lease thread died"
+    assert ledger.get(lost)["status"] == "queued"
