@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     exc,
     inspect,
     or_,
@@ -68,6 +69,25 @@ PUBLIC_FIELDS = ("id", "task", "args", "status", "attempts", "result", "error",
 
 _schema_ready_pid: int | None = None
 
+# The hot path (every job: create, claim, succeed; every poll: get) runs
+# statements built once, with bound parameters: building a statement and its
+# cache key on each call cost more CPU than SQLite's execution of it.
+_RUNNABLE = and_(jobs.c.id == bindparam("p_id"),
+                 or_(jobs.c.status == QUEUED,
+                     and_(jobs.c.status == RUNNING, jobs.c.lease_until < bindparam("p_now"))))
+_FENCED = and_(jobs.c.id == bindparam("p_id"), jobs.c.status == RUNNING,
+               jobs.c.attempts == bindparam("p_attempt"))
+_GET = select(jobs).where(jobs.c.id == bindparam("p_id"))
+_CREATE = jobs.insert()
+# One statement on the common path: UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
+_CLAIM = (update(jobs).where(_RUNNABLE, jobs.c.attempts < bindparam("p_max"))
+          .values(status=RUNNING, attempts=jobs.c.attempts + 1, started_at=bindparam("p_now"),
+                  finished_at=None, lease_until=bindparam("p_until"))
+          .returning(*jobs.columns))
+_SUCCEED = update(jobs).where(_FENCED).values(status=SUCCEEDED, result=bindparam("p_result"),
+                                              error=None, finished_at=bindparam("p_now"),
+                                              lease_until=None)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
@@ -88,13 +108,13 @@ def create(task: str, args: dict[str, Any]) -> dict[str, Any]:
     row = {"id": uuid.uuid4().hex, "task": task, "args": args, "status": QUEUED,
            "attempts": 0, "created_at": now, "queued_at": now}
     with db.transaction() as conn:
-        conn.execute(jobs.insert().values(**row))
+        conn.execute(_CREATE, row)
     return {column.name: None for column in jobs.columns} | row
 
 
 def get(job_id: str) -> dict[str, Any] | None:
     with get_engine().connect() as conn:
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        row = conn.execute(_GET, {"p_id": job_id}).mappings().first()
     return dict(row) if row else None
 
 
@@ -105,22 +125,17 @@ def claim(job_id: str, *, lease: float, max_attempts: int) -> dict[str, Any] | N
     A job out of attempts is marked failed instead.
     """
     now = utcnow()
-    runnable = and_(jobs.c.id == job_id,
-                    or_(jobs.c.status == QUEUED,
-                        and_(jobs.c.status == RUNNING, jobs.c.lease_until < now)))
+    params = {"p_id": job_id, "p_now": now, "p_max": max_attempts,
+              "p_until": now + timedelta(seconds=lease)}
     with db.transaction() as conn:
-        # One statement on the common path: UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
-        claimed = conn.execute(
-            update(jobs).where(runnable, jobs.c.attempts < max_attempts).values(
-                status=RUNNING, attempts=jobs.c.attempts + 1, started_at=now,
-                finished_at=None, lease_until=now + timedelta(seconds=lease))
-            .returning(*jobs.columns)).mappings().first()
+        claimed = conn.execute(_CLAIM, params).mappings().first()
         if claimed is not None:
             return dict(claimed)
         conn.execute(
-            update(jobs).where(runnable, jobs.c.attempts >= max_attempts).values(
+            update(jobs).where(_RUNNABLE, jobs.c.attempts >= bindparam("p_max")).values(
                 status=FAILED, finished_at=now, lease_until=None,
-                error=f"gave up after {max_attempts} attempts (each ended without finishing)"))
+                error=f"gave up after {max_attempts} attempts (each ended without finishing)"),
+            params)
         return None
 
 
@@ -138,8 +153,9 @@ def renew(job_id: str, attempt: int, *, lease: float) -> bool:
 
 
 def succeed(job_id: str, attempt: int, result: Any) -> bool:
-    return _update(_fenced(job_id, attempt), status=SUCCEEDED, result=result, error=None,
-                   finished_at=utcnow(), lease_until=None)
+    params = {"p_id": job_id, "p_attempt": attempt, "p_result": result, "p_now": utcnow()}
+    with db.transaction() as conn:
+        return bool(conn.execute(_SUCCEED, params).rowcount)
 
 
 def fail(job_id: str, attempt: int, error: str) -> bool:
