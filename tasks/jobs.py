@@ -46,42 +46,45 @@ def interrupt_running_job() -> None:
 class _Lease:
     """Renews the running job's lease while it runs; the sweeper requeues it if we die.
 
-    One thread per pool child, started with the first job, renews whichever
-    job is running every ``lease / 3``. (A thread per job cost a quarter of a
-    short job's CPU: starting a thread waits for it to run.)
+    One thread per pool child, started with the first job, wakes every
+    ``lease / 3`` and renews the running job once it has run that long.
+    Starting a job only swaps a tuple: no thread to start (that cost a
+    quarter of a short job's CPU) and no thread to wake.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._job: tuple[str, int, float] | None = None  # id, attempt, lease seconds
         self._due = 0.0
         self._thread_pid: int | None = None
 
     @contextlib.contextmanager
     def held(self, job_id: str, attempt: int, lease: float) -> Iterator[None]:
-        with self._cond:
+        with self._lock:
+            self._job, self._due = (job_id, attempt, lease), time.monotonic() + lease / 3
             if self._thread_pid != os.getpid():  # first job here (threads do not survive fork)
                 self._thread_pid = os.getpid()
-                threading.Thread(target=self._renew_forever, name="lease", daemon=True).start()
-            self._job, self._due = (job_id, attempt, lease), time.monotonic() + lease / 3
-            self._cond.notify()
+                threading.Thread(target=self._renew_forever, args=(lease / 3,), name="lease",
+                                 daemon=True).start()
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._job = None
 
-    def _renew_forever(self) -> None:
+    def _renew_forever(self, tick: float) -> None:
+        # A renewal comes between one and two ticks after it is due: well
+        # inside the lease (three ticks).
         while True:
-            with self._cond:
-                while self._job is None or time.monotonic() < self._due:
-                    idle = self._job is None or self._due == float("inf")
-                    self._cond.wait(None if idle else self._due - time.monotonic())
-                job = self._job
-                job_id, attempt, lease = job
-                self._due = time.monotonic() + lease / 3
+            time.sleep(tick)
+            with self._lock:
+                job, due = self._job, self._due
+                if job is None or time.monotonic() < due:
+                    continue
+                self._due = time.monotonic() + tick
+            job_id, attempt, lease = job
             if not ledger.renew(job_id, attempt, lease=lease):  # no longer ours: stop renewing it
-                with self._cond:
+                with self._lock:
                     if self._job is job:
                         self._due = float("inf")
 
