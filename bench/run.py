@@ -157,18 +157,20 @@ class Session:
                 finished_at = time.monotonic()
         return finished_at, states
 
-    def pss_mib(self) -> float:
-        """Proportional set size of every process of the set (RSS where PSS is unreadable)."""
-        total = 0
+    def pss_mib(self) -> dict[str, float]:
+        """Proportional set size of every process of the set, by role (RSS where PSS is unreadable)."""
+        roles: dict[str, float] = {}
         for p in self.ps.snapshot():
             try:
                 try:
-                    total += p.memory_full_info().pss
+                    size = p.memory_full_info().pss
                 except (psutil.AccessDenied, AttributeError):
-                    total += p.memory_info().rss
+                    size = p.memory_info().rss
+                role = role_of(p.cmdline())
             except psutil.NoSuchProcess:
-                pass
-        return total / 2**20
+                continue
+            roles[role] = roles.get(role, 0.0) + size / 2**20
+        return roles
 
     def stop(self) -> dict[str, Any]:
         """Ctrl+C in the terminal; seconds until honcho and every process of the tree are gone."""
@@ -189,6 +191,25 @@ class Session:
         return {"seconds": seconds, "clean": clean, "sigkills": killed}
 
 
+ROLES = ("honcho", "web", "worker", "beat", "broker", "shell")
+
+
+def role_of(cmdline: list[str]) -> str:
+    """Which part of the set a process is, from its command line (for the memory breakdown)."""
+    line = " ".join(cmdline)
+    if "honcho" in line:
+        return "honcho"
+    if cmdline and cmdline[0] in ("/bin/sh", "sh"):
+        return "shell"  # the reference's Procfile lines have no exec: sh stays as the parent
+    if "gunicorn" in line:
+        return "web"
+    if " beat" in line:
+        return "beat"
+    if " worker" in line:
+        return "worker"
+    return "broker"  # redis-server, and this set's broker watcher
+
+
 # -- the measures -------------------------------------------------------------
 def measure_rest(spec: SetSpec, base: Path) -> dict[str, Any]:
     """Start, /healthz rate, 1,000 jobs, memory at rest, idle stop."""
@@ -203,7 +224,7 @@ def measure_rest(spec: SetSpec, base: Path) -> dict[str, Any]:
         done_at, states = s.wait_terminal(submit["ids"], timeout=120)
         not_ok = sum(1 for v in states.values() if v != "succeeded")
         time.sleep(1.0)  # at rest: beat, timers and the last acks settle (memory, not timing)
-        pss = s.pss_mib()
+        pss_roles = s.pss_mib()
         stop = s.stop()
     finally:
         s.ps.cleanup()
@@ -215,7 +236,8 @@ def measure_rest(spec: SetSpec, base: Path) -> dict[str, Any]:
         "submit_errors": sum(submit["errors"].values()) + (E2E_JOBS - submit["ok"]),
         "e2e_rate": len(submit["ids"]) / (done_at - submit["started"]),
         "e2e_not_succeeded": not_ok,
-        "pss_mib": pss,
+        "pss_mib": sum(pss_roles.values()),
+        **{f"pss_{role}_mib": pss_roles.get(role, 0.0) for role in ROLES},
         "idle_stop_s": stop["seconds"],
         "idle_stop_clean": stop["clean"],
         "idle_stop_sigkills": stop["sigkills"],
@@ -383,6 +405,11 @@ def markdown(report: dict[str, Any]) -> str:
         a, b = this[m.key], ref[m.key]
         ratio = "" if m.key in COUNTS or not b else f"{a / b:.2f}"
         lines.append(f"| {m.label.strip()} | {fmt(a, m)} | {fmt(b, m)} | {ratio} |")
+    lines += ["", "Memory at rest by part of the set (PSS, MiB, medians):", "",
+              "| " + " | ".join(("", *ROLES)) + " |", "|---" * (len(ROLES) + 1) + "|"]
+    for key, label in (("project", "this set"), ("reference", "reference")):
+        lines.append(f"| {label} | " + " | ".join(f"{report['medians'][key][f'pss_{r}_mib']:.1f}"
+                                                   for r in ROLES) + " |")
     kills = {k: v["idle_stop_sigkills"] + v["busy_short_sigkills"] + v["busy_long_sigkills"]
              for k, v in report["medians"].items()}
     lines += ["", f"honcho had to SIGKILL: this set {kills['project']} times, the reference"

@@ -138,3 +138,16 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
     monkeypatch.setattr(run, "README", readme)
     assert run.update_readme("| new |\n")
     assert readme.read_text() == f"intro\n{run.README_START}\n| new |\n{run.README_END}\nrest\n"
+
+
+@pytest.mark.parametrize(("cmdline", "role"), [
+    (["/work/.venv/bin/python", "-m", "honcho", "start", "--no-colour"], "honcho"),
+    (["/bin/sh", "-c", "gunicorn --bind 127.0.0.1:$PORT refapp:app"], "shell"),
+    (["python3", "/v/bin/gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"], "web"),
+    (["python3", "/v/bin/celery", "--app", "tasks.worker", "worker", "--loglevel", "INFO"], "worker"),
+    (["python3", "/v/bin/celery", "--app", "reftasks", "beat", "--schedule", "/v/s"], "beat"),
+    (["python", "-m", "app.embedded_redis", "--watch", "--server", "/v/redis-server"], "broker"),
+    (["redis-server", "*:6390"], "broker"),
+])
+def test_each_process_is_counted_in_its_part_of_the_set(cmdline: list[str], role: str) -> None:
+    assert run.role_of(cmdline) == role
