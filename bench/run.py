@@ -69,8 +69,9 @@ class SetSpec:
 
 
 def _project_env(workdir: Path) -> dict[str, str]:
+    # Default logging (INFO), like the reference's --loglevel INFO: both log every task.
     return {"WEB_WORKERS": str(WEB_PROCESSES), "WORKER_CONCURRENCY": str(WORKER_PROCESSES),
-            "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS), "LOG_LEVEL": "WARNING"}
+            "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS)}
 
 
 def _redis_bin_dir() -> str:
@@ -434,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="A B pairs to run (default 3)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: py-spy each set's web and worker during 1,000 jobs")
     args = parser.parse_args(argv)
+    if args.profile:
+        from bench import profile
+
+        return profile.main()
     began = time.monotonic()
     per_set: dict[str, list[dict[str, Any]]] = {"project": [], "reference": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
