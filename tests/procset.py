@@ -47,7 +47,15 @@ def run_python(code: str, env: dict[str, str]) -> str:
                           capture_output=True, text=True, timeout=60).stdout.strip()
 
 
-def _controlling_tty() -> None:  # in the child: the pty becomes its terminal
+def _controlling_tty() -> None:
+    """In the child: the pty becomes its terminal, with a fresh terminal's signal dispositions.
+
+    Ignored signals survive exec: run under ``nohup`` (SIGHUP ignored), honcho
+    and its helpers would outlive the terminal closing, and the tests of a
+    closed terminal would test nohup instead.
+    """
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
