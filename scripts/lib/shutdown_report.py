@@ -604,7 +604,15 @@ def open_proc_connector() -> tuple[ProcConnector | None, str]:
 # --------------------------------------------------------------------------
 
 
-def _controlling_tty() -> None:  # in the child: the pty becomes honcho's terminal
+def _controlling_tty() -> None:
+    """In the child: the pty becomes honcho's terminal, with a fresh terminal's signal dispositions.
+
+    Ignored signals survive exec: started from ``nohup`` or a script's
+    background job, honcho and every program would inherit SIGHUP or SIGINT
+    ignored, and the report would describe that instead of the set.
+    """
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
