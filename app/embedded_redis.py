@@ -131,13 +131,13 @@ def main() -> None:
 
     settings = get_settings()
     shutdown.stop_with_parent()  # kept across exec
-    watch = [sys.executable, "-m", "app.embedded_redis", "--watch"]
+    command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
     if settings.embedded_redis:
-        watch += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
+        command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
                   "--linger", str(settings.shutdown_grace_seconds + LINGER_MARGIN_SECONDS)]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
-    os.execv(sys.executable, watch)
+    os.execv(sys.executable, command)
 
 
 def watch(args: argparse.Namespace) -> int:

@@ -41,7 +41,6 @@ from sqlalchemy import (
 )
 
 from app import db
-from app.db import get_engine
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
@@ -95,7 +94,7 @@ def utcnow() -> datetime:
 
 def ensure_schema() -> None:
     """Create the table if missing; every process may race to do it at start."""
-    engine = get_engine()
+    engine = db.get_engine()
     try:
         metadata.create_all(engine)
     except exc.DBAPIError:  # another process created it between check and CREATE
@@ -113,7 +112,7 @@ def create(task: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def get(job_id: str) -> dict[str, Any] | None:
-    with get_engine().connect() as conn:
+    with db.get_engine().connect() as conn:
         row = conn.execute(_GET, {"p_id": job_id}).mappings().first()
     return dict(row) if row else None
 
@@ -139,34 +138,31 @@ def claim(job_id: str, *, lease: float, max_attempts: int) -> dict[str, Any] | N
         return None
 
 
-def _fenced(job_id: str, attempt: int):
-    return and_(jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.attempts == attempt)
-
-
-def _update(where, **values: Any) -> bool:
+def _fenced_update(statement, job_id: str, attempt: int, **params: Any) -> bool:
+    """Run an UPDATE fenced by ``_FENCED``: it changes the row only for the run that owns it."""
     with db.transaction() as conn:
-        return bool(conn.execute(update(jobs).where(where).values(**values)).rowcount)
+        return bool(conn.execute(statement, {"p_id": job_id, "p_attempt": attempt, **params}).rowcount)
 
 
 def renew(job_id: str, attempt: int, *, lease: float) -> bool:
-    return _update(_fenced(job_id, attempt), lease_until=utcnow() + timedelta(seconds=lease))
+    return _fenced_update(update(jobs).where(_FENCED).values(lease_until=bindparam("p_until")),
+                          job_id, attempt, p_until=utcnow() + timedelta(seconds=lease))
 
 
 def succeed(job_id: str, attempt: int, result: Any) -> bool:
-    params = {"p_id": job_id, "p_attempt": attempt, "p_result": result, "p_now": utcnow()}
-    with db.transaction() as conn:
-        return bool(conn.execute(_SUCCEED, params).rowcount)
+    return _fenced_update(_SUCCEED, job_id, attempt, p_result=result, p_now=utcnow())
 
 
 def fail(job_id: str, attempt: int, error: str) -> bool:
-    return _update(_fenced(job_id, attempt), status=FAILED, error=error,
-                   finished_at=utcnow(), lease_until=None)
+    return _fenced_update(update(jobs).where(_FENCED).values(
+        status=FAILED, error=error, finished_at=utcnow(), lease_until=None), job_id, attempt)
 
 
 def hand_back(job_id: str, attempt: int) -> bool:
     """A shutdown interrupted this run: queue the job again, attempt not counted."""
-    return _update(_fenced(job_id, attempt), status=QUEUED, attempts=jobs.c.attempts - 1,
-                   started_at=None, lease_until=None, queued_at=utcnow())
+    return _fenced_update(update(jobs).where(_FENCED).values(
+        status=QUEUED, attempts=jobs.c.attempts - 1, started_at=None, lease_until=None,
+        queued_at=utcnow()), job_id, attempt)
 
 
 def sweep_stranded(*, queued_lease: float) -> list[str]:

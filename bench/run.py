@@ -266,14 +266,7 @@ def measure_busy(spec: SetSpec, base: Path, job_seconds: float, stop_after: floa
     try:
         again.start()
         # A job handed back runs again from the start: allow its whole length.
-        deadline = time.monotonic() + 10 + job_seconds
-        states = {}
-        for job_id in ids:
-            while True:
-                states[job_id] = again.status(job_id)
-                if states[job_id] in TERMINAL or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+        _, states = again.wait_terminal(ids, timeout=10 + job_seconds)
         again.stop()
     finally:
         again.ps.cleanup()

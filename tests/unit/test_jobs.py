@@ -9,7 +9,7 @@ import time
 import pytest
 from celery.exceptions import Reject
 
-from app import ledger
+from app import db, ledger
 from tasks import jobs
 from tasks.kinds import KINDS, EchoArgs
 
@@ -87,7 +87,7 @@ def test_the_sweep_republishes_stranded_jobs(schema, publish, monkeypatch) -> No
 
     get_settings.cache_clear()
     job = ledger.create("echo", {"value": 1})
-    with ledger.get_engine().begin() as conn:  # queued long ago, its message lost
+    with db.get_engine().begin() as conn:  # queued long ago, its message lost
         conn.execute(ledger.jobs.update().values(queued_at=ledger.utcnow().replace(year=2000)))
     assert jobs.requeue_stranded.run() == 1
     assert [tuple(args) for args in publish.published_args] == [(job["id"],)]  # republished
