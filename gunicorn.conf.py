@@ -30,8 +30,11 @@ bind = [f"{_settings.bind_host}:{_settings.port}"]
 workers = _settings.web_workers
 # gthread: a long poll (GET /jobs/<id>?wait=) holds a thread, not a process.
 # sync works too (WEB_WORKER_CLASS=sync): its SIGINT hazard is the worst (500s).
-worker_class = _settings.web_worker_class
-threads = _settings.web_threads if worker_class == "gthread" else 1  # >1 turns sync into gthread
+# Either way gunicorn's own class with a stop that resets no accepted
+# connection and closes idle kept-alive ones at once (app/web_worker.py).
+worker_class = {"gthread": "app.web_worker.ThreadWorker", "sync": "app.web_worker.SyncWorker"}[
+    _settings.web_worker_class]
+threads = _settings.web_threads if _settings.web_worker_class == "gthread" else 1  # >1: sync is gthread
 proc_name = "web"
 preload_app = False  # the master opens no connection; each worker opens its own
 control_socket_disable = True  # no extra master thread and socket to stop
