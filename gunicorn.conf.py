@@ -55,6 +55,7 @@ logconfig_dict = logs.LOGGING
 def on_starting(server):
     """Master: make SIGINT graceful; log the stop signal; stop if honcho dies."""
     shutdown.stop_with_parent()
+    shutdown.enable_stack_dumps()
     registry = shutdown.current()
     graceful = server.handle_term
 
@@ -78,6 +79,7 @@ def pre_fork(server, worker):
 def post_fork(server, worker):
     """Worker, just forked: never use a connection the master opened."""
     logs.set_role("web.worker")
+    shutdown.enable_stack_dumps()
     db.after_fork()
 
 

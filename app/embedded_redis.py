@@ -143,6 +143,7 @@ def main() -> None:
 def watch(args: argparse.Namespace) -> int:
     """The broker entry from here on: run redis-server, or idle when REDIS_URL is set."""
     logs.configure("broker")
+    shutdown.enable_stack_dumps()
     registry = shutdown.current()
     stop = threading.Event()
 

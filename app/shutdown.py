@@ -24,12 +24,14 @@ and how: ``signal received`` -> ``graceful shutdown started`` ->
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,8 +109,14 @@ class ShutdownRegistry:
         started = self._started_at
         return 0 if started is None else round((self._clock() - started) * 1000)
 
-    def close_all(self) -> list[Outcome]:
-        """Run every handler once, newest first; later calls do nothing."""
+    def close_all(self, budget: float | None = None) -> list[Outcome]:
+        """Run every handler once, newest first; later calls do nothing.
+
+        ``budget`` bounds the whole sequence: each handler gets its own
+        timeout or what is left of the budget, whichever is less, so a
+        process whose stop is running late still closes everything it can
+        in the time it has.
+        """
         self.begin()
         with self._lock:
             if self._closed:
@@ -116,11 +124,16 @@ class ShutdownRegistry:
             self._closed = True
             handlers = list(reversed(self._handlers))
             self._handlers.clear()
-        outcomes = [self._run(h) for h in handlers]
+        deadline = None if budget is None else self._clock() + budget
+        outcomes = []
+        for handler in handlers:
+            left = None if deadline is None else max(0.0, deadline - self._clock())
+            outcomes.append(self._run(handler, left))
         log.info("shutdown complete in %d ms", self.elapsed_ms)
         return outcomes
 
-    def _run(self, handler: _Handler) -> Outcome:
+    def _run(self, handler: _Handler, left: float | None = None) -> Outcome:
+        timeout = handler.timeout if left is None else min(handler.timeout, left)
         log.info("closing %s", handler.name)
         errors: list[BaseException] = []
 
@@ -133,10 +146,10 @@ class ShutdownRegistry:
         started = self._clock()
         thread = threading.Thread(target=target, name=f"close-{handler.name}", daemon=True)
         thread.start()
-        thread.join(handler.timeout)
+        thread.join(timeout)
         elapsed = self._clock() - started
         if thread.is_alive():
-            log.error("closing %s timed out after %.1f s; abandoned", handler.name, handler.timeout)
+            log.error("closing %s timed out after %.1f s; abandoned", handler.name, timeout)
             return Outcome(handler.name, "timed out", elapsed)
         if errors:
             log.error("closing %s failed: %r", handler.name, errors[0],
@@ -167,6 +180,36 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
             os.kill(os.getpid(), sig)
 
     signal.signal(signum, handler)
+
+
+#: ``kill -URG <pid>``: the process writes the stack of every thread to its
+#: stderr (Sidekiq's TTIN). SIGURG because every process of the set is free
+#: to take it and its default action is to do nothing: a ``pkill -URG`` that
+#: also reaches redis-server or a shell harms nothing (gunicorn's master
+#: uses TTIN and WINCH, Celery's MainProcess USR1, gunicorn's workers USR1).
+STACK_DUMP_SIGNAL = signal.SIGURG
+
+
+def enable_stack_dumps() -> None:
+    """Answer :data:`STACK_DUMP_SIGNAL` with the stack of every thread, on stderr.
+
+    Python's faulthandler writes the dump from its C signal handler, so it
+    comes even when the main thread is stuck where no Python signal handler
+    can run (a lock, a blocking read). Call in every process of the set;
+    a forked child calls it again (some servers reset signals after fork).
+    """
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+
+
+def log_stacks(reason: str) -> None:
+    """Log the stack of every thread of this process, for a stop phase that overran.
+
+    From a watchdog thread, never from a signal handler (it logs).
+    """
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame)).rstrip()
+        log.error("%s: stack of thread %s:\n%s", reason, names.get(ident, ident), stack)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -25,6 +25,7 @@ class Scheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
         logs.set_role("beat")
         shutdown.stop_with_parent()
+        shutdown.enable_stack_dumps()
         # Beat may be first up on a fresh machine: nothing else has made var/ yet.
         Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         super().setup_schedule()

@@ -30,9 +30,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
+import psutil
 from celery import signals
 from celery.worker import state
 
@@ -46,7 +48,17 @@ log = logging.getLogger("shutdown")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
+#: Once no task runs, how long the pool's children have to exit.
+POOL_EXIT_SECONDS = 0.5
+#: Then how long the MainProcess has to close the consumer and its connections, and exit.
+CLOSE_SECONDS = 1.0
+#: Of which the interpreter's own exit, once everything is closed, has at least this.
+EXIT_SECONDS = 0.25
+#: When the MainProcess must exit at once: what its registry may still take.
+EXIT_CLOSE_SECONDS = 0.3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+_stop: WorkerStop | None = None  # the MainProcess's, once the worker is ready
 
 
 @signals.celeryd_init.connect
@@ -57,6 +69,7 @@ def _worker_starting(**_: object) -> None:
     2 s connection-retry sleeps.
     """
     shutdown.stop_with_parent()
+    shutdown.enable_stack_dumps()
     broker.wait_until_up()
 
 
@@ -71,9 +84,10 @@ def _worker_init(**_: object) -> None:
 @signals.worker_ready.connect
 def _install_stop_handlers(sender: object, **_: object) -> None:
     """MainProcess: replace Celery's stop handlers (installed just before)."""
-    coordinator = WorkerStop(get_settings().shutdown_grace_seconds)
+    global _stop
+    _stop = WorkerStop(get_settings().shutdown_grace_seconds)
     for signum in STOP_SIGNALS:
-        signal.signal(signum, coordinator.on_signal)
+        signal.signal(signum, _stop.on_signal)
     _wake_event_loop_on_signals(getattr(sender, "hub", None))
 
 
@@ -103,12 +117,38 @@ def _wake_event_loop_on_signals(hub: object) -> None:
 
 
 class WorkerStop:
-    """The MainProcess's answer to stop signals: warm, then bounded."""
+    """The MainProcess's stop: warm, then bounded phase by phase.
+
+    Celery's warm shutdown has no deadline of its own anywhere: it waits for
+    running tasks, then for the pool's children to exit (a child can wait up
+    to 30 s in billiard's ``_ensure_messages_consumed`` for the parent to
+    count its last result: measured under load, the MainProcess then sat in
+    ``Pool.join`` until honcho's SIGKILL, with no task running), then for the
+    broker to confirm the consumer's close. Here one watchdog thread follows
+    the phases, each with its deadline, all derived from the grace budget:
+
+    1. running tasks finish, within ``SHUTDOWN_GRACE_SECONDS`` (a second
+       SIGINT or SIGQUIT ends it at once); then each child still busy hands
+       its job back (SIGUSR2), within :data:`HANDBACK_SECONDS`, or is killed;
+    2. the pool's children exit, within :data:`POOL_EXIT_SECONDS` of no task
+       running;
+    3. Celery closes the consumer, ``worker_shutdown`` runs the registry and
+       the process exits, within :data:`CLOSE_SECONDS`.
+
+    A phase that overruns is logged with the stack of every thread (children:
+    their own dump, :data:`app.shutdown.STACK_DUMP_SIGNAL`) and cut short:
+    the children are killed once their work is done or handed back; a
+    MainProcess that cannot finish closing is made to exit (code 1; 0 if
+    everything was closed and only the interpreter's exit hung). So the
+    whole stop ends within grace + 2 s (inside honcho's 5 s at the default
+    grace of 3 s), whatever hangs.
+    """
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self._started = False
         self._now = threading.Event()
+        self.closed = threading.Event()  # set by worker_shutdown once the registry has run
 
     def on_signal(self, signum: int, _frame: object) -> None:
         """First stop signal: warm shutdown. A later SIGINT/SIGQUIT: hand back now.
@@ -129,27 +169,111 @@ class WorkerStop:
         # Celery's own warm shutdown: the event loop raises WorkerShutdown,
         # the consumer stops, the pool drains, exit code 0.
         state.should_stop = 0
-        threading.Thread(target=self._watch, name="grace-watchdog", daemon=True).start()
+        threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
-        self._now.wait(self.grace)
+        try:
+            self._finish_or_hand_back()
+            if not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
+                _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
+                _kill_pool_children()
+            deadline = time.monotonic() + CLOSE_SECONDS
+            if not self.closed.wait(CLOSE_SECONDS):
+                _overran(f"closing the consumer and connections took more than {CLOSE_SECONDS} s")
+                _exit_now(1)
+            # Everything is closed; Celery returns and the interpreter exits, taking this thread.
+            time.sleep(max(EXIT_SECONDS, deadline - time.monotonic()))
+            _overran("the process did not exit after closing its connections")
+            _exit_now(0)
+        except BaseException:  # noqa: BLE001 - this thread must never die silently
+            log.exception("stop watchdog failed; exiting now")
+            _exit_now(1)
+
+    def _finish_or_hand_back(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while _running() and time.monotonic() < deadline:
+            if self._now.wait(min(_POLL, max(0.0, deadline - time.monotonic()))):
+                break
         running = _running()
         if not running:
             return
-        log.warning("grace of %.1f s used up: handing back %d running task(s)",
-                    self.grace, len(running))
+        log.warning("grace of %.1f s used up: handing back %d running task(s)", self.grace, len(running))
         for request in running:
             _kill(request.worker_pid, signal.SIGUSR2)
-        deadline = time.monotonic() + HANDBACK_SECONDS
-        while time.monotonic() < deadline and _still_running(running):
-            time.sleep(0.01)
+        _wait_until(lambda: not _still_running(running), HANDBACK_SECONDS)
         for request in _still_running(running):
             job_id = request.args[0] if request.args else "?"
-            log.error("pool child %s did not hand back job %s: SIGKILL", request.worker_pid, job_id)
-            job = ledger.get(job_id)
-            if job is not None:
-                ledger.hand_back(job_id, job["attempts"])
+            log.error("pool child %s did not hand back job %s within %.1f s: SIGKILL",
+                      request.worker_pid, job_id, HANDBACK_SECONDS)
+            _hand_back_for(job_id)
             _kill(request.worker_pid, signal.SIGKILL)
+
+
+_POLL = 0.01
+
+
+def _wait_until(done, seconds: float) -> bool:
+    """Poll ``done()`` until it is true (True) or ``seconds`` have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL)
+    return True
+
+
+def _overran(what: str) -> None:
+    log.error("stop phase overran: %s; stacks of every thread follow", what)
+    shutdown.log_stacks("stop phase overran")
+
+
+def _pool_children() -> list[psutil.Process]:
+    """This MainProcess's pool children still running (zombies count as gone)."""
+    alive = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def _pool_children_gone() -> bool:
+    return not _pool_children()
+
+
+def _kill_pool_children() -> None:
+    """Kill children whose work is done or handed back: first their own stack dump, then SIGKILL."""
+    children = _pool_children()
+    for child in children:
+        log.error("pool child %s still running: its stacks follow, then SIGKILL", child.pid)
+        _kill(child.pid, shutdown.STACK_DUMP_SIGNAL)
+    time.sleep(0.05)  # the dump is written by the child's own signal handler
+    for child in children:
+        _kill(child.pid, signal.SIGKILL)
+
+
+def _exit_now(code: int) -> None:
+    """Close what is left within the remaining budget, then leave without waiting for anything."""
+    shutdown.current().close_all(budget=EXIT_CLOSE_SECONDS)
+    log.error("worker exits now (exit code %d)", code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - leaving anyway
+            pass
+    os._exit(code)
+
+
+def _hand_back_for(job_id: str) -> None:
+    """Queue the ledger row of a job whose child is about to be killed (best effort)."""
+    try:
+        job = ledger.get(job_id)
+        if job is not None and ledger.hand_back(job_id, job["attempts"]):
+            log.warning("job %s handed back to the queue for its killed pool child", job_id)
+    except Exception:  # noqa: BLE001 - the sweeper requeues it after its lease
+        log.exception("could not hand back job %s; the sweeper will requeue it", job_id)
 
 
 def _running() -> list:
@@ -179,6 +303,7 @@ def _kill(pid: int | None, signum: int) -> None:
 def _child_init(**_: object) -> None:
     """Pool child, right after fork: own connections, broadcast-proof signals."""
     logs.set_role("worker.child")
+    shutdown.enable_stack_dumps()
     db.after_fork()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group broadcast is for the MainProcess
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl+C, likewise
@@ -221,4 +346,6 @@ def _skip_exit_sleep() -> None:
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_: object) -> None:
     """MainProcess, after the consumer's connection is closed (warm paths)."""
-    shutdown.current().close_all()
+    shutdown.current().close_all(budget=CLOSE_SECONDS)
+    if _stop is not None:
+        _stop.closed.set()

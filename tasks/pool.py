@@ -1,6 +1,7 @@
-"""Celery's prefork pool, minus the fixed sleeps in its warm shutdown.
+"""Celery's prefork pool, minus the fixed sleeps and the hang in its warm shutdown.
 
-Two sleeps in Celery 5.7 make every warm shutdown last longer than its work:
+Two sleeps in Celery 5.7 make every warm shutdown last longer than its work,
+and a dropped result can hold it for 30 s (``ResultHandler.on_stop_not_started``):
 
 * ``TaskPool.on_stop`` keeps firing the event loop's timers (acks,
   heartbeats) in a thread while the pool drains. The thread sleeps 0.5 s
@@ -13,7 +14,7 @@ Two sleeps in Celery 5.7 make every warm shutdown last longer than its work:
   Here the check waits on the pipe itself, briefly, so a result is read
   as soon as it is written.
 
-Both methods are Celery's own code with only that change. Selected by
+All three methods are Celery's own code with only that change. Selected by
 ``worker_pool`` in tasks/celery_app.py; revisit on a Celery upgrade.
 """
 
@@ -23,7 +24,7 @@ import logging
 import threading
 
 from billiard.compat import setblocking
-from billiard.pool import CLOSE, RUN
+from billiard.pool import CLOSE, RUN, TERMINATE, WorkersJoined
 from celery.concurrency import asynpool, prefork
 from kombu.asynchronous import get_event_loop
 
@@ -34,6 +35,40 @@ RESULT_WAIT = 0.02  # per child pipe and pass while draining (Celery: poll, then
 
 
 class ResultHandler(asynpool.ResultHandler):
+    def on_stop_not_started(self):
+        """Read the children's results until every child has exited (Celery: until none is pending).
+
+        At the warm shutdown Celery's ``AsynPool.flush`` drops from its cache
+        every job whose ACK it has not read yet, although the job may already
+        be written to a child, running or run. Celery then stops reading
+        results as soon as the cache is empty, while that child waits (up to
+        30 s, billiard's ``_ensure_messages_consumed``) for the parent to read
+        the result it sent: under load, 4 stops in 5 ended with a child stuck
+        there and the MainProcess in ``Pool.join`` (measured). Reading until
+        the children have exited lets them go at once. The result of such a
+        dropped job is harmless: its message was never acknowledged, so the
+        broker delivers it again and the ledger's claim drops it.
+        """
+        check_timeouts = self.check_timeouts
+        fileno_to_outq = self.fileno_to_outq
+        on_state_change = self.on_state_change
+        join_exited_workers = self.join_exited_workers
+
+        outqueues = set(fileno_to_outq)
+        while outqueues and self._state != TERMINATE:  # Celery: while cache and outqueues and ...
+            if check_timeouts is not None:
+                check_timeouts()
+            pending_remove_fd = set()
+            for fd in outqueues:
+                asynpool.iterate_file_descriptors_safely(
+                    [fd], self.fileno_to_outq, self._flush_outqueue,
+                    pending_remove_fd.add, fileno_to_outq, on_state_change)
+                try:
+                    join_exited_workers(shutdown=True)
+                except WorkersJoined:
+                    return
+            outqueues.difference_update(pending_remove_fd)
+
     def _flush_outqueue(self, fd, remove, process_index, on_state_change):
         try:
             proc = process_index[fd]
