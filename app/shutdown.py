@@ -38,6 +38,8 @@ from dataclasses import dataclass
 log = logging.getLogger("shutdown")
 
 DEFAULT_HANDLER_TIMEOUT = 1.0
+#: What a handler gets when a stop's budget is spent: a close that does not hang takes milliseconds.
+MIN_HANDLER_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,10 @@ class ShutdownRegistry:
         """Run every handler once, newest first; later calls do nothing.
 
         ``budget`` bounds the whole sequence: each handler gets its own
-        timeout or what is left of the budget, whichever is less, so a
-        process whose stop is running late still closes everything it can
-        in the time it has.
+        timeout or what is left of the budget, whichever is less (but at
+        least :data:`MIN_HANDLER_SECONDS`, enough for a close that does not
+        hang), so a process whose stop is running late still closes
+        everything it can in the time it has.
         """
         self.begin()
         with self._lock:
@@ -127,7 +130,7 @@ class ShutdownRegistry:
         deadline = None if budget is None else self._clock() + budget
         outcomes = []
         for handler in handlers:
-            left = None if deadline is None else max(0.0, deadline - self._clock())
+            left = None if deadline is None else max(MIN_HANDLER_SECONDS, deadline - self._clock())
             outcomes.append(self._run(handler, left))
         log.info("shutdown complete in %d ms", self.elapsed_ms)
         return outcomes

@@ -427,3 +427,37 @@ def test_chain_signal_keeps_the_default_action_of_an_unhandled_signal():
         written = pipe.read()
     assert written == b"before"
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR1
+
+
+# -- a budget for the whole sequence (a stop running late) -----------------------
+
+
+def test_a_budget_bounds_the_whole_sequence_and_every_handler_still_runs(shutdown_logs):
+    registry = ShutdownRegistry(handler_timeout=5.0)  # the real clock: the handlers really wait
+    release = threading.Event()
+    ran = []
+    registry.register("first", lambda: ran.append("first"))
+    registry.register("hangs", release.wait)
+    try:
+        outcomes = registry.close_all(budget=0.2)
+    finally:
+        release.set()
+    assert [(o.name, o.status) for o in outcomes] == [("hangs", "timed out"), ("first", "closed")]
+    assert ran == ["first"]  # still run once the budget was spent, with the minimum time
+    assert outcomes[0].elapsed < 1.0  # cut at the budget, not at its own 5 s
+    assert "closing hangs timed out after 0.2 s; abandoned" in messages(shutdown_logs)
+
+
+def test_log_stacks_logs_every_thread_by_name(shutdown_logs):
+    parked = threading.Event()
+    thread = threading.Thread(target=parked.wait, name="parked-for-the-test", daemon=True)
+    thread.start()
+    try:
+        shutdown.log_stacks("phase overran")
+    finally:
+        parked.set()
+        thread.join()
+    logged = messages(shutdown_logs)
+    assert any(m.startswith("phase overran: stack of thread parked-for-the-test:") and "wait" in m
+               for m in logged), logged
+    assert any(m.startswith("phase overran: stack of thread MainThread:") for m in logged), logged
