@@ -10,7 +10,13 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from sqlalchemy import text
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound, UnsupportedMediaType
+from werkzeug.exceptions import (
+    BadRequest,
+    ClientDisconnected,
+    HTTPException,
+    NotFound,
+    UnsupportedMediaType,
+)
 
 from app import broker, ledger, shutdown
 from app.db import get_engine
@@ -57,7 +63,11 @@ def _json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMediaType("send the job as application/json")
     try:
-        body = json.loads(request.get_data(cache=False), parse_constant=_reject_constant)
+        data = request.get_data(cache=False)
+    except (OSError, ClientDisconnected) as error:  # broken framing (a bad chunk size...), or the
+        raise BadRequest(f"the request body could not be read: {_first_cause(error)}") from None
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
     except RecursionError:
         raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as error:
@@ -65,6 +75,13 @@ def _json_body() -> Any:
     if _depth(body) > MAX_JSON_DEPTH:
         raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The error at the root of a chain (werkzeug wraps the server's own read error)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return error
 
 
 def _problem(error: ValidationError) -> str:

@@ -46,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from gunicorn.http.errors import ParseException
 from gunicorn.workers import gthread, sync
 
 #: How long a connection answered (with keep-alive) just before or during
@@ -187,36 +188,53 @@ def _accept_pending(listener) -> list[tuple[socket.socket, object]]:
         accepted.append((client, addr))
 
 
-class ThreadWorker(gthread.ThreadWorker):
-    """gthread, with the stop described in the module docstring."""
+class _ClosingApp:
+    """Both worker classes: the app wrapped to close connections that must not be reused."""
+
+    alive: bool
+    wsgi: Callable[..., object]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._request = threading.local()  # the request a pool thread is handling
-        self._listening = True
+        self._request = threading.local()  # the request this thread is handling
 
     def load_wsgi(self) -> None:
-        """Wrap the app: an answer that starts once the stop has begun says ``Connection: close``.
+        """Wrap the app: ``Connection: close`` on an answer that starts once the stop has
+        begun, or after a request body that could not be read.
 
         Decided when the app calls ``start_response``, before the headers are
         written: an answer whose headers already went out with keep-alive is
         left alone (marking its request then would make gunicorn drop the
         client's next request on that connection unanswered); the linger
-        below covers it.
+        below covers it. A body whose framing is broken (a bad chunk size,
+        say) is the app's to answer (400), but nothing after it on the
+        connection can be parsed: gunicorn would try to read the rest of the
+        body and write a second answer of its own.
         """
         super().load_wsgi()
         app = self.wsgi
 
-        def closing_when_stopped(environ, start_response):
+        def closing_when_needed(environ, start_response):
+            req = getattr(self._request, "req", None)
+            if req is not None:
+                environ["wsgi.input"] = _ClosingOnError(environ["wsgi.input"], req)
+
             def start(status, headers, exc_info=None):
-                req = getattr(self._request, "req", None)
                 if not self.alive and req is not None:
                     req.force_close()
                 return start_response(status, headers, exc_info)
 
             return app(environ, start)
 
-        self.wsgi = closing_when_stopped
+        self.wsgi = closing_when_needed
+
+
+class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
+    """gthread, with the stop described in the module docstring."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._listening = True
 
     def handle_request(self, req, conn):  # in a pool thread
         self._request.req = req
@@ -224,6 +242,20 @@ class ThreadWorker(gthread.ThreadWorker):
             return super().handle_request(req, conn)
         finally:
             self._request.req = None
+
+    def _keepalive_after(self, conn, keepalive):
+        """gthread reads the rest of an answered request's body before the next request.
+
+        When that body's framing is broken (the app never read it), gunicorn
+        would write a 400 of its own after the app's answer: a second answer
+        to one request, which the client would take for the answer to its
+        next one. The connection is closed instead: nothing more on it can
+        be parsed.
+        """
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except (OSError, ParseException):
+            return False
 
     def set_accept_enabled(self, enabled: bool) -> None:
         """gthread calls this with False as its first step of the stop (main thread)."""
@@ -263,8 +295,53 @@ class ThreadWorker(gthread.ThreadWorker):
                 conn.timeout = min(conn.timeout, now + STOP_IDLE_LINGER)
 
 
-class SyncWorker(sync.SyncWorker):
+class UnreadableBody(OSError):
+    """The request body could not be read: broken framing, or the client left mid-body.
+
+    Raised instead of gunicorn's own parse errors (not all of them are
+    OSErrors), so the app can answer 400 without knowing the server.
+    """
+
+
+class _ClosingOnError:
+    """A request body that marks its connection for closing if it cannot be read."""
+
+    def __init__(self, body, req) -> None:
+        self._body = body
+        self._req = req
+
+    def _reading(self, method: str, *args):
+        try:
+            return getattr(self._body, method)(*args)
+        except (OSError, ParseException) as error:  # InvalidChunkSize, NoMoreData, InvalidHeader...
+            self._req.force_close()
+            raise UnreadableBody(str(error) or type(error).__name__) from error
+
+    def read(self, *args):
+        return self._reading("read", *args)
+
+    def readline(self, *args):
+        return self._reading("readline", *args)
+
+    def readlines(self, *args):
+        return self._reading("readlines", *args)
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def __getattr__(self, name: str):
+        return getattr(self._body, name)
+
+
+class SyncWorker(_ClosingApp, sync.SyncWorker):
     """sync (one request at a time, no keep-alive): drain the accept queue, then close."""
+
+    def handle_request(self, listener, req, client, addr):
+        self._request.req = req
+        try:
+            return super().handle_request(listener, req, client, addr)
+        finally:
+            self._request.req = None
 
     def run(self) -> None:
         super().run()  # returns once the stop is seen, after the request in hand
