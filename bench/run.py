@@ -8,12 +8,16 @@ harness as the end-to-end tests (tests/procset.py: honcho in a pseudo-terminal,
 Ctrl+C typed into it). Medians are reported with the ratio this/reference,
 and each target of the project is reported as met or not.
 
-Per set and round, three sessions:
+Per set and round, four sessions:
   1. start (time to the first finished job), /healthz rate, 1,000 zero-second
      jobs (submit rate, end-to-end rate), memory at rest, then an idle Ctrl+C;
   2. busy stop, short jobs: Ctrl+C with two jobs each needing under 1 s more;
      restart on the same data and count the jobs lost or failed;
-  3. busy stop, long jobs (12 s, more than the grace budget): the same.
+  3. busy stop, long jobs (12 s, more than the grace budget): the same;
+  4. busy stop under load: Ctrl+C while 32 clients post jobs and long-poll
+     them (bench/load.py --flow jobs); every request counted by outcome
+     (answered, refused, reset or dropped, 5xx), then a restart on the same
+     data and the accepted jobs lost or failed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ GRACE_SECONDS = 3.0  # the project's default SHUTDOWN_GRACE_SECONDS
 SHORT_JOB, SHORT_STOP_AFTER = 1.5, 0.8  # Ctrl+C with about 0.7 s of work left
 LONG_JOB, LONG_STOP_AFTER = 12.0, 1.0
 E2E_JOBS, CLIENTS = 1000, 16
+LOADED_CLIENTS, LOADED_SECONDS, LOADED_STOP_AFTER = 32, 6.0, 1.5
+DROPPED = ("reset", "closed", "truncated", "hung")  # bench/load.py outcomes: never acceptable
 HEALTHZ_SECONDS = 3.0
 STOP_TIMEOUT = 30.0
 TERMINAL = ("succeeded", "failed")
@@ -280,12 +286,59 @@ def measure_busy(spec: SetSpec, base: Path, job_seconds: float, stop_after: floa
     }
 
 
+def measure_loaded(spec: SetSpec, base: Path) -> dict[str, Any]:
+    """Ctrl+C while 32 clients post echo jobs and long-poll them; what became of every request and job."""
+    workdir = base / "loaded"
+    redis_port = free_port()
+    s = Session(spec, workdir, redis_port)
+    try:
+        s.start()
+        s.wait_first_job()
+        loader = subprocess.Popen(
+            [sys.executable, "-m", "bench.load", "--port", str(s.ps.port), "--flow", "jobs",
+             "--seconds", str(LOADED_SECONDS), "--concurrency", str(LOADED_CLIENTS), "--wait", "5"],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        time.sleep(LOADED_STOP_AFTER)  # the moment to stop, with the load flowing
+        stop = s.stop()
+        out, _ = loader.communicate(timeout=120)
+    finally:
+        s.ps.cleanup()
+    load = json.loads(out)
+    outcomes: dict[str, int] = {}
+    for counts in load["outcomes"].values():
+        for outcome, n in counts.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+
+    accepted = load["accepted"]
+    again = Session(spec, workdir, redis_port)
+    try:
+        again.start()
+        again.wait_first_job()
+        _, states = again.wait_terminal(accepted, timeout=30) if accepted else (0.0, {})
+        again.stop()
+    finally:
+        again.ps.cleanup()
+    return {
+        "stop_s": stop["seconds"],
+        "clean": stop["clean"],
+        "sigkills": stop["sigkills"],
+        "answered": sum(n for k, n in outcomes.items() if k.startswith("answered:")),
+        "refused": outcomes.get("refused", 0),
+        "dropped": sum(outcomes.get(k, 0) for k in DROPPED),
+        "5xx": sum(n for k, n in outcomes.items() if k.startswith("answered:5")),
+        "accepted": len(accepted),
+        "lost": sum(1 for v in states.values() if v not in TERMINAL),
+        "failed": sum(1 for v in states.values() if v == "failed"),
+    }
+
+
 def measure_round(spec: SetSpec, base: Path) -> dict[str, Any]:
     out = measure_rest(spec, base)
     for case, (job, after) in {"short": (SHORT_JOB, SHORT_STOP_AFTER),
                                "long": (LONG_JOB, LONG_STOP_AFTER)}.items():
         busy = measure_busy(spec, base, job, after)
         out.update({f"busy_{case}_{k}": v for k, v in busy.items()})
+    out.update({f"loaded_{k}": v for k, v in measure_loaded(spec, base).items()})
     return out
 
 
@@ -310,12 +363,21 @@ MEASURES = [
             "s", 2, True),
     Measure("busy_long_lost", "  jobs lost (of 2 per round, all rounds)", "", 0, True),
     Measure("busy_long_failed", "  jobs failed (of 2 per round, all rounds)", "", 0, True),
+    Measure("loaded_stop_s", f"busy stop under load ({LOADED_CLIENTS} clients posting and long-polling jobs,"
+            f" Ctrl+C after {LOADED_STOP_AFTER:g} s)", "s", 2, True),
+    Measure("loaded_dropped", "  requests reset or dropped (all rounds)", "", 0, True),
+    Measure("loaded_5xx", "  requests answered 5xx (all rounds)", "", 0, True),
+    Measure("loaded_refused", "  connections refused once stopping (all rounds)", "", 0, True),
+    Measure("loaded_lost", "  accepted jobs lost (all rounds)", "", 0, True),
+    Measure("loaded_failed", "  accepted jobs failed (all rounds)", "", 0, True),
     Measure("submit_rate", f"submit rate (POST /jobs, {CLIENTS} clients)", "/s", 0, False),
     Measure("e2e_rate", f"end-to-end rate ({E2E_JOBS:,} zero-second jobs)", "/s", 0, False),
     Measure("healthz_rps", f"GET /healthz ({CLIENTS} clients)", "/s", 0, False),
     Measure("pss_mib", "memory of the whole set at rest (PSS)", "MiB", 1, True),
 ]
-COUNTS = {"busy_short_lost", "busy_short_failed", "busy_long_lost", "busy_long_failed"}
+COUNTS = {"busy_short_lost", "busy_short_failed", "busy_long_lost", "busy_long_failed",
+          "loaded_dropped", "loaded_5xx", "loaded_refused", "loaded_lost", "loaded_failed",
+          "loaded_accepted", "loaded_answered"}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, float]:
@@ -351,6 +413,15 @@ def targets(this: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
             f" {this['busy_long_failed']} failed"
             f" (reference: {ref['busy_long_lost']} lost, {ref['busy_long_failed']} failed)",
             this["busy_long_stop_s"] <= long_limit and long_bad == 0),
+        row("busy stop under load: no request reset, dropped or 5xx, no accepted job lost or failed,"
+            " no SIGKILL",
+            f"{this['loaded_stop_s']:.2f} s, {this['loaded_dropped']} dropped, {this['loaded_5xx']} 5xx,"
+            f" {this['loaded_lost']} lost, {this['loaded_failed']} failed of {this['loaded_accepted']},"
+            f" {this['loaded_sigkills']} SIGKILL (reference: {ref['loaded_dropped']} dropped,"
+            f" {ref['loaded_5xx']} 5xx, {ref['loaded_lost']} lost, {ref['loaded_failed']} failed"
+            f" of {ref['loaded_accepted']})",
+            this["loaded_dropped"] + this["loaded_5xx"] + this["loaded_lost"] + this["loaded_failed"]
+            + this["loaded_sigkills"] == 0),
         row("start to ready within 1.2x the reference",
             f"{this['start_s']:.2f} s vs {ref['start_s']:.2f} s ({this['start_s'] / ref['start_s']:.2f}x)",
             this["start_s"] <= 1.2 * ref["start_s"]),
@@ -405,7 +476,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{report['medians'][key][f'pss_{r}_mib']:.1f}"
                                                    for r in ROLES) + " |")
     kills = {k: v["idle_stop_sigkills"] + v["busy_short_sigkills"] + v["busy_long_sigkills"]
-             for k, v in report["medians"].items()}
+             + v["loaded_sigkills"] for k, v in report["medians"].items()}
     lines += ["", f"honcho had to SIGKILL: this set {kills['project']} times, the reference"
               f" {kills['reference']} times, over all timed stops.", "",
               "| target | figure | met |", "|---|---|---|"]

@@ -94,7 +94,9 @@ def test_load_against_nothing_reports_connection_errors() -> None:
 def figures(**overrides: float) -> dict:
     base = {"start_s": 1.0, "idle_stop_s": 0.5, "busy_short_stop_s": 1.0, "busy_short_remaining_s": 0.7,
             "busy_long_stop_s": 3.4, "busy_long_lost": 0, "busy_long_failed": 0, "e2e_rate": 500.0,
-            "submit_rate": 800.0, "pss_mib": 250.0}
+            "submit_rate": 800.0, "pss_mib": 250.0, "loaded_stop_s": 0.5, "loaded_dropped": 0,
+            "loaded_5xx": 0, "loaded_lost": 0, "loaded_failed": 0, "loaded_accepted": 600,
+            "loaded_sigkills": 0}
     return base | overrides
 
 
@@ -103,8 +105,8 @@ def verdicts(this: dict, ref: dict) -> list[bool]:
 
 
 def test_targets_met_when_every_figure_is_inside_its_bound() -> None:
-    ref = figures(idle_stop_s=1.0, busy_long_lost=2, pss_mib=240.0, start_s=1.5)
-    assert verdicts(figures(), ref) == [True] * 7
+    ref = figures(idle_stop_s=1.0, busy_long_lost=2, pss_mib=240.0, start_s=1.5, loaded_dropped=32)
+    assert verdicts(figures(), ref) == [True] * 8
 
 
 @pytest.mark.parametrize(("override", "index"), [
@@ -112,10 +114,15 @@ def test_targets_met_when_every_figure_is_inside_its_bound() -> None:
     ({"busy_short_stop_s": 1.21}, 1),              # 0.51 s after the work was done
     ({"busy_long_stop_s": 3.51}, 2),               # past grace 3 s + 0.5 s
     ({"busy_long_lost": 1}, 2),                    # fast but lost a job
-    ({"start_s": 1.81}, 3),                        # > 1.2 x 1.5 s
-    ({"e2e_rate": 499.0}, 4),
-    ({"submit_rate": 799.0}, 5),
-    ({"pss_mib": 264.1}, 6),                       # > 1.1 x 240 MiB
+    ({"loaded_dropped": 1}, 3),                    # one request reset under load
+    ({"loaded_5xx": 1}, 3),
+    ({"loaded_lost": 1}, 3),
+    ({"loaded_failed": 1}, 3),
+    ({"loaded_sigkills": 1}, 3),
+    ({"start_s": 1.81}, 4),                        # > 1.2 x 1.5 s
+    ({"e2e_rate": 499.0}, 5),
+    ({"submit_rate": 799.0}, 6),
+    ({"pss_mib": 264.1}, 7),                       # > 1.1 x 240 MiB
 ])
 def test_each_target_is_missed_just_past_its_bound(override: dict, index: int) -> None:
     ref = figures(idle_stop_s=1.0, pss_mib=240.0, start_s=1.5)
@@ -151,3 +158,49 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
 ])
 def test_each_process_is_counted_in_its_part_of_the_set(cmdline: list[str], role: str) -> None:
     assert run.role_of(cmdline) == role
+
+
+# -- the stop-under-load client (bench/load.py --flow jobs) ------------------------
+
+
+def test_jobs_flow_posts_then_long_polls_each_job(server: int) -> None:
+    result = load(server, "--flow", "jobs", "--count", "20", "--concurrency", "4", "--wait", "2")
+    assert result["outcomes"] == {"POST": {"answered:202": 20}, "GET": {"answered:200": 20}}
+    assert sorted(result["accepted"]) == sorted(f"job-{n}" for n in range(20))
+    assert Handler.seen == ["echo"] * 20
+    assert result["events"] == []
+
+
+def test_jobs_flow_against_nothing_counts_refused_connections() -> None:
+    result = load(run.free_port(), "--flow", "jobs", "--seconds", "0.3", "--concurrency", "2")
+    assert set(result["outcomes"]["POST"]) == {"refused"}, result
+    assert result["accepted"] == [] and all(e[2] == "refused" for e in result["events"])
+
+
+@pytest.mark.parametrize(("how", "outcome"), [("close", "closed"), ("reset", "reset")])
+def test_jobs_flow_tells_a_dropped_request_from_a_reset_one(how: str, outcome: str) -> None:
+    """A server that reads the request, then closes (FIN) or aborts (RST) without answering."""
+    import socket
+    import struct
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            if how == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        result = load(listener.getsockname()[1], "--flow", "jobs", "--count", "5", "--concurrency", "1")
+    finally:
+        listener.close()
+    assert result["outcomes"] == {"POST": {outcome: 5}}, result
