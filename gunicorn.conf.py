@@ -47,6 +47,7 @@ SHARED_MODULES = ("flask", "sqlalchemy.dialects.sqlite", "app.api", "tasks.jobs"
 # -- shutdown --------------------------------------------------------------
 graceful_timeout = math.ceil(_settings.shutdown_grace_seconds)  # budget shared with the worker
 keepalive = 2
+CLOSE_BUDGET = 1.0  # for the registry at exit: every connection closed, or given up, within it
 
 # -- logging ---------------------------------------------------------------
 logconfig_dict = logs.LOGGING
@@ -108,7 +109,7 @@ def worker_exit(server, worker):
     """
     if os.getpid() != worker.pid:
         return
-    shutdown.current().close_all()
+    shutdown.current().close_all(budget=CLOSE_BUDGET)
     leaving = sys.exc_info()[1]
     if isinstance(leaving, SystemExit):
         code = leaving.code if isinstance(leaving.code, int) else int(leaving.code is not None)
@@ -119,4 +120,4 @@ def worker_exit(server, worker):
 
 def on_exit(server):
     """Master, last thing before exit."""
-    shutdown.current().close_all()
+    shutdown.current().close_all(budget=CLOSE_BUDGET)

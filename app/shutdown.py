@@ -153,6 +153,10 @@ class ShutdownRegistry:
         elapsed = self._clock() - started
         if thread.is_alive():
             log.error("closing %s timed out after %.1f s; abandoned", handler.name, timeout)
+            frame = sys._current_frames().get(thread.ident or 0)
+            if frame is not None:
+                stack = "".join(traceback.format_stack(frame)).rstrip()
+                log.error("closing %s was stuck here:\n%s", handler.name, stack)
             return Outcome(handler.name, "timed out", elapsed)
         if errors:
             log.error("closing %s failed: %r", handler.name, errors[0],

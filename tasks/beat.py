@@ -20,6 +20,9 @@ from celery.beat import PersistentScheduler
 from app import logs, shutdown
 from tasks.celery_app import celery_app
 
+#: The schedule store's sync and the broker connection's close, together, at most.
+CLOSE_BUDGET = 1.0
+
 
 class Scheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
@@ -37,7 +40,7 @@ class Scheduler(PersistentScheduler):
             _first_only(signum, registry)
 
     def close(self) -> None:
-        shutdown.current().close_all()
+        shutdown.current().close_all(budget=CLOSE_BUDGET)
 
 
 def _first_only(signum: int, registry: shutdown.ShutdownRegistry) -> None:

@@ -149,6 +149,8 @@ def test_a_hanging_handler_is_abandoned_after_its_timeout_and_the_others_still_r
             ("last", "closed"), ("stuck", "timed out"), ("first", "closed")]
         assert "closing stuck timed out after 0.2 s; abandoned" in messages(shutdown_logs)
         assert "closed stuck" not in " ".join(messages(shutdown_logs))
+        (where,) = [m for m in messages(shutdown_logs) if m.startswith("closing stuck was stuck here:")]
+        assert "in hang" in where and "release.wait()" in where  # the stack of the stuck close
     finally:
         release.set()
 
