@@ -137,3 +137,91 @@ def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema) -> No
     with lease.held(kept, attempt, period):
         assert _wait_past(kept, start) is not None, "the lease thread died"
     assert ledger.get(lost)["status"] == "queued"
+
+
+# -- the lease keeper and the run under faults (issue 7) -------------------------------------------
+
+
+def unreachable(what: str = "connection refused") -> Exception:
+    """What SQLAlchemy raises when the database server is away."""
+    import psycopg
+    from sqlalchemy import exc
+
+    return exc.OperationalError("UPDATE jobs ...", {}, psycopg.OperationalError(what))
+
+
+def test_a_renewal_that_raises_does_not_stop_later_renewals(schema, monkeypatch) -> None:
+    period = 1.0  # renewed every period / 3; a failed renewal is retried sooner
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    attempt = ledger.claim(job_id, lease=period, max_attempts=5)["attempts"]
+    real_renew, failures = ledger.renew, []
+
+    def flaky_renew(*args, **kwargs):
+        if len(failures) < 2:  # the database is away for the first two renewals
+            failures.append(1)
+            raise unreachable()
+        return real_renew(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "renew", flaky_renew)
+    lease = jobs._Lease()
+    start = _lease_until(job_id)
+    with lease.held(job_id, attempt, period):
+        assert _wait_past(job_id, start, timeout=10) is not None, "the lease keeper died"
+    assert len(failures) == 2
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_row_alone(schema, monkeypatch) -> None:
+    import threading
+
+    monkeypatch.setenv("JOB_LEASE_SECONDS", "1")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    started, completed = threading.Event(), []
+
+    def long_job(args: EchoArgs) -> None:
+        started.set()
+        time.sleep(10)
+        completed.append(True)
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+
+    def take_over() -> None:  # what the sweeper does once it is sure the first run is gone
+        assert started.wait(5)
+        with db.get_engine().begin() as conn:
+            conn.execute(ledger.jobs.update().where(ledger.jobs.c.id == job_id)
+                         .values(attempts=ledger.jobs.c.attempts + 1))
+
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    try:
+        run(job_id)
+    finally:
+        thief.join()
+        signal.signal(signal.SIGUSR2, previous)
+    assert completed == []  # stopped, not run to its end beside the new run
+    job = ledger.get(job_id)
+    assert (job["status"], job["attempts"], job["result"]) == ("running", 2, None)
+
+
+def test_a_shutdown_of_a_run_no_longer_in_the_ledger_is_not_logged_as_handed_back(schema, monkeypatch,
+                                                                                   caplog) -> None:
+    def long_job(args: EchoArgs) -> None:
+        job = ledger.get(job_id)
+        ledger.fail(job_id, job["attempts"], "failed meanwhile")  # e.g. by a parallel run
+        os.kill(os.getpid(), signal.SIGUSR2)
+        raise AssertionError("the job was not interrupted")
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    try:
+        with pytest.raises(Reject):
+            run(job_id)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert ledger.get(job_id)["status"] == "failed"
+    assert "handed back to the queue" not in caplog.text
+    assert f"job {job_id}" in caplog.text and "not handed back" in caplog.text
