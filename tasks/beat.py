@@ -47,6 +47,18 @@ class Scheduler(PersistentScheduler):
         for signum in (signal.SIGTERM, signal.SIGINT):
             _first_only(signum, registry)
 
+    @property
+    def producer(self) -> None:
+        """No producer of beat's own: its one entry sends no message (the sweep runs in beat).
+
+        Celery's scheduler opens one on the first due entry and retries its
+        connection for as long as the broker is down or refusing writes
+        (``broker_connection_max_retries=None``), with beat's loop, and so
+        the sweep, stalled meanwhile. The sweeper publishes through the app's
+        producer pool instead, closed with "celery broker connections".
+        """
+        return None
+
     def apply_entry(self, entry, producer=None) -> None:
         """The sweep's entry wakes beat's sweeper thread; any other entry is sent as usual."""
         if entry.task != sweeper.TASK_NAME:

@@ -69,6 +69,7 @@ class Relay:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._pending: collections.deque[str] = collections.deque()
+        self._down_since = 0.0  # when the first job still held was handed over
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -82,6 +83,8 @@ class Relay:
 
     def add(self, job_id: str) -> None:
         with self._lock:
+            if not self._pending:
+                self._down_since = time.monotonic()
             self._pending.append(job_id)
         self._wake.set()
 
@@ -96,7 +99,6 @@ class Relay:
             log.warning("%d job(s) still unpublished at stop; beat's sweeper publishes them", left)
 
     def _run(self) -> None:
-        down_since: float | None = None
         sent = 0
         while not self._stop.is_set():
             with self._lock:
@@ -107,8 +109,6 @@ class Relay:
                 # Whoever handed us a job has just seen the broker fail (or knows it is down).
                 self._stop.wait(RELAY_RETRY_SECONDS)
                 continue
-            if down_since is None:
-                down_since = time.monotonic()
             published = []
             for job_id in batch:
                 if self._stop.is_set():
@@ -131,9 +131,9 @@ class Relay:
             if len(published) < len(batch):
                 self._stop.wait(RELAY_RETRY_SECONDS)
             elif not self.holding():
-                log.warning("broker back: published %d job(s) stored while it was down (%.1f s)",
-                            sent, time.monotonic() - down_since)
-                down_since, sent = None, 0
+                log.warning("broker back: published %d job(s) stored while it was down (for %.1f s)",
+                            sent, time.monotonic() - self._down_since)
+                sent = 0
 
 
 _relay: Relay | None = None
