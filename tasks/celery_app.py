@@ -28,6 +28,8 @@ celery_app.conf.update(
     # An outage of any length must not end the worker (Celery's default: give up after 100
     # reconnection attempts, about 50 minutes, and exit, which stops the whole set under honcho).
     broker_connection_max_retries=None,
+    # ... and a broker that is back is found again within 2 s (tasks/consumer.py).
+    worker_consumer="tasks.consumer:Consumer",
     # Publishing (POST /jobs, the sweeper) tries the broker once instead of retrying for about
     # 6 s: a job whose publish fails is stored anyway and published by the outbox relay
     # (tasks/outbox.py). The socket timeouts bound a connect to, and a command on, a broker

@@ -142,6 +142,7 @@ def test_a_postgres_outage_answers_503_and_runs_no_job_twice(procset: ProcessSet
         answers["GET /readyz"].append(ps.http("GET", "/readyz", timeout=15))
         time.sleep(0.3)  # pacing
     postgres.start()
+    back = time.monotonic()
 
     for name in ("POST /jobs", "GET /jobs/<id>", "long poll"):
         assert statuses(answers[name]) == {503: len(answers[name])}, (name, answers[name])
@@ -155,6 +156,7 @@ def test_a_postgres_outage_answers_503_and_runs_no_job_twice(procset: ProcessSet
     while ps.http("GET", "/readyz").status != 200:
         assert time.monotonic() < deadline, ps.output
         time.sleep(0.1)
+    ready_after = time.monotonic() - back
     after = [ps.submit("sleep", seconds=5) for _ in range(2)]
     jobs = {job_id: finished(ps, job_id) for job_id in (spans, ends_inside, waiting, *after)}
     assert {j["status"] for j in jobs.values()} == {"succeeded"}, jobs
@@ -167,6 +169,10 @@ def test_a_postgres_outage_answers_503_and_runs_no_job_twice(procset: ProcessSet
     log = postgres.log_text()
     assert "unexpected EOF on client connection" not in log, log
     assert "could not receive data from client" not in log, log
+    print(f"\nPostgreSQL outage of 10 s: answers {({k: statuses(v) for k, v in answers.items()})}; "
+          f"ready {ready_after:.1f} s after the server was back; {len(jobs)} jobs, attempts "
+          f"{sorted(j['attempts'] for j in jobs.values())}; 'unexpected EOF' in its log: "
+          f"{log.count('unexpected EOF')}")
 
 
 def test_a_redis_outage_delays_no_answer_and_no_job(procset: ProcessSet, external_redis: RedisServer) -> None:
@@ -187,12 +193,15 @@ def test_a_redis_outage_delays_no_answer_and_no_job(procset: ProcessSet, externa
         ready.append(ps.http("GET", "/readyz"))
         time.sleep(0.5)  # pacing
     external_redis.start()
+    back = time.monotonic()
 
     assert statuses(posted) == {202: len(posted)}, posted  # 0: the client gave up waiting
     assert all(r.status == 503 and "broker: no answer" in r.body["reasons"] for r in ready), ready
     for n, answer in enumerate(posted):
         job = finished(ps, answer.body["id"], timeout=45)
         assert (job["status"], job["result"], job["attempts"]) == ("succeeded", n, 1), (job, ps.output)
+    print(f"\nRedis outage of 6 s: POST {statuses(posted)}, /readyz {statuses(ready)}; the {len(posted)} "
+          f"jobs stored meanwhile all succeeded {time.monotonic() - back:.1f} s after Redis was back")
 
     rc, _ = ps.stop_and_wait("ctrl_c")
     assert_clean_stop(ps, rc, 130, nothing_to_close=("broker",))
