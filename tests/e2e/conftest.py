@@ -23,9 +23,5 @@ def procset(tmp_path: Path) -> Iterator[ProcessSet]:
     ps = make()
     ps.make = make  # type: ignore[attr-defined]  # another set on the same var/
     yield ps
-    import os
-    if os.environ.get("DUMP_SET_OUTPUT"):
-        for each in started:
-            print("=" * 30, "set output\n" + each.output)
     for each in started:
         each.cleanup()

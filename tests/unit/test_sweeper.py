@@ -136,3 +136,42 @@ def test_the_relay_stops_with_its_process_and_leaves_the_marks(publish) -> None:
 
     assert not outbox._relay._thread.is_alive()
     assert ledger.get(job_id)["unpublished_since"] is not None  # for beat's sweeper
+
+
+# -- beat's side ----------------------------------------------------------------------------------
+
+
+def test_beat_hands_the_sweep_entry_to_its_sweeper_thread_and_sends_nothing(caplog) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from tasks.beat import Scheduler
+
+    woken = []
+    scheduler = object.__new__(Scheduler)  # no store, no broker: only the routing is under test
+    scheduler.sweeper = SimpleNamespace(wake=lambda: woken.append(True))
+    entry = SimpleNamespace(name="requeue-stranded-jobs", task=sweeper.TASK_NAME)
+
+    with caplog.at_level(logging.INFO):
+        scheduler.apply_entry(entry, producer=scheduler.producer)
+
+    assert woken == [True]
+    assert scheduler.producer is None  # beat opens no broker connection of its own
+    assert "Sending due task requeue-stranded-jobs" in caplog.text
+
+
+def test_a_schedule_store_that_cannot_be_written_does_not_stop_beat(caplog) -> None:
+    import errno
+
+    from tasks.beat import Scheduler
+
+    class FullDisk:
+        def sync(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    scheduler = object.__new__(Scheduler)
+    scheduler._store = FullDisk()
+
+    scheduler.sync()  # beat's loop goes on
+
+    assert "schedule store not saved" in caplog.text
