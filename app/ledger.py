@@ -115,8 +115,9 @@ def ensure_schema() -> None:
     except exc.DBAPIError:  # another process created it between check and CREATE
         if not inspect(engine).has_table(jobs.name):
             raise
+    present = _column_names(engine)
     for name in ADDED_COLUMNS:
-        if name in _column_names(engine):
+        if name in present:
             continue
         kind = jobs.c[name].type.compile(dialect=engine.dialect)
         try:

@@ -26,7 +26,8 @@ celery_app.conf.update(
     broker_url=settings.broker_url,
     broker_connection_retry_on_startup=True,
     # An outage of any length must not end the worker (Celery's default: give up after 100
-    # reconnection attempts, about 50 minutes, and exit, which stops the whole set under honcho).
+    # reconnection attempts and exit, which stops the whole set under honcho; at the pace of
+    # tasks/consumer.py, 100 attempts are about 3 minutes) ...
     broker_connection_max_retries=None,
     # ... and a broker that is back is found again within 2 s (tasks/consumer.py).
     worker_consumer="tasks.consumer:Consumer",

@@ -81,7 +81,7 @@ class PostgresServer:
     def stop(self, *, fast: bool = False) -> None:
         """Smart shutdown (waits for clients to leave), or fast: ends every session at once (an outage)."""
         if self.proc and self.proc.poll() is None:
-            # To the postmaster itself: as root, self.proc is runuser, which forwards SIGTERM only.
+            # To the postmaster itself: as root, self.proc is runuser, which does not pass SIGINT on.
             try:
                 postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
                 os.kill(postmaster, signal.SIGINT if fast else signal.SIGTERM)
