@@ -256,7 +256,10 @@ def _hand_back(job_id: str, attempt: int) -> None:
     if handed:
         log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)", job_id, attempt)
         raise Reject("handed back by shutdown", requeue=True)
-    job = ledger.get(job_id) or {}
+    try:
+        job = ledger.get(job_id) or {}
+    except Exception:  # noqa: BLE001 - only for the log line
+        job = {}
     log.warning("job %s: attempt %d interrupted by shutdown; not handed back: the ledger shows it %s "
                 "(attempt %s), no longer this run's", job_id, attempt, job.get("status"), job.get("attempts"))
     raise Reject("interrupted by shutdown; the job is no longer this run's", requeue=False)
