@@ -93,6 +93,7 @@ def test_a_full_disk_is_a_clear_answer_and_the_set_carries_on(small_disk: Path, 
         assert time.monotonic() < deadline and ps.proc.poll() is None, ps.output
         time.sleep(0.1)
     filler.unlink()  # space is back
+    back = time.monotonic()
 
     after = ps.submit("echo", value="after")  # accepted and run again
     job = ps.job(after, wait=30)
@@ -101,6 +102,7 @@ def test_a_full_disk_is_a_clear_answer_and_the_set_carries_on(small_disk: Path, 
     assert (job["status"], job["result"]) == ("succeeded", "after"), (job, ps.output)
     job = ps.job(running, wait=30)
     assert (job["status"], job["attempts"]) == ("succeeded", 1), (job, ps.output)
+    recovered = time.monotonic() - back
     stopped = [line for line in ps.output.splitlines() if " stopped (rc=" in line]
     assert not stopped, ps.output  # no process of the set exited
 
@@ -110,6 +112,8 @@ def test_a_full_disk_is_a_clear_answer_and_the_set_carries_on(small_disk: Path, 
         assert "disk" in answer.body["error"]["message"], answer
     assert ready.status == 503, ready
     assert any("disk" in reason for reason in ready.body["reasons"]), ready
+    print(f"\nFull disk: POST {[a.status for a in refused]}, /readyz {ready.status} {ready.body['reasons']}; "
+          f"a new job and the one running meanwhile succeeded {recovered:.1f} s after space was freed")
 
     rc, _ = ps.stop_and_wait("ctrl_c")
     assert_clean_stop(ps, rc, 130)
