@@ -112,7 +112,7 @@ def test_submit_accepts_a_sleep_job_and_publishes_its_id(client, publish):
 
 
 def test_submit_publishes_without_kombu_retries(client, publish):
-    # A down broker must not stall the request: the sweeper republishes instead.
+    # A down broker must not stall the request: the outbox relay republishes instead.
     submit(client)
 
     [(_, kwargs)] = publish.calls
