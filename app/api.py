@@ -1,4 +1,11 @@
-"""The HTTP API: health, readiness and jobs. Shapes are a contract; keep them."""
+"""The HTTP API: health, readiness and jobs. Shapes are a contract; keep them.
+
+Outages are answers, not crashes (issue 7): a database that cannot be reached
+is a 503 and a full disk under it a 507, each a JSON error with
+``Retry-After`` (app/outages.py decides which is which); ``/readyz`` names
+the reason. A broker that is down costs a ``POST /jobs`` nothing: the job
+is stored and published when the broker is back (tasks/outbox.py).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +25,10 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
-from app import broker, ledger, shutdown
+from app import broker, ledger, outages, shutdown
+from app.config import get_settings
 from app.db import get_engine
-from tasks.jobs import run_job
+from tasks import outbox
 from tasks.kinds import KINDS
 
 log = logging.getLogger("api")
@@ -29,6 +37,8 @@ bp = Blueprint("api", __name__)
 MAX_WAIT_SECONDS = 30
 POLL_SECONDS = 0.05
 MAX_JSON_DEPTH = 64
+#: Retry-After of a 503 or 507 for a database outage, in seconds.
+RETRY_AFTER_SECONDS = 5
 
 
 class JobRequest(BaseModel):
@@ -102,7 +112,11 @@ def readyz() -> tuple[dict[str, Any], int]:
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        reasons.append(f"database: {type(exc).__name__}")
+        kind = outages.database_outage(exc)
+        reasons.append(f"database: {type(exc).__name__}" + (f" ({kind})" if kind else ""))
+    disk = outages.disk_problem(get_settings().data_dir)
+    if disk:
+        reasons.append(disk)
     if not broker.ping():
         reasons.append("broker: no answer")
     if reasons:
@@ -125,12 +139,9 @@ def submit_job() -> tuple[Response, int]:
     except ValidationError as error:
         raise BadRequest(f"args: {_problem(error)}") from None
 
-    job = ledger.create(job_request.task, args)
-    try:
-        run_job.apply_async(args=[job["id"]], retry=False)
-    except Exception:  # noqa: BLE001 - the row is stored; the sweeper republishes it
-        log.warning("job %s stored but not published; the sweeper will queue it", job["id"],
-                    exc_info=True)
+    marked = outbox.broker_known_down()  # then the relay publishes it; no wait for the broker here
+    job = ledger.create(job_request.task, args, unpublished=marked)
+    outbox.send(job["id"], marked=marked)
     response = jsonify(ledger.public(job))
     response.headers["Location"] = url_for("api.get_job", job_id=job["id"])
     return response, 202
@@ -163,6 +174,14 @@ def http_error(error: HTTPException) -> tuple[Response, int]:
 
 @bp.app_errorhandler(Exception)
 def server_error(error: Exception) -> tuple[Response, int]:
-    """A bug or an outage, never a client's mistake: logged, answered as JSON."""
-    log.exception("unhandled error", exc_info=error)
-    return jsonify({"error": {"status": 500, "message": "internal error"}}), 500
+    """An outage (503, 507: logged in one line, the client told when to retry) or a bug (500)."""
+    kind = outages.database_outage(error)
+    if kind is None:
+        log.exception("unhandled error", exc_info=error)
+        return jsonify({"error": {"status": 500, "message": "internal error"}}), 500
+    code = 507 if kind == outages.DISK_FULL else 503
+    log.warning("%s %s: %d, database %s (%s)", request.method, request.path, code, kind,
+                type(getattr(error, "orig", None) or error).__name__)
+    response = jsonify({"error": {"status": code, "message": outages.describe(kind)}})
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response, code

@@ -21,6 +21,13 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from app import shutdown
 from app.config import get_settings
 
+#: How long opening a PostgreSQL connection may take (libpq's minimum is 2 s).
+CONNECT_TIMEOUT_SECONDS = 2
+#: How long data sent to PostgreSQL may stay unacknowledged before the connection is dropped.
+TCP_USER_TIMEOUT_MS = 5000
+#: How long a thread waits for a free pooled connection (SQLAlchemy's default: 30 s).
+POOL_TIMEOUT_SECONDS = 5
+
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _write_lock = threading.Lock()
@@ -66,7 +73,15 @@ def _create(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # An unreachable server must cost a request seconds, not minutes: psycopg's default is to
+    # wait for the OS's TCP connect timeout (about two minutes for a host that drops packets),
+    # and a server that vanished without a reset leaves a pooled connection's ping waiting for
+    # TCP to give up (about 15 minutes); tcp_user_timeout ends it when sent data goes unacked.
+    # A refused or reset connection fails at once either way (app/outages.py makes it a 503).
+    connect_args = ({"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": TCP_USER_TIMEOUT_MS}
+                    if url.startswith("postgresql") else {})
+    return create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_SECONDS,
+                         connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:

@@ -76,6 +76,11 @@ def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--save", "60 1",
+        # The AOF is the persistence that matters; an RDB snapshot that fails (disk full) must not
+        # stop writes too (Redis's default), or the set stays stuck after space is back until the
+        # next snapshot succeeds. A failed AOF write still refuses writes (MISCONF) until one
+        # succeeds: the clients treat that as a lost connection and retry (app/outages.py).
+        "--stop-writes-on-bgsave-error", "no",
         "--loglevel", "warning",
         "--logfile", str(data_dir / "redis" / "redis.log"),
         "--daemonize", "no",

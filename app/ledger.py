@@ -4,14 +4,23 @@ The ledger, not the broker, is the source of truth. A 202 from the API means
 the row is committed; the queue message only says "look at job X". That is
 what makes shutdown safe:
 
-* a task claims its job with one conditional UPDATE, so a message delivered
-  twice (handed back, restored after a crash, republished by the sweeper)
-  runs the job at most once at a time and never after it finished;
+* a task claims its job with one conditional UPDATE, and only a ``queued``
+  job can be claimed, so a message delivered twice (handed back, restored
+  after a crash, republished by the sweeper) runs the job at most once at a
+  time and never after it finished;
 * ``attempts`` is a fencing token: a stale run cannot overwrite a newer one;
 * a run ended by a shutdown is *handed back* (``running`` -> ``queued``, the
   attempt not counted), never marked failed;
-* a job stranded past its lease (message lost, worker SIGKILLed) is found by
-  the beat sweeper and queued again.
+* only the sweeper (beat, tasks/sweeper.py) takes a ``running`` job back, and
+  only once it has seen the lease lapsed on two sweeps at least a renewal
+  period apart (``lapsed_at``). A run that is alive but could not renew
+  (the database was away longer than the lease) renews as soon as it can
+  and clears the mark in between, so an outage never starts a second run
+  beside the first: the hazard that ran jobs five times in parallel and
+  failed them (issue 7);
+* the row is the outbox: a job whose message could not be published (broker
+  down) carries ``unpublished_since`` until it is, and the sweeper
+  republishes such jobs at once, not after ``JOB_QUEUED_LEASE_SECONDS``.
 
 Times are naive UTC datetimes, which SQLite and PostgreSQL both store as is.
 """
@@ -35,8 +44,8 @@ from sqlalchemy import (
     bindparam,
     exc,
     inspect,
-    or_,
     select,
+    text,
     update,
 )
 
@@ -61,7 +70,14 @@ jobs = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("lease_until", DateTime),
+    # Issue 7; both added to an existing table by ensure_schema().
+    Column("lapsed_at", DateTime),  # when a sweep first saw the running job's lease lapsed
+    Column("unpublished_since", DateTime),  # queued, but its message is not on the broker yet
 )
+ADDED_COLUMNS = ("lapsed_at", "unpublished_since")
+
+#: The lease keeper renews a running job's lease this many times per lease (tasks/jobs.py).
+RENEWALS_PER_LEASE = 3
 
 PUBLIC_FIELDS = ("id", "task", "args", "status", "attempts", "result", "error",
                  "created_at", "started_at", "finished_at")
@@ -71,9 +87,7 @@ _schema_ready_pid: int | None = None
 # The hot path (every job: create, claim, succeed; every poll: get) runs
 # statements built once, with bound parameters: building a statement and its
 # cache key on each call cost more CPU than SQLite's execution of it.
-_RUNNABLE = and_(jobs.c.id == bindparam("p_id"),
-                 or_(jobs.c.status == QUEUED,
-                     and_(jobs.c.status == RUNNING, jobs.c.lease_until < bindparam("p_now"))))
+_RUNNABLE = and_(jobs.c.id == bindparam("p_id"), jobs.c.status == QUEUED)
 _FENCED = and_(jobs.c.id == bindparam("p_id"), jobs.c.status == RUNNING,
                jobs.c.attempts == bindparam("p_attempt"))
 _GET = select(jobs).where(jobs.c.id == bindparam("p_id"))
@@ -81,7 +95,8 @@ _CREATE = jobs.insert()
 # One statement on the common path: UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
 _CLAIM = (update(jobs).where(_RUNNABLE, jobs.c.attempts < bindparam("p_max"))
           .values(status=RUNNING, attempts=jobs.c.attempts + 1, started_at=bindparam("p_now"),
-                  finished_at=None, lease_until=bindparam("p_until"))
+                  finished_at=None, lease_until=bindparam("p_until"), lapsed_at=None,
+                  unpublished_since=None)
           .returning(*jobs.columns))
 _SUCCEED = update(jobs).where(_FENCED).values(status=SUCCEEDED, result=bindparam("p_result"),
                                               error=None, finished_at=bindparam("p_now"),
@@ -93,19 +108,37 @@ def utcnow() -> datetime:
 
 
 def ensure_schema() -> None:
-    """Create the table if missing; every process may race to do it at start."""
+    """Create the table if missing, add columns it lacks; every process may race to do it at start."""
     engine = db.get_engine()
     try:
         metadata.create_all(engine)
     except exc.DBAPIError:  # another process created it between check and CREATE
         if not inspect(engine).has_table(jobs.name):
             raise
+    present = _column_names(engine)
+    for name in ADDED_COLUMNS:
+        if name in present:
+            continue
+        kind = jobs.c[name].type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {jobs.name} ADD COLUMN {name} {kind}"))
+        except exc.DBAPIError:  # another process added it first
+            if name not in _column_names(engine):
+                raise
 
 
-def create(task: str, args: dict[str, Any]) -> dict[str, Any]:
+def _column_names(engine) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns(jobs.name)}
+
+
+def create(task: str, args: dict[str, Any], *, unpublished: bool = False) -> dict[str, Any]:
+    """Store a new queued job; ``unpublished`` when its message cannot be published now."""
     now = utcnow()
     row = {"id": uuid.uuid4().hex, "task": task, "args": args, "status": QUEUED,
            "attempts": 0, "created_at": now, "queued_at": now}
+    if unpublished:
+        row["unpublished_since"] = now
     with db.transaction() as conn:
         conn.execute(_CREATE, row)
     return {column.name: None for column in jobs.columns} | row
@@ -120,8 +153,10 @@ def get(job_id: str) -> dict[str, Any] | None:
 def claim(job_id: str, *, lease: float, max_attempts: int) -> dict[str, Any] | None:
     """Start a run of the job; None when it is not runnable (finished, or running elsewhere).
 
-    Runnable means queued, or running with an expired lease (its worker died).
-    A job out of attempts is marked failed instead.
+    Runnable means queued. A running job is never claimed, even past its
+    lease: its run may be alive and unable to renew (a database outage).
+    The sweeper decides when it is dead (:func:`sweep_stranded`). A job out
+    of attempts is marked failed instead.
     """
     now = utcnow()
     params = {"p_id": job_id, "p_now": now, "p_max": max_attempts,
@@ -145,7 +180,9 @@ def _fenced_update(statement, job_id: str, attempt: int, **params: Any) -> bool:
 
 
 def renew(job_id: str, attempt: int, *, lease: float) -> bool:
-    return _fenced_update(update(jobs).where(_FENCED).values(lease_until=bindparam("p_until")),
+    """Extend this run's lease (and clear a sweep's lapse mark); False when the run is no longer the job's."""
+    return _fenced_update(update(jobs).where(_FENCED).values(lease_until=bindparam("p_until"),
+                                                              lapsed_at=None),
                           job_id, attempt, p_until=utcnow() + timedelta(seconds=lease))
 
 
@@ -162,26 +199,57 @@ def hand_back(job_id: str, attempt: int) -> bool:
     """A shutdown interrupted this run: queue the job again, attempt not counted."""
     return _fenced_update(update(jobs).where(_FENCED).values(
         status=QUEUED, attempts=jobs.c.attempts - 1, started_at=None, lease_until=None,
-        queued_at=utcnow()), job_id, attempt)
+        lapsed_at=None, queued_at=utcnow()), job_id, attempt)
 
 
-def sweep_stranded(*, queued_lease: float) -> list[str]:
-    """Jobs whose message is presumed lost; they are marked for republishing.
+def sweep_stranded(*, queued_lease: float, confirm_after: float) -> list[str]:
+    """Jobs to (re)publish now: taken back from a dead run, lost in the queue, or never published.
 
-    Running past the lease (no heartbeat: the worker died) goes back to
-    queued; queued and not started for ``queued_lease`` gets its timer reset.
-    The caller republishes every id returned; a duplicate message is harmless
+    * ``running`` with a lapsed lease: the first sweep that sees it only marks
+      it (``lapsed_at``); a sweep at least ``confirm_after`` seconds later
+      (one renewal period) that sees it still lapsed and still marked takes it
+      back to ``queued``, the attempt counted. A live lease keeper renews in
+      between and clears the mark.
+    * ``queued`` and not started for ``queued_lease`` (its message was lost):
+      the timer is reset.
+    * ``queued`` with ``unpublished_since`` set (the broker was down): as is;
+      the caller clears the mark once the message is out (:func:`mark_published`).
+
+    The caller publishes every id returned; a duplicate message is harmless
     because :func:`claim` lets only one run start.
     """
     now = utcnow()
-    stale = or_(and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
-                and_(jobs.c.status == QUEUED, jobs.c.queued_at < now - timedelta(seconds=queued_lease)))
+    lapsed = and_(jobs.c.status == RUNNING, jobs.c.lease_until < now)
     with db.transaction() as conn:
-        ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
-        if ids:
-            conn.execute(update(jobs).where(jobs.c.id.in_(ids), stale).values(
-                status=QUEUED, queued_at=now, lease_until=None))
-    return ids
+        taken_back = conn.execute(
+            update(jobs).where(lapsed, jobs.c.lapsed_at <= now - timedelta(seconds=confirm_after))
+            .values(status=QUEUED, queued_at=now, lease_until=None, lapsed_at=None)
+            .returning(jobs.c.id)).scalars().all()
+        conn.execute(update(jobs).where(lapsed, jobs.c.lapsed_at.is_(None)).values(lapsed_at=now))
+        lost = conn.execute(
+            update(jobs).where(jobs.c.status == QUEUED,
+                               jobs.c.queued_at < now - timedelta(seconds=queued_lease))
+            .values(queued_at=now).returning(jobs.c.id)).scalars().all()
+        unpublished = conn.execute(select(jobs.c.id).where(
+            jobs.c.status == QUEUED, jobs.c.unpublished_since.is_not(None))).scalars().all()
+    return list(dict.fromkeys([*taken_back, *lost, *unpublished]))
+
+
+def mark_unpublished(job_ids: list[str]) -> None:
+    """These queued jobs' messages could not be published: the sweeper republishes them."""
+    if job_ids:
+        with db.transaction() as conn:
+            conn.execute(update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.status == QUEUED,
+                                            jobs.c.unpublished_since.is_(None))
+                         .values(unpublished_since=utcnow()))
+
+
+def mark_published(job_ids: list[str]) -> None:
+    """These jobs' messages are on the broker now."""
+    if job_ids:
+        with db.transaction() as conn:
+            conn.execute(update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.unpublished_since.is_not(None))
+                         .values(unpublished_since=None))
 
 
 def public(job: dict[str, Any]) -> dict[str, Any]:

@@ -7,21 +7,31 @@ service then calls ``scheduler.close()`` again. We log the signal, and route
 (``last_run_at`` saved: a restart neither repeats nor skips a run) and the
 broker connection released exactly once, with the same log lines as every
 other process. SIGKILL would lose up to ``beat_sync_every`` runs' state.
+
+Beat also runs the stranded-job sweep, in a thread (tasks/sweeper.py): the
+schedule's ``requeue-stranded-jobs`` entry wakes that thread instead of
+sending a message the busy queue could starve. And beat survives a full
+disk: a schedule store that cannot be written is logged and written again
+at the next sync (its store lives in VAR_DIR, beside SQLite and Redis).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
 from app import logs, shutdown
+from tasks import sweeper
 from tasks.celery_app import celery_app
 
-#: The schedule store's sync and the broker connection's close, together, at most.
-CLOSE_BUDGET = 1.0
+log = logging.getLogger("celery.beat")
+
+#: The sweeper's stop, the schedule store's sync and the connections' close, together, at most.
+CLOSE_BUDGET = 1.5
 
 
 class Scheduler(PersistentScheduler):
@@ -36,8 +46,38 @@ class Scheduler(PersistentScheduler):
         registry.register("celery broker connections", celery_app.close)
         registry.register("beat schedule store and connection",
                           functools.partial(PersistentScheduler.close, self))
+        self.sweeper = sweeper.Sweeper()
+        self.sweeper.start(registry)  # registered last: stopped first
         for signum in (signal.SIGTERM, signal.SIGINT):
             _first_only(signum, registry)
+
+    @property
+    def producer(self) -> None:
+        """No producer of beat's own: its one entry sends no message (the sweep runs in beat).
+
+        Celery's scheduler opens one on the first due entry and retries its
+        connection for as long as the broker is down or refusing writes
+        (``broker_connection_max_retries=None``), with beat's loop, and so
+        the sweep, stalled meanwhile. The sweeper publishes through the app's
+        producer pool instead, closed with "celery broker connections".
+        """
+        return None
+
+    def apply_entry(self, entry, producer=None) -> None:
+        """The sweep's entry wakes beat's sweeper thread; any other entry is sent as usual."""
+        if entry.task != sweeper.TASK_NAME:
+            return super().apply_entry(entry, producer=producer)
+        log.info("Scheduler: Sending due task %s (%s) to the sweeper thread", entry.name, entry.task)
+        self.sweeper.wake()
+        return None
+
+    def sync(self) -> None:
+        """Save the schedule; a store that cannot be written (disk full) is retried at the next sync."""
+        try:
+            super().sync()
+        except Exception as exc:  # noqa: BLE001 - a crash here stopped beat and, with it, the set
+            log.warning("schedule store not saved (%s: %s); retried at the next sync",
+                        type(exc).__name__, exc)
 
     def close(self) -> None:
         shutdown.current().close_all(budget=CLOSE_BUDGET)

@@ -13,15 +13,29 @@ import sys
 
 from celery import Celery, signals
 
-from app import logs
+from app import logs, outages
 from app.config import get_settings
 
 settings = get_settings()
+# A Redis that cannot write its AOF (disk full) answers MISCONF: a connection error, so the
+# worker's consumer reconnects with backoff instead of dying of it (app/outages.py).
+outages.redis_refusals_are_connection_errors()
 
 celery_app = Celery("tasks")
 celery_app.conf.update(
     broker_url=settings.broker_url,
     broker_connection_retry_on_startup=True,
+    # An outage of any length must not end the worker (Celery's default: give up after 100
+    # reconnection attempts and exit, which stops the whole set under honcho; at the pace of
+    # tasks/consumer.py, 100 attempts are about 3 minutes) ...
+    broker_connection_max_retries=None,
+    # ... and a broker that is back is found again within 2 s (tasks/consumer.py).
+    worker_consumer="tasks.consumer:Consumer",
+    # Publishing (POST /jobs, the sweeper) tries the broker once instead of retrying for about
+    # 6 s: a job whose publish fails is stored anyway and published by the outbox relay
+    # (tasks/outbox.py). The socket timeouts bound a connect to, and a command on, a broker
+    # that stopped answering (Redis transport; an AMQP connection ignores them).
+    broker_transport_options={"max_retries": 0, "socket_connect_timeout": 1, "socket_timeout": 2},
     # The job ledger (database) holds states and results; no result backend.
     task_ignore_result=True,
     # Ack after the run: a run cut short by a stop leaves its message unacked,
@@ -52,11 +66,11 @@ celery_app.conf.update(
     worker_soft_shutdown_timeout=0,
     task_default_queue="jobs",
     beat_schedule={
+        # Not a message: beat runs the sweep itself, in its sweeper thread (tasks/sweeper.py),
+        # so a busy queue cannot starve it.
         "requeue-stranded-jobs": {
             "task": "jobs.requeue_stranded",
             "schedule": settings.sweep_interval_seconds,
-            # A sweep is pointless once the next one is due.
-            "options": {"expires": settings.sweep_interval_seconds},
         },
     },
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),

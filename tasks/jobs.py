@@ -1,9 +1,23 @@
-"""The Celery tasks: run one job from the ledger; requeue stranded jobs.
+"""The Celery task that runs one job from the ledger, and what keeps a run honest under faults.
 
 A message carries only a job id; the ledger row says what to run. The task
 claims the row first, so a message that arrives twice (handed back by a
 shutdown, restored after a crash, republished by the sweeper) never runs a
 finished job or one that is running elsewhere.
+
+Faults (issue 7), all in the pool child that runs the job:
+
+* **The database away** (PostgreSQL restarting, SQLite's disk full): the
+  run's ledger writes (claim, result) wait it out with backoff
+  (:func:`_stored`) instead of failing the job or losing its result. Only the
+  job's own exception marks it failed. The worker's hand-back signal
+  (SIGUSR2, after the grace) still ends the wait.
+* **The lease keeper** (:class:`_Lease`) survives any exception and retries a
+  failed renewal within a second, so a live run renews as soon as the
+  database is back, before the sweeper can take the job back.
+* **A run whose job was taken back** anyway (this child was frozen or cut off
+  from the database for two sweeps) stops itself: :class:`TakenOver`, raised
+  in the job by SIGUSR2 like a hand-back, and the row is left to the new run.
 """
 
 from __future__ import annotations
@@ -11,18 +25,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from celery.exceptions import Reject
 
-from app import ledger
+from app import ledger, outages
 from app.config import get_settings
 from tasks.celery_app import celery_app
 from tasks.kinds import KINDS
 
 log = logging.getLogger("jobs")
+
+T = TypeVar("T")
+
+#: Waits between tries of a ledger write while the database is away: doubled up to the maximum.
+STORE_RETRY_FIRST_SECONDS = 0.1
+STORE_RETRY_MAX_SECONDS = 2.0
+#: After a failed renewal, the lease keeper tries again this soon (at most half a renewal period).
+RENEW_RETRY_SECONDS = 0.5
 
 
 class HandBack(BaseException):
@@ -34,22 +58,79 @@ class HandBack(BaseException):
     """
 
 
-_running = threading.Event()  # set while a job runs in this pool child
+class TakenOver(BaseException):
+    """Raised inside a running job whose lease keeper found the job no longer this run's.
+
+    The sweeper took the job back (its lease lapsed on two sweeps) and another
+    run may have started: this one must stop, without touching the row.
+    Delivered as SIGUSR2 by the lease keeper thread, like a hand-back.
+    """
+
+
+class _Run:
+    """The job run of this pool child, as the SIGUSR2 handler sees it.
+
+    A signal raises in the job's code and in the waits between ledger writes
+    (``interruptible``), never in the middle of a ledger write: there it is
+    kept (``pending``) and raised at the next wait.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.interruptible = False
+        self.taken_over = False
+        self.pending: type[BaseException] | None = None
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        self.active, self.taken_over, self.pending = True, False, None
+        try:
+            yield
+        finally:
+            self.active, self.interruptible, self.pending = False, False, None
+
+    @contextlib.contextmanager
+    def interruptible_section(self) -> Iterator[None]:
+        if self.pending is not None:
+            raise self.pending()
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+    def reason(self) -> type[BaseException]:
+        return TakenOver if self.taken_over else HandBack
+
+
+_run = _Run()
 
 
 def interrupt_running_job() -> None:
-    """SIGUSR2 handler in pool children: hand the running job back, if any."""
-    if _running.is_set():
-        raise HandBack()
+    """SIGUSR2 handler in pool children: hand the running job back (or stop a taken-over run), if any."""
+    if not _run.active:
+        return
+    if _run.interruptible:
+        raise _run.reason()()
+    _run.pending = _run.reason()
 
 
 class _Lease:
-    """Renews the running job's lease while it runs; the sweeper requeues it if we die.
+    """Renews the running job's lease while it runs; the sweeper takes the job back if we die.
 
-    One thread per pool child, started with the first job, wakes every
-    ``lease / 3`` and renews the running job once it has run that long.
-    Starting a job only swaps a tuple: no thread to start (that cost a
-    quarter of a short job's CPU) and no thread to wake.
+    One thread per pool child, started with the first job, renews the running
+    job's lease every ``lease / 3`` (one renewal period). Starting a job only
+    swaps a tuple: no thread to start (that cost a quarter of a short job's
+    CPU) and no thread to wake.
+
+    Why it never dies: a thread that raised is gone for good, and a job whose
+    lease is never renewed again looks dead to the sweeper, which started a
+    second run beside the live one (issue 7: a database outage ran jobs five
+    times in parallel and failed them). Every exception is caught and logged
+    once per streak, and a failed renewal is retried within
+    :data:`RENEW_RETRY_SECONDS`, well inside the sweeper's confirmation window
+    (one renewal period, app/ledger.py). The thread blocks SIGUSR2, so the
+    worker's hand-back signal always reaches the main thread, where the job runs.
     """
 
     def __init__(self) -> None:
@@ -60,11 +141,12 @@ class _Lease:
 
     @contextlib.contextmanager
     def held(self, job_id: str, attempt: int, lease: float) -> Iterator[None]:
+        tick = lease / ledger.RENEWALS_PER_LEASE
         with self._lock:
-            self._job, self._due = (job_id, attempt, lease), time.monotonic() + lease / 3
+            self._job, self._due = (job_id, attempt, lease), time.monotonic() + tick
             if self._thread_pid != os.getpid():  # first job here (threads do not survive fork)
                 self._thread_pid = os.getpid()
-                threading.Thread(target=self._renew_forever, args=(lease / 3,), name="lease",
+                threading.Thread(target=self._renew_forever, args=(tick,), name="lease",
                                  daemon=True).start()
         try:
             yield
@@ -73,60 +155,146 @@ class _Lease:
                 self._job = None
 
     def _renew_forever(self, tick: float) -> None:
-        # A renewal comes between one and two ticks after it is due: well
-        # inside the lease (three ticks).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        retry = min(RENEW_RETRY_SECONDS, tick / 2)
+        failing_since: float | None = None
         while True:
-            time.sleep(tick)
             with self._lock:
                 job, due = self._job, self._due
-                if job is None or time.monotonic() < due:
-                    continue
-                self._due = time.monotonic() + tick
+            wait = tick if job is None else due - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, tick))
+                continue
             job_id, attempt, lease = job
-            if not ledger.renew(job_id, attempt, lease=lease):  # no longer ours: stop renewing it
+            try:
+                renewed = ledger.renew(job_id, attempt, lease=lease)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, keep renewing
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("job %s: cannot renew the lease of attempt %d (%s: %s); retrying every "
+                                "%.1f s", job_id, attempt, type(exc).__name__,
+                                (str(exc).splitlines() or [""])[0][:200], retry)
                 with self._lock:
                     if self._job is job:
-                        self._due = float("inf")
+                        self._due = time.monotonic() + retry
+                continue
+            if failing_since is not None:
+                log.warning("job %s: lease of attempt %d renewed again after %.1f s", job_id, attempt,
+                            time.monotonic() - failing_since)
+                failing_since = None
+            with self._lock:
+                if self._job is not job:
+                    continue
+                self._due = time.monotonic() + tick if renewed else float("inf")
+                if not renewed:
+                    self._stop_taken_over_run(job_id, attempt)
+
+    @staticmethod
+    def _stop_taken_over_run(job_id: str, attempt: int) -> None:
+        """The job is no longer this run's: stop the run (SIGUSR2 -> TakenOver in the job)."""
+        _run.taken_over = True
+        if not callable(signal.getsignal(signal.SIGUSR2)):  # not a pool child: nobody to stop
+            log.warning("job %s: attempt %d was taken over; nothing here can stop it", job_id, attempt)
+            return
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
 
 
 _lease = _Lease()
 
 
+def _stored(what: str, write: Callable[[], T]) -> T:
+    """Run a ledger write, waiting out a database outage; a shutdown (HandBack) ends the wait.
+
+    Any other error raises at once: a bug must not loop.
+    """
+    delay, since = STORE_RETRY_FIRST_SECONDS, None
+    while True:
+        try:
+            result = write()
+        except Exception as exc:
+            kind = outages.database_outage(exc)
+            if kind is None:
+                raise
+            if since is None:
+                since = time.monotonic()
+                log.warning("cannot %s: database %s (%s); retrying until it answers", what, kind,
+                            type(exc).__name__)
+        else:
+            if since is not None:
+                log.warning("%s: done after waiting %.1f s for the database", what, time.monotonic() - since)
+            return result
+        with _run.interruptible_section():
+            time.sleep(delay)
+        delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+
+
+def _record(job_id: str, attempt: int, what: str, write: Callable[[], bool]) -> None:
+    """Store the run's outcome (result or error), however long the database is away."""
+    try:
+        stored = _stored(f"store the {what} of job {job_id}", write)
+    except HandBack:
+        log.warning("job %s: attempt %d ended but its %s is not stored (database unreachable at "
+                    "shutdown); the sweeper runs it again once its lease lapses", job_id, attempt, what)
+        raise Reject("outcome not stored before the shutdown", requeue=True) from None
+    except TakenOver:
+        stored = False
+    if not stored:
+        log.warning("job %s: attempt %d is no longer the job's run (taken over); its %s is dropped",
+                    job_id, attempt, what)
+
+
+def _hand_back(job_id: str, attempt: int) -> None:
+    """A shutdown interrupted the run: queue the job again, and say what really happened."""
+    try:
+        handed = ledger.hand_back(job_id, attempt)
+    except Exception as exc:
+        if outages.database_outage(exc) is None:
+            raise
+        log.warning("job %s: attempt %d interrupted by shutdown; not handed back, the database is "
+                    "unreachable: the sweeper takes it back once its lease lapses", job_id, attempt)
+        raise Reject("interrupted by shutdown", requeue=True) from None
+    if handed:
+        log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)", job_id, attempt)
+        raise Reject("handed back by shutdown", requeue=True)
+    try:
+        job = ledger.get(job_id) or {}
+    except Exception:  # noqa: BLE001 - only for the log line
+        job = {}
+    log.warning("job %s: attempt %d interrupted by shutdown; not handed back: the ledger shows it %s "
+                "(attempt %s), no longer this run's", job_id, attempt, job.get("status"), job.get("attempts"))
+    raise Reject("interrupted by shutdown; the job is no longer this run's", requeue=False)
+
+
 @celery_app.task(name="jobs.run")
 def run_job(job_id: str) -> None:
     settings = get_settings()
-    job = ledger.claim(job_id, lease=settings.job_lease_seconds,
-                       max_attempts=settings.job_max_attempts)
-    if job is None:
-        log.info("job %s is finished or running elsewhere; message dropped", job_id)
-        return
-    attempt = job["attempts"]
-    try:
-        model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
+    with _run.handling():
+        try:
+            job = _stored(f"claim job {job_id}", lambda: ledger.claim(
+                job_id, lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts))
+        except HandBack:
+            log.warning("job %s not started: the database is unreachable and the worker is stopping; "
+                        "its message goes back to the queue", job_id)
+            raise Reject("not claimed before the shutdown", requeue=True) from None
+        if job is None:
+            log.info("job %s is finished or running elsewhere; message dropped", job_id)
+            return
+        attempt = job["attempts"]
         with _lease.held(job_id, attempt, settings.job_lease_seconds):
-            _running.set()
             try:
-                result = run(model.model_validate(job["args"]))
-            finally:
-                _running.clear()
-    except HandBack:
-        ledger.hand_back(job_id, attempt)
-        log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)",
-                    job_id, attempt)
-        raise Reject("handed back by shutdown", requeue=True) from None
-    except Exception as exc:
-        ledger.fail(job_id, attempt, f"{type(exc).__name__}: {exc}")
-        log.exception("job %s failed", job_id)
-        return
-    ledger.succeed(job_id, attempt, result)
+                model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
+                with _run.interruptible_section():
+                    result = run(model.model_validate(job["args"]))
+            except HandBack:
+                _hand_back(job_id, attempt)
+            except TakenOver:
+                log.warning("job %s: attempt %d stopped: the sweeper took the job back after its lease "
+                            "lapsed; the row is left to the next run", job_id, attempt)
+                return
+            except Exception as exc:
+                log.exception("job %s failed", job_id)
+                error = f"{type(exc).__name__}: {exc}"
+                _record(job_id, attempt, "error", lambda: ledger.fail(job_id, attempt, error))
+                return
+            _record(job_id, attempt, "result", lambda: ledger.succeed(job_id, attempt, result))
 
-
-@celery_app.task(name="jobs.requeue_stranded")
-def requeue_stranded() -> int:
-    """Periodic (beat): republish jobs whose message was lost or whose worker died."""
-    ids = ledger.sweep_stranded(queued_lease=get_settings().job_queued_lease_seconds)
-    for job_id in ids:
-        run_job.delay(job_id)
-    if ids:
-        log.warning("requeued %d stranded job(s): %s", len(ids), ", ".join(ids))
-    return len(ids)

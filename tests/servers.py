@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -52,12 +53,14 @@ class PostgresServer:
         return ["runuser", "-u", self.user, "--", *command] if self.user else command
 
     def start(self) -> None:
+        """Start the server; the first start creates its data dir, a restart reuses it (same port)."""
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
-                                      "-U", "postgres", "--no-sync"]),
-                       check=True, capture_output=True, timeout=120)
+        if not self.data.exists():
+            subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
+                                          "-U", "postgres", "--no-sync"]),
+                           check=True, capture_output=True, timeout=120)
         with open(self.log, "ab") as log:  # the server keeps its own copy of the fd
             self.proc = subprocess.Popen(
                 self._as_user([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
@@ -75,9 +78,15 @@ class PostgresServer:
             time.sleep(0.1)
         raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text()}")
 
-    def stop(self) -> None:
+    def stop(self, *, fast: bool = False) -> None:
+        """Smart shutdown (waits for clients to leave), or fast: ends every session at once (an outage)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # smart shutdown
+            # To the postmaster itself: as root, self.proc is runuser, which does not pass SIGINT on.
+            try:
+                postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+                os.kill(postmaster, signal.SIGINT if fast else signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:

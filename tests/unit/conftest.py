@@ -26,6 +26,18 @@ def fresh_registry() -> Iterator[None]:
     app.shutdown._registry_pid = None
 
 
+@pytest.fixture(autouse=True)
+def no_relay_left() -> Iterator[None]:
+    """A test that started this process's outbox relay (a thread) leaves it stopped."""
+    yield
+    import sys
+
+    outbox = sys.modules.get("tasks.outbox")
+    if outbox is not None and outbox._relay is not None:
+        outbox._relay.stop()
+        outbox._relay = None
+
+
 @pytest.fixture
 def var_dir(tmp_path, monkeypatch) -> Iterator[Any]:
     """VAR_DIR points at tmp_path (so SQLite lives there); settings and engine start fresh."""

@@ -112,7 +112,7 @@ def test_submit_accepts_a_sleep_job_and_publishes_its_id(client, publish):
 
 
 def test_submit_publishes_without_kombu_retries(client, publish):
-    # A down broker must not stall the request: the sweeper republishes instead.
+    # A down broker must not stall the request: the outbox relay republishes instead.
     submit(client)
 
     [(_, kwargs)] = publish.calls
@@ -158,7 +158,8 @@ def test_a_failing_publish_still_accepts_and_stores_the_job(client, publish, cap
     stored = client.get(f"/jobs/{job_id}")
     assert stored.status_code == 200
     assert stored.get_json()["status"] == "queued"
-    assert any(job_id in r.getMessage() and r.name == "api" for r in caplog.records)
+    assert any(job_id in r.getMessage() and r.name == "outbox" for r in caplog.records)
+    assert ledger.get(job_id)["unpublished_since"] is not None  # the outbox: published later
 
 
 def test_submitted_job_is_in_the_ledger(client):

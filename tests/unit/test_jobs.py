@@ -81,18 +81,6 @@ def test_sigusr2_between_jobs_does_nothing(schema) -> None:
         signal.signal(signal.SIGUSR2, previous)
 
 
-def test_the_sweep_republishes_stranded_jobs(schema, publish, monkeypatch) -> None:
-    monkeypatch.setenv("JOB_QUEUED_LEASE_SECONDS", "1")
-    from app.config import get_settings
-
-    get_settings.cache_clear()
-    job = ledger.create("echo", {"value": 1})
-    with db.get_engine().begin() as conn:  # queued long ago, its message lost
-        conn.execute(ledger.jobs.update().values(queued_at=ledger.utcnow().replace(year=2000)))
-    assert jobs.requeue_stranded.run() == 1
-    assert [tuple(args) for args in publish.published_args] == [(job["id"],)]  # republished
-
-
 def _lease_until(job_id: str):
     return ledger.get(job_id)["lease_until"]
 
@@ -137,3 +125,165 @@ def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema) -> No
     with lease.held(kept, attempt, period):
         assert _wait_past(kept, start) is not None, "the lease thread died"
     assert ledger.get(lost)["status"] == "queued"
+
+
+# -- the lease keeper and the run under faults (issue 7) -------------------------------------------
+
+
+def unreachable(what: str = "connection refused") -> Exception:
+    """What SQLAlchemy raises when the database server is away."""
+    import psycopg
+    from sqlalchemy import exc
+
+    return exc.OperationalError("UPDATE jobs ...", {}, psycopg.OperationalError(what))
+
+
+def test_a_renewal_that_raises_does_not_stop_later_renewals(schema, monkeypatch) -> None:
+    period = 1.0  # renewed every period / 3; a failed renewal is retried sooner
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    attempt = ledger.claim(job_id, lease=period, max_attempts=5)["attempts"]
+    real_renew, failures = ledger.renew, []
+
+    def flaky_renew(*args, **kwargs):
+        if len(failures) < 2:  # the database is away for the first two renewals
+            failures.append(1)
+            raise unreachable()
+        return real_renew(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "renew", flaky_renew)
+    lease = jobs._Lease()
+    start = _lease_until(job_id)
+    with lease.held(job_id, attempt, period):
+        assert _wait_past(job_id, start, timeout=10) is not None, "the lease keeper died"
+    assert len(failures) == 2
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_row_alone(schema, monkeypatch) -> None:
+    import threading
+
+    monkeypatch.setenv("JOB_LEASE_SECONDS", "1")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    started, completed = threading.Event(), []
+
+    def long_job(args: EchoArgs) -> None:
+        started.set()
+        time.sleep(10)
+        completed.append(True)
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+
+    def take_over() -> None:  # what the sweeper does once it is sure the first run is gone
+        assert started.wait(5)
+        with db.get_engine().begin() as conn:
+            conn.execute(ledger.jobs.update().where(ledger.jobs.c.id == job_id)
+                         .values(attempts=ledger.jobs.c.attempts + 1))
+
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    try:
+        run(job_id)
+    finally:
+        thief.join()
+        signal.signal(signal.SIGUSR2, previous)
+    assert completed == []  # stopped, not run to its end beside the new run
+    job = ledger.get(job_id)
+    assert (job["status"], job["attempts"], job["result"]) == ("running", 2, None)
+
+
+def test_a_shutdown_of_a_run_no_longer_in_the_ledger_is_not_logged_as_handed_back(schema, monkeypatch,
+                                                                                   caplog) -> None:
+    def long_job(args: EchoArgs) -> None:
+        job = ledger.get(job_id)
+        ledger.fail(job_id, job["attempts"], "failed meanwhile")  # e.g. by a parallel run
+        os.kill(os.getpid(), signal.SIGUSR2)
+        raise AssertionError("the job was not interrupted")
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    try:
+        with pytest.raises(Reject):
+            run(job_id)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert ledger.get(job_id)["status"] == "failed"
+    assert "handed back to the queue" not in caplog.text
+    assert f"job {job_id}" in caplog.text and "not handed back" in caplog.text
+
+
+def flaky(monkeypatch, name: str, failures: int, error: Exception | None = None) -> list[int]:
+    """Make ``ledger.<name>`` raise ``error`` (the database away) its first ``failures`` calls."""
+    real, calls = getattr(ledger, name), []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise error or unreachable()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, name, call)
+    return calls
+
+
+@pytest.mark.parametrize("write", ["claim", "succeed"])
+def test_a_ledger_write_waits_for_the_database_instead_of_failing_the_job(schema, monkeypatch, write) -> None:
+    job_id = ledger.create("echo", {"value": "kept"})["id"]
+    calls = flaky(monkeypatch, write, failures=3)
+
+    run(job_id)
+
+    assert len(calls) == 4
+    job = ledger.get(job_id)
+    assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, "kept")
+
+
+def test_the_error_of_a_failed_job_waits_for_the_database_too(schema, monkeypatch) -> None:
+    def boom(args: EchoArgs) -> None:
+        raise ValueError("its own error")
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, boom))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    flaky(monkeypatch, "fail", failures=2)
+
+    run(job_id)
+
+    job = ledger.get(job_id)
+    assert (job["status"], job["error"]) == ("failed", "ValueError: its own error")
+
+
+def test_a_bug_in_a_ledger_write_is_not_retried(schema, monkeypatch) -> None:
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    calls = flaky(monkeypatch, "succeed", failures=99, error=TypeError("a bug"))
+
+    with pytest.raises(TypeError):
+        run(job_id)
+    assert len(calls) == 1
+
+
+def test_a_shutdown_ends_the_wait_for_the_database_and_keeps_the_message(schema, monkeypatch) -> None:
+    import threading
+
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    calls = flaky(monkeypatch, "succeed", failures=10**6)  # the database never comes back
+    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+
+    def stop_when_waiting() -> None:  # the worker's grace is used up: SIGUSR2
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+
+    stopper = threading.Thread(target=stop_when_waiting)
+    stopper.start()
+    try:
+        with pytest.raises(Reject) as rejected:
+            run(job_id)
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGUSR2, previous)
+    assert rejected.value.requeue is True
+    assert ledger.get(job_id)["status"] == "running"  # the sweeper takes it back once its lease lapses

@@ -36,6 +36,16 @@ def expire_lease(job_id: str) -> None:
     set_row(job_id, lease_until=ledger.utcnow() - timedelta(seconds=1))
 
 
+def sweep(*, queued_lease: float = 60, confirm_after: float = 0) -> list[str]:
+    return ledger.sweep_stranded(queued_lease=queued_lease, confirm_after=confirm_after)
+
+
+def take_back(job_id: str) -> None:
+    """The sweeper takes a dead run's job back: its lease seen lapsed on two sweeps."""
+    assert job_id not in sweep()
+    assert job_id in sweep()
+
+
 # -- create / get / schema ------------------------------------------------------------
 
 
@@ -104,9 +114,18 @@ def test_a_second_claim_while_the_lease_holds_returns_none():
     assert ledger.get(job_id) == first
 
 
-def test_claim_after_the_lease_expired_starts_the_next_attempt():
+def test_a_running_job_is_not_claimed_even_past_its_lease():
     job_id = new_job()
-    claimed(job_id, lease=-1.0)  # a lease already in the past: the worker "died"
+    first = claimed(job_id, lease=-1.0)  # a lease in the past: its run died, or could not renew
+
+    assert ledger.claim(job_id, lease=LEASE, max_attempts=MAX) is None
+    assert ledger.get(job_id) == first  # only the sweeper takes it back
+
+
+def test_claim_after_the_sweeper_took_a_dead_run_back_starts_the_next_attempt():
+    job_id = new_job()
+    claimed(job_id, lease=-1.0)
+    take_back(job_id)
 
     second = claimed(job_id)
 
@@ -150,6 +169,7 @@ def test_max_attempts_counts_starts_that_never_finished():
     job_id = new_job()
     for attempt in (1, 2):
         assert claimed(job_id, lease=-1.0, max_attempts=2)["attempts"] == attempt  # each run "dies"
+        take_back(job_id)
 
     assert ledger.claim(job_id, lease=LEASE, max_attempts=2) is None
     assert ledger.get(job_id)["status"] == FAILED
@@ -158,7 +178,7 @@ def test_max_attempts_counts_starts_that_never_finished():
 def test_a_stranded_job_swept_back_to_queued_still_counts_its_attempt():
     job_id = new_job()
     claimed(job_id, lease=-1.0, max_attempts=1)
-    assert ledger.sweep_stranded(queued_lease=60) == [job_id]
+    take_back(job_id)
     assert ledger.get(job_id)["attempts"] == 1
 
     assert ledger.claim(job_id, lease=LEASE, max_attempts=1) is None
@@ -194,6 +214,7 @@ def test_succeed_with_the_current_attempt_stores_the_result():
 def test_a_stale_attempt_is_fenced_off(operation):
     job_id = new_job()
     claimed(job_id, lease=-1.0)  # attempt 1 stalls past its lease ...
+    take_back(job_id)
     current = claimed(job_id)  # ... and attempt 2 takes over
     assert current["attempts"] == 2
 
@@ -264,7 +285,7 @@ def test_renew_keeps_a_job_from_being_reclaimed():
     assert ledger.renew(job_id, attempt, lease=LEASE) is True
 
     assert ledger.claim(job_id, lease=LEASE, max_attempts=MAX) is None
-    assert ledger.sweep_stranded(queued_lease=60) == []
+    assert sweep() == [] and sweep() == []
 
 
 def test_hand_back_requeues_the_job_without_counting_the_attempt():
@@ -302,18 +323,43 @@ def test_hand_backs_never_exhaust_max_attempts():
 # -- sweep_stranded ---------------------------------------------------------------------------------
 
 
-def test_sweep_requeues_a_running_job_whose_lease_expired():
+def test_sweep_requeues_a_running_job_whose_lease_lapsed_on_two_sweeps():
     job_id = new_job()
     claimed(job_id, lease=-1.0)
     before = ledger.utcnow()
 
-    assert ledger.sweep_stranded(queued_lease=60) == [job_id]
+    assert sweep() == []  # first sighting: only marked
+    marked = ledger.get(job_id)
+    assert marked["status"] == RUNNING and marked["lapsed_at"] >= before
+    assert sweep() == [job_id]
 
     job = ledger.get(job_id)
     assert job["status"] == QUEUED
-    assert job["lease_until"] is None
+    assert job["lease_until"] is None and job["lapsed_at"] is None
     assert job["queued_at"] >= before
     assert job["attempts"] == 1
+
+
+def test_a_lapse_is_confirmed_only_a_renewal_period_after_it_was_first_seen():
+    job_id = new_job()
+    claimed(job_id, lease=-1.0)
+    assert sweep(confirm_after=30) == []  # marked
+    assert sweep(confirm_after=30) == []  # seen again too soon: a live keeper may not have retried yet
+
+    set_row(job_id, lapsed_at=ledger.utcnow() - timedelta(seconds=31))
+    assert sweep(confirm_after=30) == [job_id]
+
+
+def test_a_renewal_between_two_sweeps_keeps_the_job_with_its_run():
+    # The database was away longer than the lease: the live run renews once it is back.
+    job_id = new_job()
+    attempt = claimed(job_id, lease=-1.0)["attempts"]
+    assert sweep() == []  # marked
+
+    assert ledger.renew(job_id, attempt, lease=LEASE)
+    assert ledger.get(job_id)["lapsed_at"] is None
+    assert sweep() == [] and sweep() == []
+    assert ledger.get(job_id)["status"] == RUNNING
 
 
 def test_sweep_requeues_a_job_queued_longer_than_queued_lease():
@@ -321,7 +367,7 @@ def test_sweep_requeues_a_job_queued_longer_than_queued_lease():
     old = ledger.utcnow() - timedelta(seconds=120)
     set_row(job_id, queued_at=old)
 
-    assert ledger.sweep_stranded(queued_lease=60) == [job_id]
+    assert sweep() == [job_id]
 
     job = ledger.get(job_id)
     assert job["status"] == QUEUED
@@ -334,7 +380,7 @@ def test_sweep_leaves_fresh_jobs_alone():
     claimed(running)
     snapshot = {i: ledger.get(i) for i in (queued, running)}
 
-    assert ledger.sweep_stranded(queued_lease=60) == []
+    assert sweep() == []
     assert {i: ledger.get(i) for i in (queued, running)} == snapshot
 
 
@@ -347,7 +393,7 @@ def test_sweep_leaves_finished_jobs_alone_however_old():
     for job_id in (done, failed):
         set_row(job_id, queued_at=long_ago, lease_until=long_ago)
 
-    assert ledger.sweep_stranded(queued_lease=60) == []
+    assert sweep() == []
 
 
 def test_sweep_returns_only_the_stranded_ones_among_many():
@@ -359,7 +405,9 @@ def test_sweep_returns_only_the_stranded_ones_among_many():
     lost_queued = new_job()
     set_row(lost_queued, queued_at=ledger.utcnow() - timedelta(minutes=5))
 
-    swept = ledger.sweep_stranded(queued_lease=60)
+    assert sweep() == [lost_queued]  # the dead run is only marked on this first sighting
+    set_row(lost_queued, queued_at=ledger.utcnow() - timedelta(minutes=5))
+    swept = sweep()
 
     assert sorted(swept) == sorted([dead_running, lost_queued])
     assert ledger.get(fresh_queued)["status"] == QUEUED
@@ -369,20 +417,66 @@ def test_sweep_returns_only_the_stranded_ones_among_many():
 def test_a_swept_job_is_not_swept_again_until_its_timer_runs_out_again():
     job_id = new_job()
     set_row(job_id, queued_at=ledger.utcnow() - timedelta(seconds=120))
-    assert ledger.sweep_stranded(queued_lease=60) == [job_id]
+    assert sweep() == [job_id]
 
-    assert ledger.sweep_stranded(queued_lease=60) == []
+    assert sweep() == []
 
 
 def test_a_swept_running_job_can_be_claimed_again():
     job_id = new_job()
     claimed(job_id, lease=-1.0)
-    ledger.sweep_stranded(queued_lease=60)
+    take_back(job_id)
 
     again = claimed(job_id)
 
     assert again["status"] == RUNNING
     assert again["attempts"] == 2
+
+
+def test_sweep_returns_jobs_stored_unpublished_until_they_are_marked_published():
+    job_id = ledger.create("echo", {"value": 1}, unpublished=True)["id"]
+    other = new_job()
+
+    assert sweep() == [job_id]  # at once, not after the queued lease
+    assert sweep() == [job_id]  # until it is out
+    ledger.mark_published([job_id])
+    assert sweep() == []
+    ledger.mark_unpublished([other])  # its publish failed
+    assert sweep() == [other]
+
+
+def test_a_claim_clears_the_unpublished_mark():
+    job_id = ledger.create("echo", {"value": 1}, unpublished=True)["id"]  # its message did go out
+
+    assert claimed(job_id)["unpublished_since"] is None
+    ledger.hand_back(job_id, 1)
+    assert sweep() == []
+
+
+# -- schema -----------------------------------------------------------------------------------------
+
+
+def test_ensure_schema_adds_the_new_columns_to_an_existing_table(var_dir):
+    from sqlalchemy import text
+
+    engine = get_engine()
+    with engine.begin() as conn:  # the table as the previous version created it
+        conn.execute(text("DROP TABLE jobs"))
+        conn.execute(text("CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, task VARCHAR(64) NOT NULL, "
+                          "args JSON NOT NULL, status VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, "
+                          "result JSON, error TEXT, created_at DATETIME NOT NULL, "
+                          "queued_at DATETIME NOT NULL, started_at DATETIME, finished_at DATETIME, "
+                          "lease_until DATETIME)"))
+        conn.execute(text("INSERT INTO jobs (id, task, args, status, attempts, created_at, queued_at) "
+                          "VALUES ('old', 'echo', '{\"value\": 1}', 'queued', 0, "
+                          "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+
+    ledger.ensure_schema()
+    ledger.ensure_schema()  # a second process racing: harmless
+
+    old = ledger.get("old")
+    assert (old["status"], old["lapsed_at"], old["unpublished_since"]) == (QUEUED, None, None)
+    assert claimed("old")["attempts"] == 1
 
 
 # -- after the shutdown closed the engine ------------------------------------------------------------
