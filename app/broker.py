@@ -83,10 +83,10 @@ class _AmqpProbe:
     """One AMQP connection of this process, used by ``/readyz`` threads in turn.
 
     Each ping is one round trip (``basic.qos``, which changes nothing on a
-    channel that consumes nothing). A connection that fails is dropped and
-    the ping answers False at once; the next ping connects again, so a
-    restarted broker is seen on the first ping after it is back. Heartbeats
-    are off (``heartbeat=0``): RabbitMQ never closes the idle probe.
+    channel that consumes nothing). A connection found broken (the broker
+    restarted) is dropped and replaced at once, so a broker that is back is
+    seen on the first ping; a silent one costs one timeout, then False.
+    Heartbeats are off (``heartbeat=0``): RabbitMQ never closes the idle probe.
     """
 
     def __init__(self, url: str) -> None:
@@ -119,9 +119,9 @@ class _AmqpProbe:
                         self._connect()
                     self._channel.basic_qos(0, 0, False)
                     return True
-                except Exception:  # noqa: BLE001 - any failure: not ready
+                except Exception as exc:  # noqa: BLE001 - any failure: not ready
                     self._drop()
-                    if not reused:
+                    if not reused or isinstance(exc, TimeoutError):  # a silent broker: no second second
                         return False
             return False
         finally:
@@ -237,12 +237,18 @@ def _forget_inherited() -> None:
     """In every forked child: the parent's kombu pools are not ours; forget them, unclosed.
 
     Celery and kombu reset their pools after billiard's forks (pool
-    children) but not after gunicorn's ``os.fork``. The parent (gunicorn
-    master) should have opened none (``preload_app = False``); if it had,
-    using or closing them here would break the parent's connections.
+    children) but not after gunicorn's ``os.fork``; and kombu's reset
+    *collects* each pooled connection, which for AMQP shuts the shared
+    socket down (``SHUT_RDWR``): the parent's connection would die with the
+    child's start. Marking the inherited pools closed first makes kombu's
+    reset skip them; the child then never uses nor closes them. (The
+    gunicorn master opens none, ``preload_app = False``; the worker
+    MainProcess none before its first fork.)
     """
-    pools.connections.clear()
-    pools.producers.clear()
+    for group in (pools.connections, pools.producers):
+        for pool in group.values():
+            pool._closed = True  # kombu's after-fork force_close_all() returns at once
+        group.clear()
     celery_module = sys.modules.get("tasks.celery_app")
     if celery_module is not None:
         celery_module.celery_app._after_fork()  # Celery's own reset: its pool, its producer pool

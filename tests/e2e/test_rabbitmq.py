@@ -56,7 +56,8 @@ class Vhost:
 @pytest.fixture
 def rabbitmq(rabbitmq_node: RabbitMQServer) -> Vhost:
     """A fresh vhost on the session's node (started again if a test left it stopped)."""
-    if rabbitmq_node.proc is None:
+    if rabbitmq_node.proc is None or rabbitmq_node.proc.poll() is not None:
+        rabbitmq_node.stop()
         rabbitmq_node.start()
     name = f"test-{uuid.uuid4().hex[:8]}"
     return Vhost(rabbitmq_node, name, rabbitmq_node.add_vhost(name))
