@@ -6,7 +6,9 @@ from app.config import get_settings
 
 
 @pytest.fixture(autouse=True)
-def fresh_settings():
+def fresh_settings(monkeypatch):
+    for name in ("BROKER_URL", "CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"):
+        monkeypatch.delenv(name, raising=False)  # the developer's own broker stays out
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
@@ -46,9 +48,7 @@ def test_a_redis_url_is_used_for_both_clients(monkeypatch):
 
 @pytest.fixture
 def no_broker_env(monkeypatch, tmp_path):
-    for name in ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL", "CELERY_BROKER_READ_URL",
-                 "CELERY_BROKER_WRITE_URL"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setenv("VAR_DIR", str(tmp_path))
 
 
