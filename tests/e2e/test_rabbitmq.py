@@ -36,7 +36,7 @@ def rabbitmq_node() -> Iterator[RabbitMQServer]:
     bindir = find_rabbitmq()
     if bindir is None:
         if os.environ.get("REQUIRE_RABBITMQ") or os.environ.get("CI") == "true":
-            pytest.fail("REQUIRE_RABBITMQ is set but no RabbitMQ server (rabbitmq-server) was found")
+            pytest.fail("REQUIRE_RABBITMQ (or CI) is set but no RabbitMQ server (rabbitmq-server) was found")
         pytest.skip("no RabbitMQ server installed (rabbitmq-server not found)")
     node = RabbitMQServer(bindir)
     try:
@@ -148,7 +148,7 @@ def test_after_load_every_process_closes_its_connections(procset: ProcessSet, ra
     ps.start()
     ps.wait_ready()
     ps.wait_for_line(r"Sending due task requeue-stranded-jobs", name="beat")  # beat has connected
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # both web workers publish
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # web workers publish from several threads
         ids = list(pool.map(lambda i: ps.submit("echo", value=i), range(50)))
         jobs = list(pool.map(lambda job_id: ps.job(job_id, wait=30), ids))
     assert [j["status"] for j in jobs] == ["succeeded"] * 50, jobs

@@ -21,7 +21,7 @@ def test_every_client_leaves_the_embedded_redis_before_it_stops(procset: Process
     stranded = queue_job(ps.env, "echo", {"value": "swept"}, publish=False)  # a pool child publishes it
     ps.start()
     ps.wait_ready()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # both web workers publish
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # web workers publish from several threads
         ids = list(pool.map(lambda i: ps.submit("echo", value=i), range(50)))
         jobs = list(pool.map(lambda job_id: ps.job(job_id, wait=30), ids))
     assert [j["status"] for j in jobs] == ["succeeded"] * 50, jobs
