@@ -86,10 +86,10 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """Worker, app loaded: graceful SIGINT, logged signals, Celery's pools closed at exit."""
-    from tasks.celery_app import celery_app
+    from app import broker
 
     registry = shutdown.current()
-    registry.register("celery broker connections", celery_app.close)
+    registry.register("celery broker connections", broker.close_celery_connections)
     # The same graceful exit for a terminal's SIGINT as for SIGTERM.
     signal.signal(signal.SIGINT, worker.handle_exit)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,36 +1,64 @@
-"""The Redis connection of this process that is not Celery's own.
+"""This process's broker connections: readiness, the wait at start, the close at exit.
 
-Celery/kombu keep their broker connections in the app's connection and
-producer pools (closed by ``celery_app.close()``, registered in
-tasks/lifecycle.py). This module owns the one plain redis-py client used for
-readiness checks and for waiting until the broker is up at start.
+The broker is Redis or RabbitMQ (``BROKER_URL``, app/config.py). A process
+holds up to three kinds of connection to it:
+
+* Celery/kombu's own. The worker MainProcess's consumer and event
+  connections are closed by Celery itself in its warm shutdown. Everything
+  that publishes (web workers: ``POST /jobs``; pool children: the sweep;
+  the MainProcess) goes through kombu's connection and producer pools,
+  which nothing closes: Celery's ``app.close()`` only forgets its pool, and
+  kombu's ``force_close_all()`` drops each connection without AMQP's close
+  handshake (it is meant for after a fork). RabbitMQ then logs "client
+  unexpectedly closed TCP connection" for each. :func:`close_celery_connections`
+  closes every pooled connection with the handshake; each process registers
+  it in its shutdown registry (gunicorn.conf.py ``post_worker_init``,
+  tasks/lifecycle.py ``_worker_init`` and ``_child_init``, tasks/beat.py).
+* The probe behind ``/readyz`` (:func:`ping`): one redis-py client, or one
+  AMQP connection, opened on first use and closed at shutdown.
+* The wait at start (:func:`wait_until_up`): opened and closed at once.
+
+Across a fork nothing is inherited: a child forgets its parent's pools and
+probe without closing them (an AMQP close from the child would end the
+parent's connection, whose socket it shares), and opens its own.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
+from typing import Any
 
 import redis
+from kombu import Connection, pools
+from kombu.resource import Resource
+from kombu.utils.url import maybe_sanitize_url
 
 from app import shutdown
 from app.config import get_settings
 
 log = logging.getLogger("broker")
 
+#: How long a readiness ping may take (connect, or one round trip).
+PING_SECONDS = 1.0
+
 _client: redis.Redis | None = None
 _client_pid: int | None = None
 
 
+# -- Redis: the redis-py client for readiness ---------------------------------
 def client() -> redis.Redis:
+    """This process's redis-py client on the Redis broker (not for RabbitMQ)."""
     global _client, _client_pid
     current = _client
     if current is None or _client_pid != os.getpid():
         # A client inherited across fork is dropped, not closed: redis-py's
         # pool notices the pid change and never reuses the parent's sockets.
-        current = _client = redis.Redis.from_url(get_settings().redis_client_url,
-                                                 socket_timeout=1, socket_connect_timeout=1)
+        current = _client = redis.Redis.from_url(_redis_url(), socket_timeout=PING_SECONDS,
+                                                 socket_connect_timeout=PING_SECONDS)
         _client_pid = os.getpid()
         shutdown.current().register("redis client", close)  # closed at once if late
     return current
@@ -43,7 +71,97 @@ def close() -> None:
         _client = None
 
 
+def _redis_url() -> str:
+    url = get_settings().redis_client_url
+    if url is None:
+        raise RuntimeError("the broker is RabbitMQ (BROKER_URL): there is no Redis to talk to")
+    return url
+
+
+# -- RabbitMQ: one AMQP connection for readiness -------------------------------
+class _AmqpProbe:
+    """One AMQP connection of this process, used by ``/readyz`` threads in turn.
+
+    Each ping is one round trip (``basic.qos``, which changes nothing on a
+    channel that consumes nothing). A connection found broken (the broker
+    restarted) is dropped and replaced at once, so a broker that is back is
+    seen on the first ping; a silent one costs one timeout, then False.
+    Heartbeats are off (``heartbeat=0``): RabbitMQ never closes the idle probe.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._channel: Any = None  # amqp.Channel
+
+    def _connect(self) -> None:
+        conn = Connection(self.url, connect_timeout=PING_SECONDS, heartbeat=0,
+                          transport_options={"read_timeout": PING_SECONDS,
+                                             "write_timeout": PING_SECONDS})
+        try:
+            conn.ensure_connection(max_retries=0)  # kombu's connect() sleeps 2 s before a retry
+            # py-amqp's own channel: kombu's default_channel would reconnect forever.
+            self._channel = conn.connection.channel()
+        except BaseException:
+            conn.collect()
+            raise
+        self._conn = conn
+
+    def ping(self) -> bool:
+        if not self._lock.acquire(timeout=PING_SECONDS):
+            return False  # another thread's ping is stuck: not ready either way
+        try:
+            for reused in (self._conn is not None, False):
+                try:
+                    if self._conn is None:
+                        self._connect()
+                    self._channel.basic_qos(0, 0, False)
+                    return True
+                except Exception as exc:  # noqa: BLE001 - any failure: not ready
+                    self._drop()
+                    if not reused or isinstance(exc, TimeoutError):  # a silent broker: no second second
+                        return False
+            return False
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        """A broken connection: close its socket; no handshake to wait for."""
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.collect()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+    def close(self) -> None:
+        """At shutdown: AMQP close (close / close-ok), bounded by the read timeout."""
+        with self._lock:
+            conn, self._conn, self._channel = self._conn, None, None
+            if conn is not None:
+                conn.release()
+
+
+_probe: _AmqpProbe | None = None
+_probe_lock = threading.Lock()
+
+
+def _amqp_probe() -> _AmqpProbe:
+    global _probe
+    with _probe_lock:
+        if _probe is None or _probe.pid != os.getpid():  # a parent's probe: forgotten, unclosed
+            _probe = _AmqpProbe(get_settings().broker_url)
+            shutdown.current().register("amqp probe", _probe.close)
+        return _probe
+
+
+# -- what the rest of the project calls ---------------------------------------
 def ping() -> bool:
+    """Does the broker in use answer? Within about :data:`PING_SECONDS`."""
+    if get_settings().broker_is_amqp:
+        return _amqp_probe().ping()
     try:
         return bool(client().ping())
     except redis.RedisError:
@@ -52,19 +170,88 @@ def ping() -> bool:
 
 def wait_until_up(timeout: float = 15.0) -> bool:
     """Block until the broker answers (it starts beside us under honcho)."""
+    settings = get_settings()
     deadline = time.monotonic() + timeout
-    probe = redis.Redis.from_url(get_settings().redis_client_url,
-                                 socket_timeout=1, socket_connect_timeout=1)
+    attempt = _amqp_connects if settings.broker_is_amqp else _redis_answers
+    while True:
+        try:
+            attempt(settings.broker_url)
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() >= deadline:
+                log.error("broker at %s did not answer within %.0f s",
+                          maybe_sanitize_url(settings.broker_url), timeout)
+                return False
+            time.sleep(0.05)
+
+
+def _redis_answers(_url: str) -> None:
+    probe = redis.Redis.from_url(_redis_url(), socket_timeout=1, socket_connect_timeout=1)
     try:
-        while True:
-            try:
-                probe.ping()
-                return True
-            except redis.RedisError:
-                if time.monotonic() >= deadline:
-                    log.error("broker at %s did not answer within %.0f s",
-                              get_settings().redis_client_url, timeout)
-                    return False
-                time.sleep(0.05)
+        probe.ping()
     finally:
         probe.close()
+
+
+def _amqp_connects(url: str) -> None:
+    conn = Connection(url, connect_timeout=1, heartbeat=0)
+    try:
+        conn.ensure_connection(max_retries=0)
+    except BaseException:
+        conn.collect()
+        raise
+    conn.release()  # with the close handshake
+
+
+def close_celery_connections() -> None:
+    """Close every pooled kombu connection of this process, with a proper close.
+
+    For RabbitMQ that is AMQP's ``connection.close`` / ``close-ok``; for
+    Redis, the client's sockets. Every pooled connection, acquired or free,
+    is in a connection pool (a producer pool only borrows from one). Each
+    pool is then marked closed: a publish racing the shutdown fails at once
+    (the ledger row stays queued and the sweeper republishes it) instead of
+    opening a connection nobody would close. A parent's connections are
+    never here (:func:`_forget_inherited`). This reaches into kombu's pools
+    (``_dirty``, ``_resource``) as kombu's own ``force_close_all`` does,
+    which skips the handshake: kombu is pinned (requirements.txt).
+    """
+    for group in (pools.producers, pools.connections):
+        for pool in list(group.values()):
+            for resource in _empty(pool):
+                if isinstance(resource, Connection):  # not lazy: it was opened
+                    resource._close()  # what release() does outside a pool: close, handshake included
+
+
+def _empty(pool: Resource) -> list[Any]:
+    """Mark ``pool`` closed and take every resource out of it, acquired or free."""
+    pool._closed = True
+    held: list[Any] = list(pool._dirty)
+    pool._dirty.clear()
+    while pool._resource.queue:
+        held.append(pool._resource.queue.pop())
+    return held
+
+
+def _forget_inherited() -> None:
+    """In every forked child: the parent's kombu pools are not ours; forget them, unclosed.
+
+    Celery and kombu reset their pools after billiard's forks (pool
+    children) but not after gunicorn's ``os.fork``; and kombu's reset
+    *collects* each pooled connection, which for AMQP shuts the shared
+    socket down (``SHUT_RDWR``): the parent's connection would die with the
+    child's start. Marking the inherited pools closed first makes kombu's
+    reset skip them; the child then never uses nor closes them. (The
+    gunicorn master opens none, ``preload_app = False``; the worker
+    MainProcess none before its first fork.)
+    """
+    for group in (pools.connections, pools.producers):
+        for pool in group.values():
+            pool._closed = True  # kombu's after-fork force_close_all() returns at once
+        group.clear()
+    celery_module = sys.modules.get("tasks.celery_app")
+    if celery_module is not None:
+        celery_module.celery_app._after_fork()  # Celery's own reset: its pool, its producer pool
+
+
+os.register_at_fork(after_in_child=_forget_inherited)

@@ -7,11 +7,14 @@ beat and broker processes can never disagree about them.
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # honcho sends SIGKILL 5 s after the first process of the set exits
@@ -21,6 +24,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # broker, which must outlive its clients, last.
 DEFAULT_GRACE_SECONDS = 3.0
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+# Celery reads these from the environment itself and lets them win over its
+# configuration: one broker for Celery, another for readiness and the waits.
+_CELERY_SPLIT_BROKER = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
+
 
 class Settings(BaseSettings):
     """Environment variables (upper-case names of these fields)."""
@@ -29,6 +38,13 @@ class Settings(BaseSettings):
 
     var_dir: Path = Field(default=Path("var"), description="data of the embedded Redis, SQLite, beat")
     redis_url: str | None = Field(default=None, description="redis:// or unix:// URL; unset = embedded")
+    # The Celery broker: Redis or RabbitMQ. Unset: the Redis above (REDIS_URL
+    # or the embedded one). Celery reads CELERY_BROKER_URL on its own and lets
+    # it override its configuration, so it is accepted as the same setting:
+    # every process, and /readyz, then use the broker Celery uses.
+    explicit_broker_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("BROKER_URL", "CELERY_BROKER_URL"),
+        validate_default=True, description="redis://, unix:// or amqp:// URL; unset = the Redis above")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in var/")
     shutdown_grace_seconds: float = Field(default=DEFAULT_GRACE_SECONDS, gt=0, le=3600)
     port: int = Field(default=5000, ge=1, le=65535)
@@ -46,31 +62,61 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"
 
+    @field_validator("explicit_broker_url")
+    @classmethod
+    def _one_broker(cls, url: str | None) -> str | None:
+        """One broker for every process: the one Celery will really use."""
+        split = [name for name in _CELERY_SPLIT_BROKER if os.environ.get(name)]
+        if split:
+            raise ValueError(f"{' and '.join(split)} not supported here (readiness would check "
+                             "another broker than Celery uses); set BROKER_URL")
+        ours, celerys = os.environ.get("BROKER_URL"), os.environ.get("CELERY_BROKER_URL")
+        if ours and celerys and ours != celerys:
+            raise ValueError("BROKER_URL and CELERY_BROKER_URL differ (Celery would use "
+                             "CELERY_BROKER_URL); set one of them")
+        if url is not None and urlsplit(url).scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
+            raise ValueError("unsupported broker; use redis://, rediss://, unix:// (Redis) "
+                             "or amqp://, amqps:// (RabbitMQ)")
+        return url or None
+
     @property
     def data_dir(self) -> Path:
         return self.var_dir.resolve()
 
     @property
     def embedded_redis(self) -> bool:
-        return not self.redis_url
+        """No broker given at all: the Procfile's ``broker`` entry runs Redis."""
+        return not self.redis_url and not self.explicit_broker_url
 
     @property
     def redis_socket(self) -> Path:
         return self.data_dir / "redis.sock"
 
     @property
-    def redis_client_url(self) -> str:
-        """URL in redis-py's form (``redis://`` or ``unix://``)."""
-        return self.redis_url or f"unix://{self.redis_socket}?db=0"
+    def _broker(self) -> str:
+        return self.explicit_broker_url or self.redis_url or f"unix://{self.redis_socket}?db=0"
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return urlsplit(self._broker).scheme in AMQP_SCHEMES
+
+    @property
+    def redis_client_url(self) -> str | None:
+        """The Redis broker in redis-py's form (``redis://`` or ``unix://``); None for RabbitMQ."""
+        parts = urlsplit(self._broker)
+        if parts.scheme in AMQP_SCHEMES:
+            return None
+        if parts.scheme == "redis+socket":
+            return f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        return self._broker
 
     @property
     def broker_url(self) -> str:
-        """The same Redis in kombu's form (``unix://`` is ``redis+socket://``)."""
-        url = self.redis_client_url
-        parts = urlsplit(url)
+        """The broker in kombu's form, as Celery uses it (``unix://`` is ``redis+socket://``)."""
+        parts = urlsplit(self._broker)
         if parts.scheme == "unix":
             return f"redis+socket://{parts.path}"
-        return url
+        return self._broker
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -83,6 +129,14 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = "; ".join(f"{str(e['loc'][0]).upper()}={e.get('input')!r}: {e['msg']}"
-                             for e in error.errors())
-        raise SystemExit(f"invalid settings: {problems}") from None
+        raise SystemExit(f"invalid settings: {'; '.join(map(_problem, error.errors()))}") from None
+
+
+def _problem(error: ErrorDetails) -> str:
+    """``NAME='value': message``, the variable's own name, a URL's password hidden."""
+    name = str(error["loc"][0])
+    name = "BROKER_URL" if name == "explicit_broker_url" else name.upper()
+    value = error.get("input")
+    if isinstance(value, str):  # amqp://user:secret@host -> amqp://user:***@host
+        value = re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", value)
+    return f"{name}: {error['msg']}" if value is None else f"{name}={value!r}: {error['msg']}"

@@ -13,8 +13,9 @@ inside honcho's 5 s window), with SIGTERM, on which it saves and exits. If the l
 is SIGKILLed, the kernel sends redis-server SIGTERM (PR_SET_PDEATHSIG), which
 saves and exits: never an orphan.
 
-With ``REDIS_URL`` set, there is nothing to run: the entry idles until it is
-stopped, so the same Procfile serves both cases.
+With ``REDIS_URL`` or ``BROKER_URL`` set (your Redis, or RabbitMQ), there is
+nothing to run: the entry idles until it is stopped, so the same Procfile
+serves every case.
 
 Memory: the launcher reads the settings (pydantic, ~20 MB of a Python
 process) and then ``exec``s itself as a lean watcher that knows only the
@@ -141,12 +142,14 @@ def main() -> None:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
                   "--linger", str(settings.shutdown_grace_seconds + LINGER_MARGIN_SECONDS)]
+    else:
+        command += ["--external", "BROKER_URL" if settings.explicit_broker_url else "REDIS_URL"]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
     os.execv(sys.executable, command)
 
 
 def watch(args: argparse.Namespace) -> int:
-    """The broker entry from here on: run redis-server, or idle when REDIS_URL is set."""
+    """The broker entry from here on: run redis-server, or idle when a broker is given."""
     logs.configure("broker")
     shutdown.enable_stack_dumps()
     registry = shutdown.current()
@@ -161,7 +164,8 @@ def watch(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     if args.server is None:
-        log.info("REDIS_URL is set: using that Redis, no embedded broker to run")
+        log.info("%s is set: using that %s, no embedded broker to run",
+                 args.external, "Redis" if args.external == "REDIS_URL" else "broker")
         while not stop.wait(1):
             pass
         registry.close_all()
@@ -188,6 +192,7 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--socket", type=Path)
     parser.add_argument("--linger", type=float, default=0.0)
+    parser.add_argument("--external", default="REDIS_URL")
     cli = parser.parse_args()
     if not cli.watch:
         main()

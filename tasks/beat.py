@@ -24,9 +24,8 @@ from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
-from app import logs, shutdown
+from app import broker, logs, shutdown
 from tasks import sweeper
-from tasks.celery_app import celery_app
 
 log = logging.getLogger("celery.beat")
 
@@ -43,7 +42,7 @@ class Scheduler(PersistentScheduler):
         Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         super().setup_schedule()
         registry = shutdown.current()
-        registry.register("celery broker connections", celery_app.close)
+        registry.register("celery broker connections", broker.close_celery_connections)
         registry.register("beat schedule store and connection",
                           functools.partial(PersistentScheduler.close, self))
         self.sweeper = sweeper.Sweeper()

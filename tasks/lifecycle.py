@@ -42,7 +42,6 @@ import app
 from app import broker, db, ledger, logs, shutdown
 from app.config import get_settings
 from tasks import jobs
-from tasks.celery_app import celery_app
 
 log = logging.getLogger("shutdown")
 
@@ -77,7 +76,7 @@ def _worker_starting(**_: object) -> None:
 def _worker_init(**_: object) -> None:
     """MainProcess, before the pool forks: schema, and what to close at exit."""
     ledger.ensure_schema()
-    shutdown.current().register("celery broker connections", celery_app.close)
+    shutdown.current().register("celery broker connections", broker.close_celery_connections)
     app.share_with_forks()
 
 
@@ -305,6 +304,7 @@ def _child_init(**_: object) -> None:
     logs.set_role("worker.child")
     shutdown.enable_stack_dumps()
     db.after_fork()
+    shutdown.current().register("celery broker connections", broker.close_celery_connections)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group broadcast is for the MainProcess
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl+C, likewise
     signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())

@@ -75,7 +75,8 @@ class ProcessSet:
         self.var = workdir / "var"
         self.env = {**os.environ, "PORT": str(self.port), "VAR_DIR": str(self.var),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
-        for inherited in ("REDIS_URL", "DATABASE_URL", "SHUTDOWN_GRACE_SECONDS"):
+        for inherited in ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL", "DATABASE_URL",
+                          "SHUTDOWN_GRACE_SECONDS"):
             if inherited not in (env or {}):  # the developer's own settings stay out
                 self.env.pop(inherited, None)
         bindir = str(Path(sys.executable).parent)

@@ -55,3 +55,11 @@ def test_set_uses_an_external_redis(procset: ProcessSet, redis_url: str) -> None
     # The handed-back message waits in the external Redis (db 3) for the next worker.
     with redis.Redis.from_url(redis_url) as client:
         assert client.llen("jobs") == 1
+        # And no client of the set is left: each process closed its connections, then exited.
+        deadline = time.monotonic() + 5
+        while True:
+            others = [c for c in client.client_list() if c["id"] != str(client.client_id())]
+            if not others or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not others, others

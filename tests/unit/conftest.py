@@ -43,7 +43,8 @@ def var_dir(tmp_path, monkeypatch) -> Iterator[Any]:
     """VAR_DIR points at tmp_path (so SQLite lives there); settings and engine start fresh."""
     monkeypatch.setenv("VAR_DIR", str(tmp_path))
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.delenv("REDIS_URL", raising=False)
+    for name in ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
     app.config.get_settings.cache_clear()
     app.db.close()
     app.db._engine = None
