@@ -34,8 +34,12 @@ celery_app.conf.update(
     # Publishing (POST /jobs, the sweeper) tries the broker once instead of retrying for about
     # 6 s: a job whose publish fails is stored anyway and published by the outbox relay
     # (tasks/outbox.py). The socket timeouts bound a connect to, and a command on, a broker
-    # that stopped answering (Redis transport; an AMQP connection ignores them).
-    broker_transport_options={"max_retries": 0, "socket_connect_timeout": 1, "socket_timeout": 2},
+    # that stopped answering (Redis transport; an AMQP connection ignores them). A stopping
+    # worker's consumer waits for its pending BRPOP before it closes: 0.5 s at most, not
+    # kombu's 1 s (the Redis transport takes its BRPOP timeout from ``polling_interval``;
+    # tasks/lifecycle.py gives the whole close 1 s).
+    broker_transport_options={"max_retries": 0, "socket_connect_timeout": 1, "socket_timeout": 2,
+                              "polling_interval": 0.5},
     # The job ledger (database) holds states and results; no result backend.
     task_ignore_result=True,
     # Ack after the run: a run cut short by a stop leaves its message unacked,

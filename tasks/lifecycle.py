@@ -87,32 +87,7 @@ def _install_stop_handlers(sender: object, **_: object) -> None:
     _stop = WorkerStop(get_settings().shutdown_grace_seconds)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop.on_signal)
-    _wake_event_loop_on_signals(getattr(sender, "hub", None))
-
-
-def _wake_event_loop_on_signals(hub: object) -> None:
-    """Let a signal end the event loop's poll at once.
-
-    Python runs a signal handler between bytecodes and then resumes the
-    interrupted ``epoll`` with its remaining timeout (PEP 475), so the loop
-    notices ``should_stop`` only when the poll times out (up to a second).
-    With the wakeup fd registered in the hub, the signal makes the poll return.
-    """
-    if hub is None:
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-
-    def drain(fd: int) -> None:
-        try:
-            while os.read(fd, 512):
-                pass
-        except BlockingIOError:
-            pass
-
-    hub.add_reader(read_fd, drain, read_fd)
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    # The event loop wakes on these signals at once: tasks/consumer.py.
 
 
 class WorkerStop:
