@@ -35,3 +35,11 @@ def assert_shutdown_sequence(lines: list[str], name: str, steps: Sequence[str] =
                 break
         else:
             raise AssertionError(f"{name}: no {step!r} after line {position}:\n" + "\n".join(lines))
+
+
+def assert_handed_back_jobs_run(ps: ProcessSet, handed_back: Sequence[str], waiting: str) -> None:
+    """After a restart: each job a stop handed back runs once (attempts 1), and the one queued behind."""
+    for job_id in handed_back:
+        job = ps.wait_status(job_id, "succeeded", timeout=60)
+        assert job["attempts"] == 1, job
+    assert ps.job(waiting, wait=10)["result"] == {"after": "restart"}

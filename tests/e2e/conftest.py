@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.procset import ProcessSet
+from tests.servers import PostgresServer, find_pg_bin, missing
 
 pytestmark = pytest.mark.e2e
 
@@ -25,3 +26,18 @@ def procset(tmp_path: Path) -> Iterator[ProcessSet]:
     yield ps
     for each in started:
         each.cleanup()
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server (tests/servers.py), removed at the end."""
+    bindir = find_pg_bin()
+    if bindir is None:
+        missing("no PostgreSQL server is installed (initdb not found)", "REQUIRE_POSTGRES")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(fast=True)
+        server.remove()

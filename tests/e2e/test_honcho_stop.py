@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.checks import assert_clean_stop
+from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run
 from tests.procset import ProcessSet
 
 
@@ -57,13 +57,7 @@ def test_long_jobs_are_handed_back_and_run_after_restart(procset: ProcessSet, ho
     again = procset.make()
     again.start()
     again.wait_ready()
-    for job_id in running:
-        job = again.job(job_id, wait=30)
-        if job["status"] != "succeeded":
-            job = again.job(job_id, wait=30)
-        assert job["status"] == "succeeded", job
-        assert job["attempts"] == 1
-    assert again.job(waiting, wait=10)["result"] == {"after": "restart"}
+    assert_handed_back_jobs_run(again, running, waiting)
     rc, _ = again.stop_and_wait("ctrl_c")
     assert_clean_stop(again, rc, 130)
     assert not [j for j in again.stored_jobs().values() if j["status"] == "failed"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import collections
 import json
-import os
 import re
 import subprocess
 import time
@@ -27,27 +26,13 @@ from app.embedded_redis import redis_server_binary
 from tests.e2e.checks import assert_clean_stop
 from tests.e2e.test_direct_ctrl_c import queue_job
 from tests.procset import ProcessSet, Response, free_port
-from tests.servers import PostgresServer, find_pg_bin
+from tests.servers import PostgresServer
 
 #: What README promises for POST /jobs while the broker is down: answered after at most one
 #: connection attempt (1 s). The client allows twice that plus a second for a loaded machine.
 POST_BOUND_SECONDS = 3.0
 
 
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    bindir = find_pg_bin()
-    if bindir is None:
-        if os.environ.get("REQUIRE_POSTGRES") or os.environ.get("CI") == "true":
-            pytest.fail("REQUIRE_POSTGRES or CI is set but no PostgreSQL server binaries were found")
-        pytest.skip("no PostgreSQL server installed (initdb not found)")
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop(fast=True)
-        server.remove()
 
 
 class RedisServer:

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from tests.e2e.checks import assert_clean_stop
 from tests.procset import ProcessSet
-from tests.servers import PostgresServer, find_pg_bin
-
-
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    bindir = find_pg_bin()
-    if bindir is None:
-        if os.environ.get("REQUIRE_POSTGRES"):
-            pytest.fail("REQUIRE_POSTGRES is set but no PostgreSQL server binaries were found")
-        pytest.skip("no PostgreSQL server installed (initdb not found)")
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        server.remove()
+from tests.servers import PostgresServer
 
 
 def test_set_on_postgres_closes_every_connection(procset: ProcessSet, postgres: PostgresServer) -> None:

@@ -12,7 +12,6 @@ named with its owner.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import time
 import uuid
@@ -23,10 +22,10 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from tests.e2e.checks import assert_clean_stop
+from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run
 from tests.e2e.test_direct_ctrl_c import queue_job
 from tests.procset import ProcessSet
-from tests.servers import AmqpConnection, RabbitMQServer, find_rabbitmq
+from tests.servers import AmqpConnection, RabbitMQServer, find_rabbitmq, missing
 
 FAST_SWEEP = {"SWEEP_INTERVAL_SECONDS": "1", "JOB_QUEUED_LEASE_SECONDS": "2"}
 
@@ -35,9 +34,7 @@ FAST_SWEEP = {"SWEEP_INTERVAL_SECONDS": "1", "JOB_QUEUED_LEASE_SECONDS": "2"}
 def rabbitmq_node() -> Iterator[RabbitMQServer]:
     bindir = find_rabbitmq()
     if bindir is None:
-        if os.environ.get("REQUIRE_RABBITMQ") or os.environ.get("CI") == "true":
-            pytest.fail("REQUIRE_RABBITMQ (or CI) is set but no RabbitMQ server (rabbitmq-server) was found")
-        pytest.skip("no RabbitMQ server installed (rabbitmq-server not found)")
+        missing("no RabbitMQ server is installed (rabbitmq-server not found)", "REQUIRE_RABBITMQ")
     node = RabbitMQServer(bindir)
     try:
         node.start()
@@ -187,13 +184,7 @@ def test_long_jobs_are_handed_back_to_rabbitmq_and_run_after_restart(procset: Pr
     again = procset.make(BROKER_URL=rabbitmq.url)
     again.start()
     again.wait_ready()
-    for job_id in running:
-        job = again.job(job_id, wait=30)
-        if job["status"] != "succeeded":
-            job = again.job(job_id, wait=30)
-        assert job["status"] == "succeeded", job
-        assert job["attempts"] == 1
-    assert again.job(waiting, wait=10)["result"] == {"after": "restart"}
+    assert_handed_back_jobs_run(again, running, waiting)
     held = held_connections(again, rabbitmq)
     rc, _ = again.stop_and_wait("ctrl_c")
     assert_clean_stop(again, rc, 130, nothing_to_close=("broker",))
