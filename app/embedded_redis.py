@@ -45,6 +45,8 @@ from app import logs, shutdown
 log = logging.getLogger("broker")
 
 LINGER_MARGIN_SECONDS = 1.5
+#: How long the launcher waits for redis-server to save and exit after SIGTERM.
+SERVER_STOP_SECONDS = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
@@ -125,10 +127,21 @@ def linger(socket: Path, server: subprocess.Popen[bytes], budget: float) -> int:
 
 
 def _stop_server(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits."""
+    """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits.
+
+    Waited for :data:`SERVER_STOP_SECONDS` at most, so the launcher still
+    exits inside honcho's 5 s (the linger before it is grace + 1.5 s). A
+    server still saving after that is left to finish: it is in its own
+    session, out of honcho's reach, and it exits once its data is written;
+    killing it would lose what it had not written yet.
+    """
     if server.poll() is None:
         server.terminate()
-    server.wait(timeout=5)
+    try:
+        server.wait(timeout=SERVER_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("redis-server %d still saving after %.1f s; it exits once its data is written",
+                    server.pid, SERVER_STOP_SECONDS)
 
 
 def main() -> None:
@@ -172,7 +185,7 @@ def watch(args: argparse.Namespace) -> int:
         return 0
 
     server = start(args.server, args.data_dir, args.socket)
-    registry.register("redis-server", lambda: _stop_server(server), timeout=6)
+    registry.register("redis-server", lambda: _stop_server(server), timeout=SERVER_STOP_SECONDS + 0.5)
     log.info("embedded redis-server %d on %s, data in %s", server.pid, args.socket, args.data_dir / "redis")
 
     while not stop.wait(0.2):
