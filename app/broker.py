@@ -97,11 +97,9 @@ class _AmqpProbe:
         self._channel: Any = None  # amqp.Channel
 
     def _connect(self) -> None:
-        conn = Connection(self.url, connect_timeout=PING_SECONDS, heartbeat=0,
-                          transport_options={"read_timeout": PING_SECONDS,
-                                             "write_timeout": PING_SECONDS})
+        conn = _open_amqp(self.url, connect_timeout=PING_SECONDS,
+                          transport_options={"read_timeout": PING_SECONDS, "write_timeout": PING_SECONDS})
         try:
-            conn.ensure_connection(max_retries=0)  # kombu's connect() sleeps 2 s before a retry
             # py-amqp's own channel: kombu's default_channel would reconnect forever.
             self._channel = conn.connection.channel()
         except BaseException:
@@ -194,13 +192,21 @@ def _redis_answers(_url: str) -> None:
 
 
 def _amqp_connects(url: str) -> None:
-    conn = Connection(url, connect_timeout=1, heartbeat=0)
+    _open_amqp(url, connect_timeout=1).release()  # with the close handshake
+
+
+def _open_amqp(url: str, **options: Any) -> Connection:
+    """An AMQP connection, connected once or not at all (kombu's connect() sleeps 2 s before a retry).
+
+    Heartbeats are off: these connections are short-lived or idle by design.
+    """
+    conn = Connection(url, heartbeat=0, **options)
     try:
         conn.ensure_connection(max_retries=0)
     except BaseException:
         conn.collect()
         raise
-    conn.release()  # with the close handshake
+    return conn
 
 
 def close_celery_connections() -> None:

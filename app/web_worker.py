@@ -281,8 +281,6 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
         became readable (a request arrived: it is served, with close).
         """
         now = time.monotonic()
-        import sys
-        print("DEBUG cap", [round(now - c.answered_at, 4) for c in self.keepalived_conns], file=sys.stderr)
         for conn in self.keepalived_conns:  # ordered by timeout; this keeps the order
             conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))
 

@@ -7,6 +7,9 @@ vanished without saying goodbye (a connection that was not closed properly).
 
 RabbitMQ: likewise, ``client unexpectedly closed TCP connection`` for a
 client that did not close its AMQP connection (:class:`RabbitMQServer`).
+
+Redis: an external redis-server on TCP with AOF, for ``REDIS_URL`` and its
+outages (:class:`RedisServer`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import NoReturn
 
 import amqp
 import pytest
+import redis
 
+from app.embedded_redis import redis_server_binary
 from tests.procset import free_port
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -295,6 +300,41 @@ def _distinct_free_ports(count: int) -> list[int]:
     while len(ports) < count:
         ports.add(free_port())
     return sorted(ports)
+
+
+class RedisServer:
+    """An external redis-server on a fixed port with AOF, that a test can stop and start again."""
+
+    def __init__(self, data: Path, db: int = 0) -> None:
+        self.data = data
+        self.db = db
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        data.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data),
+             "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        with redis.Redis.from_url(self.url) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline and self.proc.poll() is None, "redis did not start"
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # writes its AOF and exits
+            self.proc.wait(10)
 
 
 def missing(what: str, variable: str) -> NoReturn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,34 +9,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.embedded_redis import redis_server_binary
 from tests.e2e.checks import assert_clean_stop
-from tests.procset import ProcessSet, free_port
+from tests.procset import ProcessSet
+from tests.servers import RedisServer
 
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    data = tmp_path / "external-redis"
-    data.mkdir()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                               "--dir", str(data), "--save", "", "--loglevel", "warning"],
-                              stdout=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/3"
+    server = RedisServer(tmp_path / "external-redis", db=3)
     try:
-        with redis.Redis.from_url(url) as client:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline and server.poll() is None, "redis did not start"
-                    time.sleep(0.05)
-        yield url
+        server.start()
+        yield server.url
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 def test_set_uses_an_external_redis(procset: ProcessSet, redis_url: str) -> None:

@@ -13,7 +13,6 @@ import base64
 import collections
 import json
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,51 +21,14 @@ from typing import Any
 import pytest
 import redis
 
-from app.embedded_redis import redis_server_binary
 from tests.e2e.checks import assert_clean_stop
 from tests.e2e.test_direct_ctrl_c import queue_job
-from tests.procset import ProcessSet, Response, free_port
-from tests.servers import PostgresServer
+from tests.procset import ProcessSet, Response
+from tests.servers import PostgresServer, RedisServer
 
 #: What README promises for POST /jobs while the broker is down: answered after at most one
 #: connection attempt (1 s). The client allows twice that plus a second for a loaded machine.
 POST_BOUND_SECONDS = 3.0
-
-
-
-
-class RedisServer:
-    """An external redis-server on a fixed port with AOF, that a test can stop and start again."""
-
-    def __init__(self, data: Path) -> None:
-        self.data = data
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        data.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data),
-             "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, start_new_session=True)
-        with redis.Redis.from_url(self.url) as client:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline and self.proc.poll() is None, "redis did not start"
-                    time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # writes its AOF and exits
-            self.proc.wait(10)
 
 
 @pytest.fixture
