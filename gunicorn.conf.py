@@ -26,6 +26,9 @@ _settings = get_settings()
 logs.set_role("web")  # the master; post_fork renames its workers
 
 # -- server ----------------------------------------------------------------
+# The app is named here, not on the command line: the Procfile entry then has
+# no shell syntax to quote ("()"), and reads the same under every manager.
+wsgi_app = "app:create_app()"
 bind = [f"{_settings.bind_host}:{_settings.port}"]
 workers = _settings.web_workers
 # gthread: a long poll (GET /jobs/<id>?wait=) holds a thread, not a process.
