@@ -48,11 +48,12 @@ class Scheduler(PersistentScheduler):
                           functools.partial(PersistentScheduler.close, self))
         self.sweeper = sweeper.Sweeper()
         self.sweeper.start(registry)  # registered last: stopped first
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            _first_only(signum, registry)
         # Celery leaves SIGQUIT at its default (die at once, the schedule's
         # last runs unsaved); supervisord and `honcho export` stop with it.
+        # First: it takes Celery's SIGTERM handler, before that is wrapped.
         _first_only(signal.SIGQUIT, registry, like=signal.SIGTERM)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _first_only(signum, registry)
 
     @property
     def producer(self) -> None:
