@@ -25,7 +25,8 @@ def test_under_honcho_a_long_grace_is_cut_to_fit_its_5_s_kill_and_says_so():
     assert (fitted.grace, fitted.drain) == (3, 4)
     assert fitted.stop_timeout <= budget.HONCHO_KILL_WAIT
     assert len(fitted.warnings) == 2
-    assert "SHUTDOWN_GRACE_SECONDS=25 does not fit honcho's SIGKILL 5 s into a stop: using 3 s" in fitted.warnings
+    expected = "SHUTDOWN_GRACE_SECONDS=25 does not fit honcho's SIGKILL 5 s into a stop: using 3 s"
+    assert expected in fitted.warnings
 
 
 def test_the_default_grace_fits_honcho_without_a_warning():
