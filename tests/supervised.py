@@ -52,8 +52,10 @@ def write_env(path: Path, values: dict[str, str]) -> Path:
 
 
 class Supervisord:
-    def __init__(self, workdir: Path, include: Path, *, binary_dir: Path = BIN) -> None:
+    def __init__(self, workdir: Path, include: Path, *, binary_dir: Path = BIN,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env or SERVICE_ENV  # supervisord's own environment (its programs inherit it)
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "supervisord.conf"
         self.log = workdir / "supervisord.log"
@@ -87,7 +89,7 @@ files={include}
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [str(self.binary_dir / "supervisord"), "-c", str(self.conf)], cwd=self.workdir,
-            env=SERVICE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

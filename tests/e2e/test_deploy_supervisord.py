@@ -81,6 +81,10 @@ def test_busy_stop_and_restart(tmp_path: Path, exported: tuple[Path, AppClient],
         if how != "stop all":  # one group at a time: the broker only once the others are gone
             stops = [m.group(1) for m in re.finditer(r"stopped: ([\w-]+) ", log)]
             assert stops.index("broker-1") == len(stops) - 1, stops
+        else:  # all at once: the launcher kept redis-server up until its clients had gone
+            broker = (tmp_path / "log" / "broker-1.log").read_text()
+            assert re.search(r"waiting up to [\d.]+ s for \d+ client\(s\) to disconnect", broker), broker
+            assert "still connected after" not in broker, broker
         outcomes.assert_clean()
 
         if how == "stop all":
