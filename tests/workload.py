@@ -13,8 +13,8 @@ Interface (stable; tests/e2e/test_deploy_*.py and other managers' tests use it):
     verdict = load.verdict(client2, timeout=60)   # every job accepted before or during the stop
     verdict.assert_none_lost()                    # succeeded; none failed, none late
 
-``start()`` returns once every long job is ``running`` and the long poll's
-request is written to its socket (the server may still have it in its
+``start()`` returns once every long job is ``running``, the stream has had
+3 answers per thread and the long poll's request is written to its socket (the server may still have it in its
 accept queue: that is the race a stop must handle). The stream runs in a few
 threads, each request on a new connection, until ``finish()`` (or
 ``max_seconds``); after a refused connection a thread waits 50 ms before the
@@ -145,10 +145,11 @@ class Workload:
             t = threading.Thread(target=self._stream, daemon=True)
             t.start()
             self._workers.append(t)
-        deadline = time.monotonic() + 10
-        while self.outcomes.counts["202"] < self.threads and time.monotonic() < deadline:
+        # The stream is in full flow (a few answers per thread) when start() returns.
+        deadline = time.monotonic() + 20
+        while self.outcomes.counts["202"] < 3 * self.threads and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert self.outcomes.counts["202"] >= self.threads, dict(self.outcomes.counts)
+        assert self.outcomes.counts["202"] >= 3 * self.threads, dict(self.outcomes.counts)
 
     def _long_poll(self, job_id: str, sent: threading.Event) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.client.port, timeout=60)
