@@ -32,15 +32,19 @@ PROGRAMS = ("web-1", "worker-1", "beat-1", "broker-1")
 JOB_SECONDS = 8  # longer than the grace (3 s): every running job is handed back
 
 
-@pytest.fixture
-def exported(tmp_path: Path) -> tuple[Path, AppClient]:
+def _export(tmp_path: Path, grace: float = 3, drain: float = 0) -> tuple[Path, AppClient]:
     port = free_port()
     env_file = write_env(tmp_path / "app.env", {
-        "PORT": str(port), "VAR_DIR": str(tmp_path / "var"), "SHUTDOWN_GRACE_SECONDS": "3",
-        "WORKER_CONCURRENCY": "6", "PYTHONUNBUFFERED": "1"})
+        "PORT": str(port), "VAR_DIR": str(tmp_path / "var"), "SHUTDOWN_GRACE_SECONDS": str(grace),
+        "SHUTDOWN_DRAIN_SECONDS": str(drain), "WORKER_CONCURRENCY": "6", "PYTHONUNBUFFERED": "1"})
     files = export("supervisord", tmp_path / "export", env_file, log_dir=tmp_path / "log")
     assert [f.name for f in files] == ["flaskset.conf"]
     return files[0], AppClient(port, tmp_path / "var")
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> tuple[Path, AppClient]:
+    return _export(tmp_path)
 
 
 def test_exported_config(exported: tuple[Path, AppClient]) -> None:
@@ -56,13 +60,18 @@ def test_exported_config(exported: tuple[Path, AppClient]) -> None:
         assert settings["command"].startswith("/"), name  # no shell, no PATH lookup
         assert "PATH=" + str(Path(__import__("sys").prefix) / "bin") in settings["environment"], name
         assert int(settings["startretries"]) > 0 and int(settings["startsecs"]) > 0, name
+        assert "HONCHO_PROCESS_NAME" not in settings["environment"], name  # not honcho's 5 s window
     assert re.search(r"^\[group:flaskset-broker\]\nprograms=broker-1\npriority=100$", text, re.M)
     assert re.search(r"^\[group:flaskset\]\nprograms=web-1,worker-1,beat-1\npriority=200$", text, re.M)
 
 
-@pytest.mark.parametrize("how", ["stop all", "shutdown", "sigterm"])
-def test_busy_stop_and_restart(tmp_path: Path, exported: tuple[Path, AppClient], how: str) -> None:
-    include, client = exported
+@pytest.mark.parametrize(("how", "grace", "drain"), [
+    ("stop all", 3, 0),
+    ("shutdown", 3, 2),  # the web serves on for 2 s (/readyz 503) before its stop
+    ("sigterm", 6, 0),  # a grace past honcho's 5 s window: not cut, stopwaitsecs covers it
+])
+def test_busy_stop_and_restart(tmp_path: Path, how: str, grace: float, drain: float) -> None:
+    include, client = _export(tmp_path, grace, drain)
     sv = Supervisord(tmp_path / "supervisord", include)
     try:
         sv.start()
@@ -76,6 +85,8 @@ def test_busy_stop_and_restart(tmp_path: Path, exported: tuple[Path, AppClient],
             [(p.pid, p.cmdline()) for p in sv.survivors()])
         log = sv.log_text()
         assert not sv.kills(), log
+        worker = (tmp_path / "log" / "worker-1.log").read_text()
+        assert f"graceful shutdown started (grace {grace:.1f} s for 6 running task(s))" in worker, worker
         for name in PROGRAMS:
             assert f"stopped: {name} (exit status 0)" in log, f"{name}:\n{log}"
         if how != "stop all":  # one group at a time: the broker only once the others are gone
