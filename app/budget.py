@@ -36,6 +36,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from app import shutdown
 from app.config import Settings, get_settings
 
 log = logging.getLogger("shutdown")
@@ -47,6 +48,8 @@ WEB_AFTER_DRAIN = 1.0
 HONCHO_KILL_WAIT = 5.0
 HEROKU_KILL_WAIT = 30.0
 FOREMAN_KILL_WAIT = 5.0
+#: After the grace, how long the broker waits for the worker's hand-back (it has 2 s at most).
+BROKER_LINGER_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -68,22 +71,33 @@ class StopBudget:
         """What a manager's stop timeout must exceed for this set to stop unkilled."""
         return max(self.grace + WORKER_AFTER_GRACE, self.drain + WEB_AFTER_DRAIN)
 
+    @property
+    def broker_linger(self) -> float:
+        """How long the embedded broker waits for its clients (the worker, web) to leave."""
+        return max(self.grace + BROKER_LINGER_MARGIN, self.drain + WEB_AFTER_DRAIN)
 
-def detect_manager(environ: Mapping[str, str]) -> Manager | None:
-    """The process manager that started us, where it says so in the environment."""
-    if environ.get("HONCHO_PROCESS_NAME"):
-        return Manager("honcho", HONCHO_KILL_WAIT, enforce=True)
+
+def detect_manager(environ: Mapping[str, str], manager_command: str) -> Manager | None:
+    """The process manager that started us, where the environment and the manager's
+    command line both say so.
+
+    The variables alone are not enough: ``honcho export`` writes
+    ``HONCHO_PROCESS_NAME`` and foreman's exports ``PS`` into configurations
+    that supervisord or systemd run, with their own timeouts.
+    """
     if environ.get("DYNO"):
         return Manager("Heroku", HEROKU_KILL_WAIT, enforce=True)
-    if environ.get("PS"):
+    if environ.get("HONCHO_PROCESS_NAME") and "honcho" in manager_command:
+        return Manager("honcho", HONCHO_KILL_WAIT, enforce=True)
+    if environ.get("PS") and "foreman" in manager_command:
         return Manager("foreman", FOREMAN_KILL_WAIT, enforce=False)
     return None
 
 
-def fit(settings: Settings, environ: Mapping[str, str]) -> StopBudget:
+def fit(settings: Settings, environ: Mapping[str, str], manager_command: str = "") -> StopBudget:
     """The grace and drain this process uses, cut to fit a known manager's SIGKILL."""
     grace, drain = settings.shutdown_grace_seconds, settings.shutdown_drain_seconds
-    manager = detect_manager(environ)
+    manager = detect_manager(environ, manager_command)
     if manager is None:
         return StopBudget(grace, drain, None)
     warnings = []
@@ -106,8 +120,8 @@ def fit(settings: Settings, environ: Mapping[str, str]) -> StopBudget:
 
 @functools.cache
 def current() -> StopBudget:
-    """This process's stop budget (settings and environment read once)."""
-    return fit(get_settings(), os.environ)
+    """This process's stop budget (settings, environment and manager read once)."""
+    return fit(get_settings(), os.environ, shutdown.manager_command())
 
 
 def announce() -> StopBudget:

@@ -10,7 +10,7 @@ jobs survive a Ctrl+C and a restart.
 The broker must outlive its clients: at a stop, the worker still needs it to
 hand running jobs back. So redis-server runs in its own session, out of
 reach of honcho's group SIGTERM, and this launcher stops it only once every
-client has disconnected (or the linger budget, grace + 1.5 s, is spent: still
+client has disconnected (or the linger budget, grace + 1.5 s or drain + 1 s, is spent: still
 inside honcho's 5 s window), with SIGTERM, on which it saves and exits. If the launcher itself
 is SIGKILLed, the kernel sends redis-server SIGTERM (PR_SET_PDEATHSIG), which
 saves and exits: never an orphan.
@@ -46,7 +46,6 @@ from app import logs, shutdown
 
 log = logging.getLogger("broker")
 
-LINGER_MARGIN_SECONDS = 1.5
 #: How long the launcher waits for redis-server to save and exit after SIGTERM.
 SERVER_STOP_SECONDS = 1.0
 #: SIGQUIT too: supervisord and `honcho export` stop with it; here it is as graceful as SIGTERM.
@@ -175,13 +174,13 @@ def main() -> None:
 
     settings = get_settings()
     logs.configure("broker")
-    grace = budget.announce().grace
+    linger_seconds = budget.announce().broker_linger
     shutdown.stop_with_parent()  # kept across exec
     command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
-                  "--linger", str(grace + LINGER_MARGIN_SECONDS)]
+                  "--linger", str(linger_seconds)]
     else:
         command += ["--external", "BROKER_URL" if settings.explicit_broker_url else "REDIS_URL"]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec

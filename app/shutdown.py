@@ -267,6 +267,15 @@ def _manager_pid() -> int:
     return grandparent if wrapper and grandparent > 1 else parent
 
 
+def manager_command() -> str:
+    """The command line of the manager that started us (see :func:`_manager_pid`); "" if unknown."""
+    try:
+        with open(f"/proc/{_manager_pid()}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def _watch_manager(pid: int, signum: int) -> None:
     """Send ourselves ``signum`` when process ``pid`` exits (a daemon thread waits on its pidfd)."""
     try:

@@ -8,6 +8,8 @@ from app import budget
 from app.config import Settings
 from tasks import lifecycle
 
+HONCHO = "/venv/bin/python /venv/bin/honcho start"
+
 
 def settings(grace: float = 3.0, drain: float = 0.0) -> Settings:
     return Settings(shutdown_grace_seconds=grace, shutdown_drain_seconds=drain)
@@ -21,7 +23,7 @@ def test_no_manager_known_keeps_the_settings_as_they_are():
 def test_under_honcho_a_long_grace_is_cut_to_fit_its_5_s_kill_and_says_so():
     # One container with honcho as PID 1 and the Kubernetes grace of 25 s: honcho
     # SIGKILLs everything 5 s after the first process (beat) exits.
-    fitted = budget.fit(settings(25, 6), {"HONCHO_PROCESS_NAME": "worker.1"})
+    fitted = budget.fit(settings(25, 6), {"HONCHO_PROCESS_NAME": "worker.1"}, HONCHO)
     assert (fitted.grace, fitted.drain) == (3, 4)
     assert fitted.stop_timeout <= budget.HONCHO_KILL_WAIT
     assert len(fitted.warnings) == 2
@@ -30,7 +32,7 @@ def test_under_honcho_a_long_grace_is_cut_to_fit_its_5_s_kill_and_says_so():
 
 
 def test_the_default_grace_fits_honcho_without_a_warning():
-    fitted = budget.fit(settings(), {"HONCHO_PROCESS_NAME": "web.1"})
+    fitted = budget.fit(settings(), {"HONCHO_PROCESS_NAME": "web.1"}, HONCHO)
     assert (fitted.grace, fitted.warnings) == (3, ())
 
 
@@ -41,7 +43,7 @@ def test_heroku_allows_its_30_s():
 
 
 def test_foreman_only_warns_its_t_flag_cannot_be_seen():
-    fitted = budget.fit(settings(10), {"PS": "worker.1"})
+    fitted = budget.fit(settings(10), {"PS": "worker.1"}, "/usr/bin/ruby3.1 /usr/bin/foreman start")
     assert fitted.grace == 10
     assert fitted.warnings and "-t 13" in fitted.warnings[0]
 
@@ -51,4 +53,19 @@ def test_what_the_worker_needs_after_the_grace_is_what_its_phases_take(environ):
     # The budget's overhead must cover tasks/lifecycle.py's phase deadlines.
     phases = lifecycle.HANDBACK_SECONDS + lifecycle.POOL_EXIT_SECONDS + lifecycle.CLOSE_SECONDS
     assert phases <= budget.WORKER_AFTER_GRACE
-    assert budget.fit(settings(1000), environ).stop_timeout <= budget.detect_manager(environ).kill_after
+    fitted = budget.fit(settings(1000), environ, HONCHO)
+    assert fitted.stop_timeout <= budget.detect_manager(environ, HONCHO).kill_after
+
+
+@pytest.mark.parametrize(("environ", "manager"), [
+    ({"HONCHO_PROCESS_NAME": "worker.1"}, "/usr/bin/python3 /usr/bin/supervisord -n"),  # honcho export
+    ({"PS": "worker.1"}, "/usr/lib/systemd/systemd --system"),  # foreman export systemd
+])
+def test_an_exports_leftover_variable_under_another_manager_cuts_nothing(environ, manager):
+    fitted = budget.fit(settings(25), environ, manager)
+    assert (fitted.grace, fitted.manager, fitted.warnings) == (25, None, ())
+
+
+def test_the_broker_waits_for_the_longest_of_the_worker_and_the_draining_web():
+    assert budget.fit(settings(3, 0), {}).broker_linger == 3 + budget.BROKER_LINGER_MARGIN
+    assert budget.fit(settings(3, 10), {}).broker_linger == 10 + budget.WEB_AFTER_DRAIN
