@@ -66,13 +66,74 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class ProcessSet:
+class AppClient:
+    """The app's HTTP API and its ledger, for a set run by any manager.
+
+    ``port`` is the web port; ``var`` the set's ``VAR_DIR`` (the SQLite
+    ledger is read from there, also with the set stopped). ProcessSet is one;
+    tests/workload.py and the deploy tests use it for sets that supervisord or
+    foreman run.
+    """
+
+    def __init__(self, port: int, var: Path) -> None:
+        self.port = port
+        self.var = var
+
+    # -- HTTP --------------------------------------------------------------
+    def http(self, method: str, path: str, body: Any = None, *, timeout: float = 40,
+             headers: dict[str, str] | None = None, raw: bytes | None = None) -> Response:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return Response(r.status, json.loads(r.read() or b"null"), dict(r.headers))
+        except urllib.error.HTTPError as e:
+            payload = e.read()
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                parsed = payload.decode(errors="replace")
+            return Response(e.code, parsed, dict(e.headers))
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            return Response(0, str(e))
+
+    def submit(self, task: str, **args: Any) -> str:
+        r = self.http("POST", "/jobs", {"task": task, "args": args})
+        assert r.status == 202, r
+        return r.body["id"]
+
+    def wait_status(self, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, wait=0)
+            if job["status"] == status or time.monotonic() > deadline:
+                assert job["status"] == status, job
+                return job
+            time.sleep(0.05)
+
+    def stored_jobs(self) -> dict[str, dict[str, Any]]:
+        """The ledger as the database holds it (readable with the set stopped)."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.var / "app.db")) as db:
+            db.row_factory = sqlite3.Row
+            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
+
+    def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        r = self.http("GET", f"/jobs/{job_id}?wait={wait}")
+        assert r.status == 200, r
+        return r.body
+
+
+class ProcessSet(AppClient):
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
                  procfile: Path | None = None, cwd: Path = ROOT,
                  command: list[str] | None = None, runs_honcho: bool | None = None) -> None:
+        super().__init__(free_port(), workdir / "var")
         self.workdir = workdir
-        self.port = free_port()
-        self.var = workdir / "var"
         self.env = {**os.environ, "PORT": str(self.port), "VAR_DIR": str(self.var),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
         for inherited in ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL", "DATABASE_URL",
@@ -251,51 +312,3 @@ class ProcessSet:
                 return
             time.sleep(0.05)
         raise AssertionError(f"not ready within {timeout} s:\n{self.output}")
-
-    # -- HTTP --------------------------------------------------------------
-    def http(self, method: str, path: str, body: Any = None, *, timeout: float = 40,
-             headers: dict[str, str] | None = None, raw: bytes | None = None) -> Response:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        hdrs.update(headers or {})
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         method=method, headers=hdrs)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                return Response(r.status, json.loads(r.read() or b"null"), dict(r.headers))
-        except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                parsed = json.loads(payload)
-            except ValueError:
-                parsed = payload.decode(errors="replace")
-            return Response(e.code, parsed, dict(e.headers))
-        except (urllib.error.URLError, ConnectionError, OSError) as e:
-            return Response(0, str(e))
-
-    def submit(self, task: str, **args: Any) -> str:
-        r = self.http("POST", "/jobs", {"task": task, "args": args})
-        assert r.status == 202, r
-        return r.body["id"]
-
-    def wait_status(self, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id, wait=0)
-            if job["status"] == status or time.monotonic() > deadline:
-                assert job["status"] == status, job
-                return job
-            time.sleep(0.05)
-
-    def stored_jobs(self) -> dict[str, dict[str, Any]]:
-        """The ledger as the database holds it (readable with the set stopped)."""
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(self.var / "app.db")) as db:
-            db.row_factory = sqlite3.Row
-            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
-
-    def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
-        r = self.http("GET", f"/jobs/{job_id}?wait={wait}")
-        assert r.status == 200, r
-        return r.body
