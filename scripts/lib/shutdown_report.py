@@ -41,6 +41,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import threading
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import stopcheck.report
 from stopcheck.observe import (  # noqa: F401 - the unit tests read some of them from here
     CN_IDX_PROC,
     CN_MSG_HDR,
@@ -762,6 +764,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="echo honcho's output to stderr")
     p.add_argument("--no-proc-connector", action="store_true",
                    help="observe by polling only (what a non-root user gets before Linux 6.6)")
+    stopcheck.report.add_arguments(p)
     args = p.parse_args(argv)
     if args.up is None:
         args.up = 0.0 if args.url else 3.0
@@ -785,6 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not entries:
         print(f"shutdown-report: {procfile} has no entries", file=sys.stderr)
         return 2
+    if args.manager != "honcho":  # another manager's stop, simulated or real: stopcheck/report.py
+        with tempfile.TemporaryDirectory(prefix="shutdown-report-") as workdir:
+            return stopcheck.report.main(args, directory, entries, Path(workdir))
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
