@@ -1,15 +1,20 @@
 """gunicorn for the web process: settings, then lifecycle hooks.
 
-Stop signals and what they do here:
-  SIGTERM (honcho, systemd, Heroku; to the master *and* workers at once):
-      graceful. Workers finish the requests in flight (long polls answer at
-      once with the job's current state), then ``worker_exit`` closes their
-      connections; the master waits ``graceful_timeout`` at most.
-  SIGINT (Ctrl+C of ``gunicorn`` run directly; the tty sends it to every
-      process): stock gunicorn does a quick shutdown and its workers answer
-      requests in flight with HTTP 500. Here SIGINT is made graceful too, in
-      the master (``on_starting``) and in each worker (``post_worker_init``).
-  SIGQUIT: left as gunicorn's quick shutdown, the explicit "now" signal.
+Stop signals and what they do here (every stop signal is graceful):
+  SIGTERM (honcho, systemd, Heroku, Kubernetes; under honcho to the master
+      *and* workers at once), SIGINT (Ctrl+C of ``gunicorn`` run directly)
+      and SIGQUIT (supervisord's and ``honcho export``'s default): workers
+      finish the requests in flight (long polls answer at once with the
+      job's current state), then ``worker_exit`` closes their connections;
+      the master waits ``graceful_timeout`` at most. Stock gunicorn takes
+      SIGINT and SIGQUIT as its quick stop: requests in flight get HTTP 500
+      or a cut answer.
+  With ``SHUTDOWN_DRAIN_SECONDS`` > 0, the first stop signal starts a drain
+      first: the master and every worker serve on, ``/readyz`` answers 503,
+      so a load balancer or Kubernetes Service stops routing here before the
+      listener closes (closing at once refuses what it still sends). The
+      master tells its workers (SIGTERM) in case only it got the signal
+      (PID 1 of a container); a second SIGINT or SIGQUIT ends the drain.
 """
 
 import logging
@@ -19,7 +24,7 @@ import signal
 import sys
 
 import app
-from app import db, logs, shutdown
+from app import budget, db, logs, shutdown
 from app.config import get_settings
 
 _settings = get_settings()
@@ -48,7 +53,8 @@ SHARED_MODULES = ("flask", "sqlalchemy.dialects.sqlite", "app.api", "tasks.jobs"
                   "celery.canvas", "celery.result", "celery.loaders.app", "kombu.transport.redis")
 
 # -- shutdown --------------------------------------------------------------
-graceful_timeout = math.ceil(_settings.shutdown_grace_seconds)  # budget shared with the worker
+_budget = budget.current()
+graceful_timeout = math.ceil(_budget.grace)  # budget shared with the worker
 keepalive = 2
 CLOSE_BUDGET = 1.0  # for the registry at exit: every connection closed, or given up, within it
 
@@ -57,22 +63,32 @@ logconfig_dict = logs.LOGGING
 
 
 def on_starting(server):
-    """Master: make SIGINT graceful; log the stop signal; stop if honcho dies."""
+    """Master: every stop signal graceful, after the drain; log it; stop if the manager dies."""
     shutdown.stop_with_parent()
     shutdown.enable_stack_dumps()
+    budget.announce()
     registry = shutdown.current()
-    graceful = server.handle_term
+    graceful = server.handle_term  # raises StopIteration: gunicorn's graceful stop
+    drain = _budget.drain
 
-    def handle_term():
-        registry.signal_received(signal.SIGTERM)
+    def handle_stop(signum: int) -> None:  # from the master's loop, not in signal context
+        if not registry.shutting_down.is_set():
+            registry.signal_received(signum)
+            if drain > 0:
+                logging.getLogger("shutdown").info(
+                    "draining for %.1f s: serving on, /readyz says 503", drain)
+                server.kill_workers(signal.SIGTERM)  # they drain too (PID 1 gets the only signal)
+                signal.signal(signal.SIGALRM, server.signal)  # queued like any signal: handle_alrm
+                signal.setitimer(signal.ITIMER_REAL, drain)
+                return
+        elif drain > 0 and signum == signal.SIGTERM and signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+            return  # a repeat during the drain; SIGINT or SIGQUIT end it
         graceful()
 
-    def handle_int():
-        registry.signal_received(signal.SIGINT)
-        graceful()  # not gunicorn's quick stop: requests in flight would get 500
-
-    server.handle_term = handle_term
-    server.handle_int = handle_int
+    server.handle_term = lambda: handle_stop(signal.SIGTERM)
+    server.handle_int = lambda: handle_stop(signal.SIGINT)  # not gunicorn's quick stop (500s)
+    server.handle_quit = lambda: handle_stop(signal.SIGQUIT)  # likewise
+    server.handle_alrm = graceful  # the drain is over
 
 
 def pre_fork(server, worker):
@@ -85,17 +101,19 @@ def post_fork(server, worker):
     logs.set_role("web.worker")
     shutdown.enable_stack_dumps()
     db.after_fork()
+    worker.drain_seconds = _budget.drain
 
 
 def post_worker_init(worker):
-    """Worker, app loaded: graceful SIGINT, logged signals, Celery's pools closed at exit."""
+    """Worker, app loaded: logged stop signals, Celery's pools closed at exit.
+
+    The worker class (app/web_worker.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
+    """
     from app import broker
 
     registry = shutdown.current()
     registry.register("celery broker connections", broker.close_celery_connections)
-    # The same graceful exit for a terminal's SIGINT as for SIGTERM.
-    signal.signal(signal.SIGINT, worker.handle_exit)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         shutdown.chain_signal(signum, registry.signal_received)
         signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
 

@@ -47,7 +47,8 @@ log = logging.getLogger("broker")
 LINGER_MARGIN_SECONDS = 1.5
 #: How long the launcher waits for redis-server to save and exit after SIGTERM.
 SERVER_STOP_SECONDS = 1.0
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: SIGQUIT too: supervisord and `honcho export` stop with it; here it is as graceful as SIGTERM.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
 def redis_server_binary() -> str:
@@ -146,15 +147,18 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     """Read and check the settings, then become the lean watcher (never returns)."""
-    from app.config import get_settings  # pydantic: dropped by the exec below
+    from app import budget  # pydantic: dropped by the exec below
+    from app.config import get_settings
 
     settings = get_settings()
+    logs.configure("broker")
+    grace = budget.announce().grace
     shutdown.stop_with_parent()  # kept across exec
     command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
-                  "--linger", str(settings.shutdown_grace_seconds + LINGER_MARGIN_SECONDS)]
+                  "--linger", str(grace + LINGER_MARGIN_SECONDS)]
     else:
         command += ["--external", "BROKER_URL" if settings.explicit_broker_url else "REDIS_URL"]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
@@ -174,6 +178,7 @@ def watch(args: argparse.Namespace) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    shutdown.stop_with_parent()  # again: a watching thread does not survive the exec
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     if args.server is None:

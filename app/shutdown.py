@@ -27,6 +27,7 @@ import ctypes
 import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -221,23 +222,68 @@ def log_stacks(reason: str) -> None:
 
 _PR_SET_PDEATHSIG = 1
 _parent_at_start = os.getppid()
+#: Shells that run a Procfile line (``sh -c '<line>'``: honcho, a plain shell).
+_SHELLS = {"sh", "dash", "bash", "ash", "zsh", "ksh"}
 
 
 def stop_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Get ``signum`` when the process that started us dies; never run on as an orphan.
+    """Get ``signum`` when the manager that started us dies; never run on as an orphan.
 
     A closed terminal (SIGHUP) or a SIGKILL kills honcho but not its children,
     which are each in a session of their own: without this they keep running
     (and serving, and holding jobs) until someone finds them with ``ps``.
-    With it, they get SIGTERM and stop as gracefully as on Ctrl+C. Linux only
-    (``prctl``); elsewhere a no-op. Call it early in each top-level process
-    (gunicorn master, Celery worker and beat, the broker launcher); forked
-    children do not inherit it.
+    With it, they get SIGTERM and stop as gracefully as on Ctrl+C. Linux only;
+    elsewhere a no-op. Call it early in each top-level process (gunicorn
+    master, Celery worker and beat, the broker launcher); forked children do
+    not inherit it.
+
+    honcho runs each Procfile line as ``sh -c '<line>'``, and dash does not
+    exec the last command, so the shell stays between the manager and us
+    (the Procfile has no ``exec``: foreman's exports and supervisord cannot run
+    one). That shell outlives the manager, so here the manager itself is
+    watched (``pidfd``), and the shell's own death on the stop signal is not
+    taken for the manager's.
     """
-    if not parent_death_signal(signum):
+    manager = _manager_pid()
+    if manager == os.getppid():
+        if parent_death_signal(signum) and os.getppid() != _parent_at_start:
+            os.kill(os.getpid(), signum)  # it died while we were starting
         return
-    if os.getppid() != _parent_at_start:  # it died while we were starting
+    _watch_manager(manager, signum)
+
+
+def _manager_pid() -> int:
+    """Our parent, or the parent's parent when ours is only a ``sh -c`` wrapper of this line."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{parent}/stat", "rb") as f:
+            grandparent = int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return parent
+    wrapper = len(argv) >= 3 and os.path.basename(argv[0].decode(errors="replace")) in _SHELLS \
+        and argv[1] == b"-c"
+    return grandparent if wrapper and grandparent > 1 else parent
+
+
+def _watch_manager(pid: int, signum: int) -> None:
+    """Send ourselves ``signum`` when process ``pid`` exits (a daemon thread waits on its pidfd)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
         os.kill(os.getpid(), signum)
+        return
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): the shell's PDEATHSIG at least
+        parent_death_signal(signum)
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        log.warning("the process manager (pid %d) is gone: stopping", pid)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=wait, name="manager-watch", daemon=True).start()
 
 
 def parent_death_signal(signum: int) -> bool:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -189,14 +190,52 @@ def _accept_pending(listener) -> list[tuple[socket.socket, object]]:
 
 
 class _ClosingApp:
-    """Both worker classes: the app wrapped to close connections that must not be reused."""
+    """Both worker classes: graceful on every stop signal, after an optional drain;
+    the app wrapped to close connections that must not be reused."""
 
     alive: bool
     wsgi: Callable[..., object]
+    #: Serve on this long after the first stop signal (set by gunicorn.conf.py's ``post_fork``).
+    drain_seconds = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._request = threading.local()  # the request this thread is handling
+        self._draining = False
+
+    def init_signals(self) -> None:
+        """SIGINT and SIGQUIT stop as gracefully as SIGTERM (gunicorn: quick stop, 500s, cut answers).
+
+        A terminal's Ctrl+C, supervisord's and ``honcho export``'s SIGQUIT:
+        none of them means "drop the requests in flight". SIGALRM ends a drain.
+        """
+        super().init_signals()
+        for signum in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, self.handle_exit)
+        signal.signal(signal.SIGALRM, self._drained)
+
+    def handle_exit(self, sig, frame) -> None:
+        """A stop signal: stop now, or start the drain (only records: an interval timer ends it).
+
+        A worker forked after the master began its stop (the master's
+        listener copy is gone) does not drain: its drain would outlast the
+        master's. A SIGTERM during the drain is a repeat (the master's own,
+        or a group's); SIGINT and SIGQUIT end the drain at once.
+        """
+        if self._draining and sig == signal.SIGTERM:
+            return
+        if not self._draining and self.drain_seconds > 0 and self.alive and self._master_listening():
+            self._draining = True
+            signal.setitimer(signal.ITIMER_REAL, self.drain_seconds)
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        super().handle_exit(sig, frame)
+
+    def _drained(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+
+    def _master_listening(self) -> bool:
+        return all(_holds(self.ppid, listener) for listener in self.sockets)
 
     def load_wsgi(self) -> None:
         """Wrap the app: ``Connection: close`` on an answer that starts once the stop has

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
-from app import broker, logs, shutdown
+from app import broker, budget, logs, shutdown
 from tasks import sweeper
 
 log = logging.getLogger("celery.beat")
@@ -38,6 +38,7 @@ class Scheduler(PersistentScheduler):
         logs.set_role("beat")
         shutdown.stop_with_parent()
         shutdown.enable_stack_dumps()
+        budget.announce()
         # Beat may be first up on a fresh machine: nothing else has made var/ yet.
         Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         super().setup_schedule()
@@ -47,6 +48,10 @@ class Scheduler(PersistentScheduler):
                           functools.partial(PersistentScheduler.close, self))
         self.sweeper = sweeper.Sweeper()
         self.sweeper.start(registry)  # registered last: stopped first
+        # Celery leaves SIGQUIT at its default (die at once, the schedule's
+        # last runs unsaved); supervisord and `honcho export` stop with it.
+        # First: it takes Celery's SIGTERM handler, before that is wrapped.
+        _first_only(signal.SIGQUIT, registry, like=signal.SIGTERM)
         for signum in (signal.SIGTERM, signal.SIGINT):
             _first_only(signum, registry)
 
@@ -82,15 +87,16 @@ class Scheduler(PersistentScheduler):
         shutdown.current().close_all(budget=CLOSE_BUDGET)
 
 
-def _first_only(signum: int, registry: shutdown.ShutdownRegistry) -> None:
+def _first_only(signum: int, registry: shutdown.ShutdownRegistry, like: int | None = None) -> None:
     """Log the first stop signal, then run Celery's sync handler; ignore repeats.
 
     Celery's handler syncs the store and raises SystemExit. A second signal
     (the parent-death signal comes once per thread of the dying parent; an
     impatient Ctrl+C) would raise SystemExit again in the middle of that
-    sync. The first one is enough.
+    sync. The first one is enough. ``like``: handle ``signum`` with Celery's
+    handler for that other signal.
     """
-    celery_handler = signal.getsignal(signum)
+    celery_handler = signal.getsignal(signum if like is None else like)
 
     def handler(sig: int, frame: object) -> None:
         if registry.shutting_down.is_set():

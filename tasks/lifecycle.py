@@ -7,7 +7,7 @@ in its warm shutdown; and that warm shutdown has no time limit of its own.
 
 What we do instead:
 
-* Pool children ignore SIGTERM and SIGINT (``worker_process_init``): a
+* Pool children ignore SIGTERM, SIGINT and SIGQUIT (``worker_process_init``): a
   broadcast cannot kill a running task. They answer SIGUSR2 by handing their
   job back (tasks/jobs.py: ``HandBack`` -> ledger ``queued`` -> ``Reject``
   with requeue).
@@ -36,11 +36,13 @@ import time
 
 import psutil
 from celery import signals
+from celery.exceptions import WorkerShutdown
+from celery.platforms import EX_OK
 from celery.worker import state
+from celery.worker.control import control_command
 
 import app
-from app import broker, db, ledger, logs, shutdown
-from app.config import get_settings
+from app import broker, budget, db, ledger, logs, shutdown
 from tasks import jobs
 
 log = logging.getLogger("shutdown")
@@ -69,6 +71,7 @@ def _worker_starting(**_: object) -> None:
     """
     shutdown.stop_with_parent()
     shutdown.enable_stack_dumps()
+    budget.announce()
     broker.wait_until_up()
 
 
@@ -84,10 +87,18 @@ def _worker_init(**_: object) -> None:
 def _install_stop_handlers(sender: object, **_: object) -> None:
     """MainProcess: replace Celery's stop handlers (installed just before)."""
     global _stop
-    _stop = WorkerStop(get_settings().shutdown_grace_seconds)
+    _stop = WorkerStop(budget.current().grace)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop.on_signal)
     # The event loop wakes on these signals at once: tasks/consumer.py.
+
+
+@control_command(name="shutdown")
+def _remote_shutdown(_state: object, **_: object) -> None:
+    """Shutdown worker(s), within the grace (replaces Celery's ``shutdown`` command)."""
+    if _stop is not None:
+        _stop.on_remote_shutdown()
+    raise WorkerShutdown(EX_OK)
 
 
 class WorkerStop:
@@ -131,19 +142,38 @@ class WorkerStop:
         (``stop_with_parent``) comes once per thread of the dying parent, so
         two can arrive within a millisecond of each other.
         """
-        registry = shutdown.current()
         if self._started:
             if signum != signal.SIGTERM:
                 log.warning("%s again: handing back running tasks now",
                             signal.Signals(signum).name)
                 self._now.set()
             return
+        shutdown.current().signal_received(signum, self._plan())
+        self.begin()
+
+    def on_remote_shutdown(self) -> None:
+        """``celery control shutdown``: the same bounded stop as a signal.
+
+        Celery's own command only raises WorkerShutdown: a warm shutdown with
+        no deadline, which waits for running tasks however long they take.
+        """
+        if not self._started:
+            log.warning("shutdown requested by a remote control command")
+            shutdown.current().begin(self._plan())
+            self.begin()
+
+    def begin(self) -> None:
+        """Start Celery's warm shutdown and the watchdog that bounds it (once)."""
+        if self._started:
+            return
         self._started = True
-        registry.signal_received(signum, f"grace {self.grace:.1f} s for {len(_running())} running task(s)")
         # Celery's own warm shutdown: the event loop raises WorkerShutdown,
         # the consumer stops, the pool drains, exit code 0.
         state.should_stop = 0
         threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
+
+    def _plan(self) -> str:
+        return f"grace {self.grace:.1f} s for {len(_running())} running task(s)"
 
     def _watch(self) -> None:
         try:
@@ -282,6 +312,7 @@ def _child_init(**_: object) -> None:
     shutdown.current().register("celery broker connections", broker.close_celery_connections)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group broadcast is for the MainProcess
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl+C, likewise
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # supervisord's stopasgroup, likewise
     signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
 
 

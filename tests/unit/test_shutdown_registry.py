@@ -463,3 +463,56 @@ def test_log_stacks_logs_every_thread_by_name(shutdown_logs):
     assert any(m.startswith("phase overran: stack of thread parked-for-the-test:") and "wait" in m
                for m in logged), logged
     assert any(m.startswith("phase overran: stack of thread MainThread:") for m in logged), logged
+
+
+# -- the manager a program follows (stop_with_parent) --------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PRINT_MANAGER = "import os; from app import shutdown; print(os.getppid(), shutdown._manager_pid())"
+
+
+@pytest.mark.parametrize(("line", "wrapped"), [
+    ("{python} -c '{code}'", True),  # honcho: dash forks the program and waits
+    ("{python} -c '{code}'; true", True),
+    ("exec {python} -c '{code}'", False),  # the shell is replaced: our parent is the manager
+])
+def test_the_manager_is_the_shells_parent_when_a_sh_c_stands_between(line, wrapped):
+    import subprocess
+    import sys
+
+    command = line.format(python=sys.executable, code=_PRINT_MANAGER)
+    shell = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    out, _ = shell.communicate(timeout=30)
+    parent, manager = map(int, out.split())
+    assert manager == os.getpid()
+    assert parent == (shell.pid if wrapped else os.getpid())
+
+
+def test_a_program_stops_when_the_manager_behind_its_sh_c_dies(tmp_path):
+    # honcho SIGKILLed: its helper (the manager here) dies, the `sh -c` lives on.
+    import subprocess
+    import sys
+    import time
+
+    program = ("import signal, sys, time; from app import shutdown\n"
+               "signal.signal(signal.SIGTERM, lambda *_: (print('stopping', flush=True), sys.exit(0)))\n"
+               "shutdown.stop_with_parent(); print('up', flush=True); time.sleep(60)")
+    script = tmp_path / "program.py"
+    script.write_text(program)
+    out = tmp_path / "out"
+    manager = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen(['/bin/sh', '-c', '{sys.executable} {script} > {out}'])\n"
+        "time.sleep(60)")], env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        deadline = time.monotonic() + 20
+        while "up" not in (out.read_text() if out.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        manager.kill()
+        manager.wait()
+        while "stopping" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text().split() == ["up", "stopping"]
+    finally:
+        manager.kill()

@@ -1,0 +1,121 @@
+"""How long each process's stop may take, checked against the process manager's SIGKILL.
+
+Every process reads its stop budget here, never the raw settings:
+
+  web     ``SHUTDOWN_DRAIN_SECONDS`` of serving on after the stop signal
+          (``/readyz`` 503, so a load balancer stops routing), then the
+          requests in flight: about :data:`WEB_AFTER_DRAIN` (long polls
+          answer at once with the job's state).
+  worker  ``SHUTDOWN_GRACE_SECONDS`` for running jobs, then at most
+          :data:`WORKER_AFTER_GRACE` to hand back what still runs, let the
+          pool exit and close (tasks/lifecycle.py, phase by phase).
+  beat, broker  well under a second (the broker lingers for its clients).
+
+Where the manager is known from the environment, its SIGKILL window is known
+too, and a budget that does not fit is cut down to fit, with a warning at
+start: a job still running when the shorter grace ends is handed back to the
+queue, where a SIGKILL would leave it ``running`` until its lease expires.
+
+  honcho (``HONCHO_PROCESS_NAME``)  SIGKILL to everything 5 s after the
+      *first* process exits, and beat exits within a few hundred ms:
+      every stop must fit in 5 s (grace <= 3, drain <= 4). One container
+      with honcho as PID 1 is this case too, whatever the platform's grace.
+  Heroku (``DYNO``)  SIGKILL 30 s after SIGTERM.
+  foreman (``PS``)  SIGKILL ``-t`` seconds (default 5) after SIGTERM; ``-t``
+      cannot be seen from here, so only a warning.
+
+systemd, supervisord and Kubernetes take their timeout from their own
+configuration: the templates in deploy/ derive it from this budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from app.config import Settings, get_settings
+
+log = logging.getLogger("shutdown")
+
+#: After the grace, the worker's hand-back (0.5 s), pool exit (0.5 s) and close (1 s).
+WORKER_AFTER_GRACE = 2.0
+#: After the drain, what the web process needs to answer what is in flight and close.
+WEB_AFTER_DRAIN = 1.0
+HONCHO_KILL_WAIT = 5.0
+HEROKU_KILL_WAIT = 30.0
+FOREMAN_KILL_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class Manager:
+    name: str
+    kill_after: float  # seconds from the stop (honcho: from the first exit) to SIGKILL
+    enforce: bool  # the window is certain: cut the budget to fit; else only warn
+
+
+@dataclass(frozen=True)
+class StopBudget:
+    grace: float
+    drain: float
+    manager: Manager | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def stop_timeout(self) -> float:
+        """What a manager's stop timeout must exceed for this set to stop unkilled."""
+        return max(self.grace + WORKER_AFTER_GRACE, self.drain + WEB_AFTER_DRAIN)
+
+
+def detect_manager(environ: Mapping[str, str]) -> Manager | None:
+    """The process manager that started us, where it says so in the environment."""
+    if environ.get("HONCHO_PROCESS_NAME"):
+        return Manager("honcho", HONCHO_KILL_WAIT, enforce=True)
+    if environ.get("DYNO"):
+        return Manager("Heroku", HEROKU_KILL_WAIT, enforce=True)
+    if environ.get("PS"):
+        return Manager("foreman", FOREMAN_KILL_WAIT, enforce=False)
+    return None
+
+
+def fit(settings: Settings, environ: Mapping[str, str]) -> StopBudget:
+    """The grace and drain this process uses, cut to fit a known manager's SIGKILL."""
+    grace, drain = settings.shutdown_grace_seconds, settings.shutdown_drain_seconds
+    manager = detect_manager(environ)
+    if manager is None:
+        return StopBudget(grace, drain, None)
+    warnings = []
+    max_grace = manager.kill_after - WORKER_AFTER_GRACE
+    max_drain = manager.kill_after - WEB_AFTER_DRAIN
+    for name, value, limit in (("SHUTDOWN_GRACE_SECONDS", grace, max_grace),
+                               ("SHUTDOWN_DRAIN_SECONDS", drain, max_drain)):
+        if value <= limit:
+            continue
+        if manager.enforce:
+            warnings.append(f"{name}={value:g} does not fit {manager.name}'s SIGKILL "
+                            f"{manager.kill_after:g} s into a stop: using {limit:g} s")
+        else:
+            warnings.append(f"{name}={value:g} does not fit {manager.name}'s default SIGKILL "
+                            f"{manager.kill_after:g} s into a stop: run it with -t {value + 3:g} or more")
+    if manager.enforce:
+        grace, drain = min(grace, max_grace), min(drain, max_drain)
+    return StopBudget(grace, drain, manager, tuple(warnings))
+
+
+@functools.cache
+def current() -> StopBudget:
+    """This process's stop budget (settings and environment read once)."""
+    return fit(get_settings(), os.environ)
+
+
+def announce() -> StopBudget:
+    """Log the budget's warnings; call once at start, once logging is set up."""
+    budget = current()
+    for warning in budget.warnings:
+        log.warning("%s", warning)
+    if budget.manager is not None and budget.manager.name == "honcho" and budget.warnings:
+        log.warning("for a longer grace, run each entry under its own manager (deploy/, README "
+                    "\"Deploying\"), not honcho")
+    return budget

@@ -1,0 +1,54 @@
+"""The stop budget against each known manager's SIGKILL window (app/budget.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import budget
+from app.config import Settings
+from tasks import lifecycle
+
+
+def settings(grace: float = 3.0, drain: float = 0.0) -> Settings:
+    return Settings(shutdown_grace_seconds=grace, shutdown_drain_seconds=drain)
+
+
+def test_no_manager_known_keeps_the_settings_as_they_are():
+    fitted = budget.fit(settings(25, 10), {})
+    assert (fitted.grace, fitted.drain, fitted.manager, fitted.warnings) == (25, 10, None, ())
+
+
+def test_under_honcho_a_long_grace_is_cut_to_fit_its_5_s_kill_and_says_so():
+    # One container with honcho as PID 1 and the Kubernetes grace of 25 s: honcho
+    # SIGKILLs everything 5 s after the first process (beat) exits.
+    fitted = budget.fit(settings(25, 6), {"HONCHO_PROCESS_NAME": "worker.1"})
+    assert (fitted.grace, fitted.drain) == (3, 4)
+    assert fitted.stop_timeout <= budget.HONCHO_KILL_WAIT
+    assert len(fitted.warnings) == 2
+    expected = "SHUTDOWN_GRACE_SECONDS=25 does not fit honcho's SIGKILL 5 s into a stop: using 3 s"
+    assert expected in fitted.warnings
+
+
+def test_the_default_grace_fits_honcho_without_a_warning():
+    fitted = budget.fit(settings(), {"HONCHO_PROCESS_NAME": "web.1"})
+    assert (fitted.grace, fitted.warnings) == (3, ())
+
+
+def test_heroku_allows_its_30_s():
+    assert budget.fit(settings(25), {"DYNO": "worker.1"}).warnings == ()
+    fitted = budget.fit(settings(29), {"DYNO": "worker.1"})
+    assert fitted.grace == 28 and fitted.stop_timeout <= budget.HEROKU_KILL_WAIT
+
+
+def test_foreman_only_warns_its_t_flag_cannot_be_seen():
+    fitted = budget.fit(settings(10), {"PS": "worker.1"})
+    assert fitted.grace == 10
+    assert fitted.warnings and "-t 13" in fitted.warnings[0]
+
+
+@pytest.mark.parametrize("environ", [{"HONCHO_PROCESS_NAME": "x"}, {"DYNO": "x"}])
+def test_what_the_worker_needs_after_the_grace_is_what_its_phases_take(environ):
+    # The budget's overhead must cover tasks/lifecycle.py's phase deadlines.
+    phases = lifecycle.HANDBACK_SECONDS + lifecycle.POOL_EXIT_SECONDS + lifecycle.CLOSE_SECONDS
+    assert phases <= budget.WORKER_AFTER_GRACE
+    assert budget.fit(settings(1000), environ).stop_timeout <= budget.detect_manager(environ).kill_after
