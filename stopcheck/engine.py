@@ -326,6 +326,11 @@ class Engine:
         self.tracker.reap_all()
         if not self._stop_threads.is_set():
             self.stop_observing()
+        for t in self._threads:
+            t.join(2)  # the output readers: their pipes are at EOF once the processes are gone
+        for run in self.running.values():
+            if run.popen.stdout is not None and not any(t.is_alive() for t in self._threads):
+                run.popen.stdout.close()
         if self.log:
             self.log.close()
             self.log = None

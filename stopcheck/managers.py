@@ -125,9 +125,9 @@ def plan(manager: str, directory: Path, entries: Sequence[tuple[str, str]], opts
                            f"every pod at once: {pre}SIGTERM to PID 1 of each container; SIGKILL "
                            f"{t:g} s after the start of the stop (terminationGracePeriodSeconds)")
     if manager == "heroku":
-        units = tuple(Unit(name, ("/bin/bash", "-c", cmd), Policy(signal_to=TREE, timeout=t, kill_to=TREE,
-                                                                  on_main_exit=WAIT), name)
-                      for name, cmd in entries)
+        policy = Policy(signal_to=TREE, timeout=t, kill_to=TREE, on_main_exit=WAIT)
+        units = tuple(Unit(name, ("/bin/bash", "-c", cmd), policy, name, env={"DYNO": f"{name}.1"})
+                      for name, cmd in entries)  # Heroku sets DYNO; app/budget.py reads it
         return Plan(manager, units, f"each entry in its own dyno (bash -c); SIGTERM to every process of "
                     f"every dyno at once; SIGKILL to what is left {t:g} s later")
     if manager == "systemd":
