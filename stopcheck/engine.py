@@ -158,11 +158,11 @@ class Engine:
 
         deadline = time.monotonic() + timeout
         while True:
-            for name, run in self.running.items():
+            live = {n: r for n, r in self.running.items() if not r.stopping}  # not the units stopped
+            for name, run in live.items():
                 if run.popen.poll() is not None:
                     raise NotReady(f"{name} exited with code {run.popen.returncode} before the set was up")
-            ready = all(self._find_main(r) and time.monotonic() - r.started_at >= up
-                        for r in self.running.values())
+            ready = all(self._find_main(r) and time.monotonic() - r.started_at >= up for r in live.values())
             if ready and (url is None or url_answers(url)):
                 return
             if time.monotonic() > deadline:
@@ -276,30 +276,33 @@ class Engine:
         self.tracker.kill(procs)
 
     def settle(self, seconds: float = 2.0) -> list[Proc]:
-        """After the stop: what still runs ``seconds`` later is left running (then killed by the report)."""
+        """After the stop: what of the stopped units still runs ``seconds`` later is left running (then
+        killed by the report). Units not stopped (a new dyno started during a deploy) are not counted."""
+        stopped = {n for n, r in self.running.items() if r.stopping}
         deadline = time.monotonic() + seconds
-        while self.ours() and time.monotonic() < deadline:
+        while self.ours(stopped) and time.monotonic() < deadline:
             time.sleep(POLL_INTERVAL)
         self.tracker.poll(full=True)
-        self.leftovers = self.ours()
+        time.sleep(0.1)  # exit events already sent by the kernel reach the connector thread
+        self.leftovers = self.ours(stopped)
         if self.leftovers:
             self._kill(self.leftovers, "report")
-        self._drain(5)
+        self._drain(5, stopped)
         return self.leftovers
 
-    def ours(self) -> list[Proc]:
-        """Running processes of the engine's units (not unshare, nor anything else of this process)."""
+    def ours(self, names: set[str] | None = None) -> list[Proc]:
+        """Running processes of the engine's units (or those named): not unshare, nor anything else."""
         unit_of = self._unit_of()
         runtime = {r.root for r in self.running.values() if r.unit.pid1}
-        return [p for p in self.tracker.alive() if p.pid in unit_of and p.pid not in runtime]
+        return [p for p in self.tracker.alive() if p.pid in unit_of and p.pid not in runtime
+                and (names is None or unit_of[p.pid] in names)]
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, names: set[str]) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for run in self.running.values():
-                run.popen.poll()
             self.tracker.reap_all()
-            if not self.ours() and all(r.popen.poll() is not None for r in self.running.values()):
+            if not self.ours(names) and all(r.popen.poll() is not None for n, r in self.running.items()
+                                            if n in names):
                 break
             time.sleep(POLL_INTERVAL)
         self.tracker.poll(full=True)

@@ -69,9 +69,8 @@ class ManagedSet(AppClient):
         self.engine.stop(names)
 
     def finish(self, settle: float = 2.0) -> list[dict[str, Any]]:
-        """After the stop: leftovers killed, observation ended; one row per process (stopcheck.report)."""
+        """After the stop: leftovers of the stopped units killed; one row per process (stopcheck.report)."""
         self.engine.settle(settle)
-        self.engine.stop_observing()
         self._rows = report.rows(self.engine)
         return self._rows
 
