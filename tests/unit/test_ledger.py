@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -487,3 +488,26 @@ def test_the_ledger_still_answers_after_the_registry_closed_the_database():
     shutdown.current().close_all()
 
     assert ledger.get(job_id)["id"] == job_id
+
+
+def _open_files_under(directory) -> list[str]:
+    """This process's open file descriptors on files under ``directory`` (Linux /proc)."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, gone already
+            continue
+    return [p for p in paths if p.startswith(str(directory))]
+
+
+def test_a_read_that_races_the_stop_closes_its_connection(var_dir) -> None:
+    """The registry has closed the database; a request still in hand reads, and its connection is
+    closed when it is done, not left for the exit to drop (PostgreSQL logs "unexpected EOF")."""
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    assert _open_files_under(var_dir)  # the pooled connection: the check below can see one
+    shutdown.current().close_all()
+    assert not _open_files_under(var_dir)  # the stop closed the pool
+
+    assert ledger.get(job_id)["id"] == job_id  # a late read still works
+    assert not _open_files_under(var_dir), _open_files_under(var_dir)
