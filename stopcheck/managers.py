@@ -233,6 +233,15 @@ def expand_exec(value: str, env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def unit_entry(name: str, env: Mapping[str, str], description: str) -> str:
+    """The Procfile entry a unit runs: HONCHO_PROCESS_NAME, else honcho export's "APP web.1"
+    description, else the unit's name."""
+    process = env.get("HONCHO_PROCESS_NAME") or (description.split()[-1] if description.strip() else "")
+    if re.fullmatch(r"[A-Za-z0-9_-]+\.\d+", process):
+        return process.rsplit(".", 1)[0]
+    return name
+
+
 def systemd_plan_from_files(units_dir: Path, opts: Options) -> Plan:
     """Units from ``*.service`` files (e.g. ``scripts/export systemd DIR``), their own settings."""
     files = sorted(units_dir.glob("*.service"))
@@ -256,7 +265,7 @@ def systemd_plan_from_files(units_dir: Path, opts: Options) -> Plan:
         sig = signal.Signals[unit.get("Service.KillSignal", ["SIGTERM"])[-1]]
         timeout = float(unit.get("Service.TimeoutStopSec", [str(DEFAULT_TIMEOUT["systemd"])])[-1]
                         .removesuffix("s"))
-        entry = env.get("HONCHO_PROCESS_NAME", name).split(".")[0]
+        entry = unit_entry(name, env, unit.get("Unit.Description", [""])[-1])
         cwd = unit.get("Service.WorkingDirectory", [""])[-1].lstrip("-") or None
         units.append(Unit(name, argv, systemd_policy(mode, sig, timeout, tuple(sorted(before[name]))), entry,
                           env=env, clean_env=True, cwd=cwd))

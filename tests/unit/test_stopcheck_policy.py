@@ -96,10 +96,11 @@ def test_systemd_plan_from_unit_files(tmp_path: Path) -> None:
         "[Unit]\nDescription=b\n[Service]\nEnvironment=\"HONCHO_PROCESS_NAME=broker.1\" \"A=1\"\n"
         "ExecStart=/venv/bin/python -m app.embedded_redis\nKillMode=mixed\nTimeoutStopSec=12\n")
     (tmp_path / "app-web-1.service").write_text(
-        "[Unit]\nAfter=app-broker-1.service\n[Service]\nEnvironment=\"PORT=5000\"\n"
+        "[Unit]\nDescription=app web.1\nAfter=app-broker-1.service\n[Service]\nEnvironment=\"PORT=5000\"\n"
         "WorkingDirectory=/srv\nExecStart=/venv/bin/gunicorn --bind ${PORT} $OPTS\nKillSignal=SIGINT\n")
     units = {u.name: u for u in plan("systemd", Path("/app"), [], Options(units_dir=tmp_path)).units}
     broker, web = units["app-broker-1"], units["app-web-1"]
+    assert web.entry == "web"  # from honcho export's Description
     assert broker.entry == "broker" and broker.policy.after == ("app-web-1",)  # stopped after web
     assert (broker.policy.on_main_exit, broker.policy.timeout) == (KILL_REST, 12.0)
     assert web.policy.on_main_exit == TERM_REST and web.policy.stop_signal == signal.SIGINT
