@@ -33,57 +33,68 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import errno
 import fcntl
 import json
 import os
 import pty
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-POLL_INTERVAL = 0.02
-FULL_SCAN_EVERY = 10  # with the proc connector, a full /proc scan every 10th poll (else every poll)
-PR_SET_CHILD_SUBREAPER = 36
-PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")  # honcho.environ's own pattern
+import stopcheck.report
+from stopcheck.observe import (  # noqa: F401 - the unit tests read some of them from here
+    CN_IDX_PROC,
+    CN_MSG_HDR,
+    CN_VAL_PROC,
+    EVENT_HDR,
+    FULL_SCAN_EVERY,
+    NLMSG_HDR,
+    POLL_INTERVAL,
+    PROC_EVENT_EXEC,
+    PROC_EVENT_EXIT,
+    PROC_EVENT_FORK,
+    PROC_EVENT_NONE,
+    Proc,
+    ProcConnector,
+    Tracker,
+    open_proc_connector,
+    parse_proc_events,
+    read_masks,
+    read_stat,
+    set_child_subreaper,
+)
+from stopcheck.text import (  # noqa: F401
+    decode_wait_status,
+    describe_exit,
+    describe_signals,
+    disposition,
+    format_table,
+    parse_procfile,
+    parse_status_masks,
+    short_command,
+    shorten,
+    signal_name,
+    signal_number,
+)
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 HONCHO_PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?P<name>\S+)\s*\| ?(?P<text>.*)$")
 STARTED = re.compile(r"^(?P<name>[\w.-]+) started \(pid=(?P<pid>\d+)\)$")
 SENDING = re.compile(r"^sending (?P<sig>SIG[A-Z0-9]+) to (?P<name>[\w.-]+) \(pid (?P<pid>\d+)\)$")
 STOPPED = re.compile(r"^(?P<name>[\w.-]+) stopped \(rc=(?P<rc>-?\d+|None)\)$")
-PYTHON = re.compile(r"^python[0-9.]*$")
 RECEIVED = re.compile(r"^(?P<sig>SIG[A-Z0-9]+) received$")
-
-# Linux proc connector (include/uapi/linux/cn_proc.h, connector.h).
-NETLINK_CONNECTOR = 11
-CN_IDX_PROC = 1
-CN_VAL_PROC = 1
-PROC_CN_MCAST_LISTEN = 1
-PROC_CN_MCAST_IGNORE = 2
-PROC_EVENT_NONE = 0x0  # the kernel's answer to LISTEN: err 0, or EPERM where listening needs root
-PROC_EVENT_FORK = 0x1
-PROC_EVENT_EXEC = 0x2
-PROC_EVENT_EXIT = 0x80000000
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-CN_MSG_HDR = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
-EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
-NLMSG_DONE = 3
-SO_RCVBUFFORCE = 33
-
 
 # --------------------------------------------------------------------------
 # Pure helpers: parsing and formatting (unit-tested)
@@ -129,474 +140,6 @@ def parse_honcho_line(line: str) -> HonchoEvent | None:
         return HonchoEvent("received", signal=m["sig"])
     return None
 
-
-def parse_procfile(text: str) -> list[tuple[str, str]]:
-    """(name, command) for each entry, as honcho reads them (lines it cannot parse are skipped)."""
-    entries = []
-    for line in text.splitlines():
-        m = PROCFILE_LINE.match(line)
-        if m and m.group(1) not in {n for n, _ in entries}:
-            entries.append((m.group(1), m.group(2)))
-    return entries
-
-
-def decode_wait_status(status: int) -> tuple[int | None, int | None]:
-    """(exit code, None) for a normal exit, (None, signal number) for a death by signal."""
-    termsig = status & 0x7F
-    if termsig == 0:
-        return (status >> 8) & 0xFF, None
-    return None, termsig
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"SIG{signum}"
-
-
-def signal_number(name: str) -> int:
-    return int(signal.Signals[name])
-
-
-def parse_status_masks(text: str) -> dict[str, int]:
-    """The signal masks of /proc/PID/status (``SigIgn``, ``SigCgt``, ``SigBlk``, ...) as integers."""
-    masks = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.startswith("Sig") or key.startswith("Shd"):
-            with contextlib.suppress(ValueError):
-                masks[key] = int(value.strip(), 16)
-    return masks
-
-
-def disposition(ignored: int | None, caught: int | None, signum: int) -> str:
-    """What a process does with ``signum``: "ignored", "handled", "default action" or "?"."""
-    if ignored is None or caught is None:
-        return "?"
-    bit = 1 << (signum - 1)
-    if ignored & bit:
-        return "ignored"
-    if caught & bit:
-        return "handled"
-    return "default action"
-
-
-def describe_exit(code: int | None, termsig: int | None) -> str:
-    """``0``, ``1``, ``SIGKILL`` (died of that signal) or ``?``."""
-    if termsig is not None:
-        return signal_name(termsig)
-    if code is not None:
-        return str(code)
-    return "?"
-
-
-def describe_signals(received: Sequence[tuple[str, str]]) -> str:
-    """[("SIGTERM", "handled"), ("SIGTERM", "handled")] -> "SIGTERM x2 (handled)"."""
-    if not received:
-        return "none directly"
-    groups: list[list[Any]] = []
-    for name, disp in received:
-        if groups and groups[-1][0] == name and groups[-1][1] == disp:
-            groups[-1][2] += 1
-        else:
-            groups.append([name, disp, 1])
-    return ", ".join(f"{n}{f' x{c}' if c > 1 else ''} ({d})" for n, d, c in groups)
-
-
-def short_command(argv: Sequence[str], limit: int = 40) -> str:
-    """A command line shortened for a table: paths to their last part, at most ``limit`` characters."""
-    if not argv:
-        return "?"
-    head, sep, rest = argv[0].partition(" ")  # a process title may be one string with spaces
-    parts = [os.path.basename(head) or head] + ([rest] if sep else [])
-    args = list(argv[1:])
-    if not sep and PYTHON.match(parts[0]) and args and args[0].startswith("/"):
-        parts = [os.path.basename(args.pop(0))]  # a console script (celery, gunicorn): its name
-    for arg in args:
-        parts.append(os.path.basename(arg) if arg.startswith("/") and len(arg) > 1 else arg)
-    return shorten(" ".join(parts), limit)
-
-
-def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> str:
-    """A plain-text table: columns padded to their widest cell, ``right`` ones right-aligned."""
-    rows = [list(map(str, r)) for r in rows]
-    right = set(right)
-    widths = [len(h) for h in headers]
-    for r in rows:
-        for i, cell in enumerate(r):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
-    """Proc connector events in one netlink datagram: (what, timestamp_ns, fields).
-
-    fields: NONE (err,), the answer to LISTEN; FORK (parent_pid, parent_tgid, child_pid, child_tgid);
-    EXEC (pid, tgid);
-    EXIT (pid, tgid, exit_code as a wait status, exit_signal). Other events are skipped.
-    """
-    events = []
-    offset = 0
-    while offset + NLMSG_HDR.size <= len(data):
-        length, _type, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, offset)
-        if length < NLMSG_HDR.size or offset + length > len(data):
-            break  # malformed or truncated
-        body = offset + NLMSG_HDR.size
-        if body + CN_MSG_HDR.size + EVENT_HDR.size <= offset + length:
-            idx, val, _s, _a, _len, _f = CN_MSG_HDR.unpack_from(data, body)
-            if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC):
-                ev = body + CN_MSG_HDR.size
-                what, _cpu, ts = EVENT_HDR.unpack_from(data, ev)
-                payload = ev + EVENT_HDR.size
-                if what == PROC_EVENT_NONE and payload + 4 <= offset + length:
-                    events.append((what, ts, struct.unpack_from("=I", data, payload)))
-                elif what == PROC_EVENT_FORK and payload + 16 <= offset + length:
-                    events.append((what, ts, struct.unpack_from("=IIII", data, payload)))
-                elif what == PROC_EVENT_EXEC and payload + 8 <= offset + length:
-                    events.append((what, ts, struct.unpack_from("=II", data, payload)))
-                elif what == PROC_EVENT_EXIT and payload + 16 <= offset + length:
-                    events.append((what, ts, struct.unpack_from("=IIII", data, payload)))
-        offset += (length + 3) & ~3
-    return events
-
-
-# --------------------------------------------------------------------------
-# /proc
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stat:
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    starttime: int  # clock ticks after boot: tells a process from a later one with the same pid
-
-
-def read_stat(pid: int) -> Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return Stat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def read_masks(pid: int) -> tuple[int | None, int | None]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            masks = parse_status_masks(f.read())
-    except OSError:
-        return None, None
-    return masks.get("SigIgn"), masks.get("SigCgt")
-
-
-def read_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return []
-    if not raw:  # kernel thread or zombie; try the short name
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                return [f"[{f.read().strip()}]"]
-        except OSError:
-            return []
-    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
-
-
-def all_stats() -> dict[int, Stat]:
-    stats = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = read_stat(int(name))
-            if st is not None:
-                stats[int(name)] = st
-    return stats
-
-
-def set_child_subreaper() -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-# --------------------------------------------------------------------------
-# What the report saw of each process
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    pid: int
-    parent: int  # parent when first known (at fork, from the proc connector, else at first sight)
-    seen_at: float  # monotonic: forked (connector) or first seen (poll)
-    forked: bool  # seen_at is the fork time
-    starttime: int | None = None
-    cmdline: list[str] = field(default_factory=list)
-    # (monotonic time, ppid, pgid, sid, SigIgn, SigCgt), appended when something changes
-    samples: list[tuple[float, int, int, int, int | None, int | None]] = field(default_factory=list)
-    exit_at: float | None = None
-    exit_time_source: str = ""  # "proc connector" or "poll"
-    exit_status: int | None = None  # wait status
-    exit_status_source: str = ""  # "proc connector", "reaped", "honcho", "popen"
-    killed_by_report: bool = False
-    gone: bool = False  # no longer in /proc (not even as a zombie)
-
-    def sample_at(self, t: float) -> tuple[float, int, int, int, int | None, int | None] | None:
-        """The last state sampled at or before t (else the first one)."""
-        best = None
-        for s in self.samples:
-            if s[0] <= t or best is None:
-                best = s
-            else:
-                break
-        return best
-
-
-class Tracker:
-    """Every process of the tree under the report, from polls of /proc and the proc connector."""
-
-    def __init__(self) -> None:
-        self.root = os.getpid()
-        self.lock = threading.RLock()
-        self.current: dict[int, Proc] = {}  # pid -> its latest process
-        self.history: list[Proc] = []
-        self.honcho_pid: int | None = None
-        self.polls = 0
-        self.connector_lost_events = False
-
-    # -- from the proc connector (its thread) -------------------------------
-    def note_fork(self, parent_tgid: int, child: int, t: float) -> None:
-        with self.lock:
-            parent = self.current.get(parent_tgid)
-            if parent_tgid != self.root and (parent is None or parent.exit_at is not None):
-                return
-            known = self.current.get(child)
-            if known is not None and known.exit_at is None and known.seen_at >= t:
-                known.seen_at, known.forked, known.parent = t, True, parent_tgid  # a poll saw it first
-                return
-            proc = Proc(child, parent_tgid, t, forked=True)
-            self._add(proc)
-            self._refresh(proc, t)
-
-    def note_exec(self, pid: int, t: float) -> None:
-        with self.lock:
-            proc = self.current.get(pid)
-            if proc is not None and proc.exit_at is None:
-                proc.cmdline = read_cmdline(pid) or proc.cmdline
-                self._refresh(proc, t)
-
-    def note_exit(self, pid: int, status: int, t: float) -> None:
-        with self.lock:
-            proc = self.current.get(pid)
-            if proc is None or proc.exit_status_source == "proc connector":
-                return
-            if proc.exit_at is None or proc.exit_time_source != "proc connector":
-                proc.exit_at = t
-                proc.exit_time_source = "proc connector"
-            proc.exit_status = status
-            proc.exit_status_source = "proc connector"
-
-    # -- polling -------------------------------------------------------------
-    def _add(self, proc: Proc) -> None:
-        self.current[proc.pid] = proc
-        self.history.append(proc)
-
-    def _refresh(self, proc: Proc, t: float, full: bool = True) -> Stat | None:
-        st = read_stat(proc.pid)
-        if st is None:
-            return None
-        if proc.starttime is None:
-            proc.starttime = st.starttime
-        elif proc.starttime != st.starttime:
-            return None  # the pid now belongs to another process
-        if not proc.cmdline or (full and st.state != "Z"):  # full polls catch an exec the connector missed
-            proc.cmdline = read_cmdline(proc.pid) or proc.cmdline
-        ign, cgt = read_masks(proc.pid) if st.state != "Z" else (None, None)
-        last = proc.samples[-1] if proc.samples else None
-        if st.state != "Z":
-            if last is None or last[1:] != (st.ppid, st.pgid, st.sid, ign, cgt):
-                proc.samples.append((t, st.ppid, st.pgid, st.sid, ign, cgt))
-        return st
-
-    def poll(self, full: bool) -> None:
-        with self.lock:
-            t = time.monotonic()
-            self.polls += 1
-            if full:
-                stats = all_stats()
-                children: dict[int, list[int]] = {}
-                for pid, st in stats.items():
-                    children.setdefault(st.ppid, []).append(pid)
-                tree: list[int] = []
-                todo = list(children.get(self.root, []))
-                while todo:
-                    pid = todo.pop()
-                    tree.append(pid)
-                    todo.extend(children.get(pid, []))
-                for pid in tree:
-                    st = stats[pid]
-                    proc = self.current.get(pid)
-                    if proc is None or (proc.starttime is not None and proc.starttime != st.starttime):
-                        proc = Proc(pid, st.ppid, t, forked=False)
-                        self._add(proc)
-            for proc in list(self.current.values()):
-                if proc.gone:
-                    continue
-                st = self._refresh(proc, t, full)
-                if st is None:
-                    proc.gone = True  # reaped by its parent (or the pid is another process now)
-                if st is None or st.state in "ZX":
-                    if proc.exit_at is None:
-                        proc.exit_at = t
-                        proc.exit_time_source = "poll"
-                    if st is not None and st.ppid == self.root:
-                        self.reap(proc)
-
-    def reap(self, proc: Proc) -> None:
-        """Collect an orphan that was reparented to the report (never honcho: Popen waits for it)."""
-        if proc.pid == self.honcho_pid or proc.exit_status_source == "reaped":
-            return
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == proc.pid:
-            if proc.exit_at is None:
-                proc.exit_at = time.monotonic()
-                proc.exit_time_source = "poll"
-            if proc.exit_status is None:
-                proc.exit_status = status
-                proc.exit_status_source = "reaped"
-
-    def reap_all(self) -> None:
-        with self.lock:
-            for proc in self.current.values():
-                st = read_stat(proc.pid)
-                if st is not None and st.state == "Z" and st.ppid == self.root:
-                    self.reap(proc)
-
-    def alive(self) -> list[Proc]:
-        """Tracked processes still running (not zombies), checked now."""
-        with self.lock:
-            out = []
-            for proc in self.current.values():
-                st = read_stat(proc.pid)
-                if st is not None and st.state not in "ZX" and st.starttime == proc.starttime:
-                    out.append(proc)
-            return out
-
-    def kill(self, procs: Iterable[Proc]) -> None:
-        """SIGKILL these processes by pid (only if the pid is still the same process)."""
-        with self.lock:
-            for proc in procs:
-                st = read_stat(proc.pid)
-                if st is not None and st.starttime == proc.starttime and st.state not in "ZX":
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        proc.killed_by_report = True
-
-
-class ProcConnector:
-    """Fork, exec and exit events of every process on the machine (root only before Linux 6.6)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
-        try:
-            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-                with contextlib.suppress(OSError):
-                    self.sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-                    break
-            self.sock.bind((os.getpid(), CN_IDX_PROC))
-            self._control(PROC_CN_MCAST_LISTEN)
-            self._wait_ack()
-            self.sock.settimeout(0.1)
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _wait_ack(self) -> None:
-        """Before Linux 6.6 an unprivileged LISTEN is answered with EPERM (and no events)."""
-        self.sock.settimeout(0.2)
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            for what, _ts, fields in parse_proc_events(data):
-                if what == PROC_EVENT_NONE:
-                    if fields[0]:
-                        raise OSError(fields[0], os.strerror(fields[0]))
-                    return
-        raise OSError(errno.ETIMEDOUT, "no answer to PROC_CN_MCAST_LISTEN")
-
-    def _control(self, op: int) -> None:
-        payload = struct.pack("=I", op)
-        cn = CN_MSG_HDR.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
-        self.sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn)
-
-    def run(self, tracker: Tracker, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:  # events dropped: polling covers the gap
-                    tracker.connector_lost_events = True
-                    continue
-                break
-            now = time.monotonic()
-            for what, ts, fields in parse_proc_events(data):
-                t = ts / 1e9
-                if not now - 1.0 <= t <= now + 0.01:  # another clock (time namespace): use receipt
-                    t = now
-                if what == PROC_EVENT_FORK:
-                    _ppid, parent_tgid, child_pid, child_tgid = fields
-                    if child_pid == child_tgid:  # a process, not a thread
-                        tracker.note_fork(parent_tgid, child_pid, t)
-                elif what == PROC_EVENT_EXEC:
-                    pid, tgid = fields
-                    if pid == tgid:
-                        tracker.note_exec(pid, t)
-                elif what == PROC_EVENT_EXIT:
-                    pid, tgid, status, _exit_signal = fields
-                    if pid == tgid:
-                        tracker.note_exit(pid, status, t)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._control(PROC_CN_MCAST_IGNORE)
-        self.sock.close()
-
-
-def open_proc_connector() -> tuple[ProcConnector | None, str]:
-    try:
-        return ProcConnector(), ""
-    except PermissionError:
-        return None, "no permission for the proc connector (before Linux 6.6 it needs CAP_NET_ADMIN)"
-    except OSError as e:
-        return None, f"proc connector unavailable ({e.strerror or e})"
 
 
 # --------------------------------------------------------------------------
@@ -1221,6 +764,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="echo honcho's output to stderr")
     p.add_argument("--no-proc-connector", action="store_true",
                    help="observe by polling only (what a non-root user gets before Linux 6.6)")
+    stopcheck.report.add_arguments(p)
     args = p.parse_args(argv)
     if args.up is None:
         args.up = 0.0 if args.url else 3.0
@@ -1231,6 +775,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    caller = os.environ.pop("SHUTDOWN_REPORT_CWD", None)  # set by scripts/shutdown-report
+    if caller:
+        os.chdir(caller)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     directory = Path(args.dir).resolve()
     procfile = directory / "Procfile"
@@ -1241,6 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not entries:
         print(f"shutdown-report: {procfile} has no entries", file=sys.stderr)
         return 2
+    if args.manager != "honcho":  # another manager's stop, simulated or real: stopcheck/report.py
+        with tempfile.TemporaryDirectory(prefix="shutdown-report-") as workdir:
+            return stopcheck.report.main(args, directory, entries, Path(workdir))
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
