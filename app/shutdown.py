@@ -190,6 +190,29 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
     signal.signal(signum, handler)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def exit_on_stop_signals() -> None:
+    """Until the program installs its own stop handlers, a stop signal exits at once (code 0).
+
+    For the first seconds of a Celery worker or beat (imports, banner:
+    1 to 5 s on a loaded machine), before Celery and tasks/ install their
+    handlers. Nothing is open yet to close or hand back. Without this, a
+    stop then (a crash-looping deploy, a fast rollout) meets the default
+    action: death by signal, or, as PID 1 of a container, nothing at all
+    (the kernel drops it) until the platform's SIGKILL. Call it first thing
+    at import of the program's app module, only in that program.
+    """
+
+    def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
+        os.write(2, f"{signal.Signals(signum).name} before start-up finished: exiting\n".encode())
+        raise SystemExit(0)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, leave)
+
+
 #: ``kill -URG <pid>``: the process writes the stack of every thread to its
 #: stderr (Sidekiq's TTIN). SIGURG because every process of the set is free
 #: to take it and its default action is to do nothing: a ``pkill -URG`` that

@@ -1,7 +1,11 @@
 """The worker's app module: ``celery --app tasks.worker worker``."""
 
-from tasks import jobs, lifecycle  # noqa: F401  (register the tasks and the signal handlers)
-from tasks.celery_app import celery_app
+from app import shutdown
+
+shutdown.exit_on_stop_signals()  # first: the imports below take seconds
+
+from tasks import jobs, lifecycle  # noqa: E402, F401  (register the tasks and the signal handlers)
+from tasks.celery_app import celery_app  # noqa: E402
 
 app = celery_app
 

@@ -24,7 +24,7 @@ from tests.procset import ROOT, ProcessSet, run_python
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"]
 WORKER = [sys.executable, "-m", "celery", "--app", "tasks.worker", "worker", "--loglevel", "INFO",
           "--without-mingle", "--without-gossip"]
-BEAT = [sys.executable, "-m", "celery", "--app", "tasks.celery_app", "beat", "--loglevel", "INFO"]
+BEAT = [sys.executable, "-m", "celery", "--app", "tasks.beat_app", "beat", "--loglevel", "INFO"]
 
 
 @pytest.fixture
