@@ -77,9 +77,8 @@ def test_this_set_stops_clean(marked: Path, manager: str) -> None:
     if manager == "docker":
         require_root()
     env, url = this_set_env(marked)
-    # --up 8: beat installs its SIGTERM handler only once Celery has started (1-5 s on a busy machine);
-    # stopped before that it dies of the SIGTERM (heroku) or, as PID 1, ignores it until SIGKILL (docker).
-    rc, out, data = run_report(marked, ROOT, manager, "--url", url, "--up", "8", env=env)
+    # --up 3: a stop of the running set (a stop during start-up: tests/e2e/test_early_stop.py).
+    rc, out, data = run_report(marked, ROOT, manager, "--url", url, "--up", "3", env=env)
     assert rc == 0 and data["clean"], out
     assert data["manager"] == manager and out.rstrip().splitlines()[-1] == data["verdict"]
     units = {u["unit"] for u in data["units"]}
