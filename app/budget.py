@@ -50,6 +50,8 @@ HEROKU_KILL_WAIT = 30.0
 FOREMAN_KILL_WAIT = 5.0
 #: After the grace, how long the broker waits for the worker's hand-back (it has 2 s at most).
 BROKER_LINGER_MARGIN = 1.5
+BROKER_SAVE_SHORT = 1.0
+BROKER_SAVE_LONG = 5.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,17 @@ class StopBudget:
     def stop_timeout(self) -> float:
         """What a manager's stop timeout must exceed for this set to stop unkilled."""
         return max(self.grace + WORKER_AFTER_GRACE, self.drain + WEB_AFTER_DRAIN)
+
+    @property
+    def broker_save_wait(self) -> float:
+        """How long the broker launcher waits for redis-server to save and exit.
+
+        Under honcho or foreman, 1 s (their 5 s); a longer save then finishes
+        on its own, out of their reach. Elsewhere the launcher waits: systemd's
+        ``KillMode=mixed`` SIGKILLs what is left in the unit once it exits.
+        """
+        short = self.manager is not None and self.manager.name in ("honcho", "foreman")
+        return BROKER_SAVE_SHORT if short else BROKER_SAVE_LONG
 
     @property
     def broker_linger(self) -> float:

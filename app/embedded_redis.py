@@ -46,8 +46,6 @@ from app import logs, shutdown
 
 log = logging.getLogger("broker")
 
-#: How long the launcher waits for redis-server to save and exit after SIGTERM.
-SERVER_STOP_SECONDS = 1.0
 #: SIGQUIT too: supervisord and `honcho export` stop with it; here it is as graceful as SIGTERM.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
@@ -149,11 +147,11 @@ def linger(socket: Path, server: subprocess.Popen[bytes], budget: float) -> int:
     return remaining
 
 
-def _stop_server(server: subprocess.Popen[bytes]) -> None:
+def _stop_server(server: subprocess.Popen[bytes], save_wait: float) -> None:
     """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits.
 
-    Waited for :data:`SERVER_STOP_SECONDS` at most, so the launcher still
-    exits inside honcho's 5 s (the linger before it is grace + 1.5 s). A
+    Waited for ``save_wait`` at most (app/budget.py: 1 s under honcho, so the
+    launcher still exits inside its 5 s; 5 s elsewhere). A
     server still saving after that is left to finish: it is in its own
     session, out of honcho's reach, and it exits once its data is written;
     killing it would lose what it had not written yet.
@@ -161,10 +159,10 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         server.terminate()
     try:
-        server.wait(timeout=SERVER_STOP_SECONDS)
+        server.wait(timeout=save_wait)
     except subprocess.TimeoutExpired:
         log.warning("redis-server %d still saving after %.1f s; it exits once its data is written",
-                    server.pid, SERVER_STOP_SECONDS)
+                    server.pid, save_wait)
 
 
 def main() -> None:
@@ -174,13 +172,14 @@ def main() -> None:
 
     settings = get_settings()
     logs.configure("broker")
-    linger_seconds = budget.announce().broker_linger
+    stop_budget = budget.announce()
     shutdown.stop_with_parent()  # kept across exec
     command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
-                  "--linger", str(linger_seconds)]
+                  "--linger", str(stop_budget.broker_linger),
+                  "--save-wait", str(stop_budget.broker_save_wait)]
     else:
         command += ["--external", "BROKER_URL" if settings.explicit_broker_url else "REDIS_URL"]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
@@ -212,7 +211,8 @@ def watch(args: argparse.Namespace) -> int:
         return 0
 
     server = start(args.server, args.data_dir, args.socket)
-    registry.register("redis-server", lambda: _stop_server(server), timeout=SERVER_STOP_SECONDS + 0.5)
+    registry.register("redis-server", lambda: _stop_server(server, args.save_wait),
+                      timeout=args.save_wait + 0.5)
     log.info("embedded redis-server %d on %s, data in %s", server.pid, args.socket, args.data_dir / "redis")
 
     while not stop.wait(0.2):
@@ -232,6 +232,7 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--socket", type=Path)
     parser.add_argument("--linger", type=float, default=0.0)
+    parser.add_argument("--save-wait", type=float, default=1.0)
     parser.add_argument("--external", default="REDIS_URL")
     cli = parser.parse_args()
     if not cli.watch:

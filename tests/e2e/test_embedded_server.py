@@ -39,7 +39,7 @@ def test_the_wheels_server_runs_the_broker_and_keeps_queued_jobs_across_a_stop(t
         with redis.Redis(unix_socket_path=str(socket)) as client:
             client.lpush("celery", b'{"job": "queued before the stop"}')
             assert client_count(socket) == 1  # the raw CLIENT LIST probe reads this server's reply
-        _stop_server(server)  # SIGTERM: the server writes its AOF and exits 0
+        _stop_server(server, 5.0)  # SIGTERM: the server writes its AOF and exits 0
         assert server.returncode == 0
         assert client_count(socket) == 0  # nobody listens any more
 
@@ -47,7 +47,7 @@ def test_the_wheels_server_runs_the_broker_and_keeps_queued_jobs_across_a_stop(t
         _wait_for_socket(socket, server)
         with redis.Redis(unix_socket_path=str(socket)) as client:
             assert client.lrange("celery", 0, -1) == [b'{"job": "queued before the stop"}']
-        _stop_server(server)
+        _stop_server(server, 5.0)
         assert server.returncode == 0
     finally:
         if server.poll() is None:

@@ -69,3 +69,9 @@ def test_an_exports_leftover_variable_under_another_manager_cuts_nothing(environ
 def test_the_broker_waits_for_the_longest_of_the_worker_and_the_draining_web():
     assert budget.fit(settings(3, 0), {}).broker_linger == 3 + budget.BROKER_LINGER_MARGIN
     assert budget.fit(settings(3, 10), {}).broker_linger == 10 + budget.WEB_AFTER_DRAIN
+
+
+def test_the_broker_waits_for_redis_servers_save_longer_where_the_manager_allows():
+    under_honcho = budget.fit(settings(), {"HONCHO_PROCESS_NAME": "broker.1"}, HONCHO)
+    assert under_honcho.broker_save_wait == budget.BROKER_SAVE_SHORT  # inside honcho's 5 s
+    assert budget.fit(settings(), {}).broker_save_wait == budget.BROKER_SAVE_LONG  # systemd: KillMode=mixed
