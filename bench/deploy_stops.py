@@ -1,17 +1,19 @@
-"""Stop figures per process manager: this set (deploy/honcho templates) and the stock reference.
+"""Stop figures per process manager and stop command, this set vs the stock reference (bench/reference).
 
-    .venv/bin/python -m bench.deploy_stops [--only project|reference]
+    .venv/bin/python -m bench.deploy_stops [--only project|reference] [--managers supervisord,docker,...]
 
-For each stop command (supervisorctl stop all, supervisorctl shutdown,
-SIGTERM to supervisord, foreman ^C, foreman SIGTERM): a busy set (6 jobs of
-12 s, a long poll, a request stream: tests/workload.py; grace 3 s), the stop,
-a restart on the same data, and: stop time (command to last process gone),
-jobs lost or late (not succeeded 60 s after the restart), 5xx, requests
-reset or cut short, SIGKILLs (supervisord's log, foreman's output), processes
-left running. This set runs `scripts/export supervisord`; the reference
-(bench/reference) runs `honcho export supervisord` as is, under a supervisord
-whose PATH has the virtualenv and redis-server (as a user who started it
-from an activated virtualenv). Prints a markdown table.
+Each row: the set started by the manager, busy (bench/stop_sets.py), stopped with the manager's own
+command, then started again on the same data; the columns are described in bench/stop_table.py. This
+module runs the real managers: supervisord (this set: ``scripts/export supervisord``; the reference:
+``honcho export supervisord`` as is, supervisord's PATH holding the virtualenv and redis-server, as a
+user who started it from an activated virtualenv), foreman and honcho (in a pty, as from a terminal).
+bench/platform_stops.py runs the simulated ones (systemd, docker, kubernetes, heroku). Prints the
+markdown table, row by row.
+
+Whatever a stop leaves running is counted ("left"), then stopped by pid before the restart
+(stop_sets.terminate): the reference's leftovers hold its web port and REDIS_PORT, so without that its
+restart fails (redis-server "Address already in use": supervisord marks it FATAL, foreman stops the
+new set at once, and the web never answers).
 """
 
 from __future__ import annotations
@@ -21,30 +23,34 @@ import getpass
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from bench.run import _redis_bin_dir
-from tests.procset import ROOT, AppClient, ProcessSet, free_port
+from bench.stop_sets import (
+    REFERENCE,
+    Window,
+    busy,
+    directory,
+    health,
+    reference_path,
+    row,
+    settings,
+    terminate,
+)
+from bench.stop_table import Row, error_row, render
+from tests.procset import AppClient, ProcessSet, free_port
 from tests.supervised import BIN, SERVICE_ENV, Supervisord, export, write_env
-from tests.workload import Workload, wait_ready
+from tests.workload import wait_ready
 
-REFERENCE = ROOT / "bench" / "reference"
-JOBS, JOB_SECONDS = 6, 12
-
-
-def _settings(kind: str, tmp: Path, port: int) -> dict[str, str]:
-    common = {"PORT": str(port), "VAR_DIR": str(tmp / "var"), "WORKER_CONCURRENCY": str(JOBS)}
-    if kind == "project":
-        return {**common, "SHUTDOWN_GRACE_SECONDS": "3"}
-    (tmp / "var").mkdir(parents=True, exist_ok=True)
-    return {**common, "REDIS_PORT": str(free_port()), "WEB_CONCURRENCY": "2"}
+STOP_CAP = 30.0  # a process still running this long after the stop command is "left"
 
 
-def supervisord_case(kind: str, how: str, tmp: Path) -> dict[str, object]:
+def supervisord_case(kind: str, how: str, tmp: Path) -> Row:
     port = free_port()
-    env_file = write_env(tmp / "app.env", _settings(kind, tmp, port))
+    env_file = write_env(tmp / "app.env", {"PORT": str(port), **settings(kind, tmp / "var")})
     if kind == "project":
         conf = export("supervisord", tmp / "export", env_file, log_dir=tmp / "log")[0]
+        path = f"{BIN}:/usr/bin:/bin"
     else:
         (tmp / "log").mkdir()
         subprocess.run([sys.executable, "-m", "honcho", "export", "-f", str(REFERENCE / "Procfile"),
@@ -52,19 +58,22 @@ def supervisord_case(kind: str, how: str, tmp: Path) -> dict[str, object]:
                         "-l", str(tmp / "log"), "supervisord", str(tmp / "export")],
                        check=True, capture_output=True, timeout=60)
         conf = tmp / "export" / "ref.conf"
-    env = {**SERVICE_ENV, "PATH": f"{BIN}:{_redis_bin_dir()}:/usr/bin:/bin"}
+        path = reference_path(tmp)
+    env = {**SERVICE_ENV, "PATH": path}
     client = AppClient(port, tmp / "var")
     sv = Supervisord(tmp / "sv", conf, env=env)
     try:
         sv.start()
         sv.wait_running()
-        wait_ready(client, path="/readyz" if kind == "project" else "/healthz")
-        load = Workload(client, jobs=JOBS, job_seconds=JOB_SECONDS, reports_running=kind == "project")
-        load.start()
-        elapsed = sv.stop(how)
+        load = busy(client, kind)
+        window = Window(port)
+        t0 = time.monotonic()
+        elapsed = sv.stop(how, timeout=STOP_CAP)
+        refused = window.result(t0)
         outcomes = load.finish()
-        left = len(sv.survivors(supervisord_too=how != "stop all"))
+        leftovers = sv.survivors(supervisord_too=how != "stop all")
         kills = len(sv.kills())
+        terminate([p.pid for p in leftovers])
         if how == "stop all":
             sv.ctl("start", "all")
         else:
@@ -72,78 +81,97 @@ def supervisord_case(kind: str, how: str, tmp: Path) -> dict[str, object]:
             sv = Supervisord(tmp / "sv", conf, env=env)
             sv.start()
         sv.wait_running()
-        wait_ready(client, path="/readyz" if kind == "project" else "/healthz")
-        verdict = load.verdict(client, timeout=60)
-        return _row(elapsed, outcomes, verdict, kills, left)
+        wait_ready(client, path=health(kind))
+        return row("supervisord", {"stop all": "supervisorctl stop all", "shutdown": "supervisorctl shutdown",
+                                   "sigterm": "SIGTERM to supervisord"}[how], kind,
+                   stop_s=elapsed, outcomes=outcomes, verdict=load.verdict(client, timeout=60),
+                   window=refused, sigkills=kills, left=len(leftovers))
     finally:
         sv.cleanup()
 
 
-def foreman_case(kind: str, how: str, tmp: Path) -> dict[str, object]:
+def terminal_case(manager: str, kind: str, how: str, tmp: Path) -> Row:
+    """foreman or honcho started in a pty; ^C typed into it, or SIGTERM to the manager."""
+    cwd = directory(kind)
     env_file = write_env(tmp / "empty.env", {})
-    cwd = ROOT if kind == "project" else REFERENCE
+    own = settings(kind, tmp / "var")
 
     def make() -> ProcessSet:
         ps = ProcessSet(tmp, cwd=cwd, runs_honcho=True, command=[])
-        ps.env.update({k: v for k, v in _settings(kind, tmp, ps.port).items() if k != "PORT"})
+        ps.env.update(own)
         if kind == "reference":
-            ps.env["PATH"] = _redis_bin_dir() + ":" + ps.env["PATH"]
-        ps.command = ["foreman", "start", "-f", str(cwd / "Procfile"), "-d", str(cwd),
-                      "-e", str(env_file), "-p", str(ps.port)]
+            ps.env["PATH"] = reference_path(tmp)
+        if manager == "foreman":
+            ps.command = ["foreman", "start", "-f", str(cwd / "Procfile"), "-d", str(cwd),
+                          "-e", str(env_file), "-p", str(ps.port)]
+        else:
+            ps.command = [sys.executable, "-m", "honcho", "start", "--no-colour", "-f", str(cwd / "Procfile"),
+                          "-d", str(cwd)]
         return ps
 
     sets = [make()]
     try:
         ps = sets[0]
         ps.start()
-        wait_ready(ps, path="/readyz" if kind == "project" else "/healthz")
-        load = Workload(ps, jobs=JOBS, job_seconds=JOB_SECONDS, reports_running=kind == "project")
-        load.start()
+        load = busy(ps, kind)
+        ps.snapshot()  # the whole tree, pool children included
+        window = Window(ps.port)
+        t0 = time.monotonic()
         _rc, elapsed = ps.stop_and_wait(how, timeout=60)
+        refused = window.result(t0)
         outcomes = load.finish()
-        kills = ps.output.count("SIGKILL")
-        left = len(ps.survivors())
+        system = [line for line in ps.output.splitlines() if "SIGKILL" in line and "system" in line]
+        leftovers = ps.survivors()
+        terminate([p.pid for p in leftovers])
         again = make()
-        again.env["REDIS_PORT"] = ps.env.get("REDIS_PORT", "")
         sets.append(again)
         again.start()
-        wait_ready(again, path="/readyz" if kind == "project" else "/healthz")
-        return _row(elapsed, outcomes, load.verdict(again, timeout=60), kills, left)
+        wait_ready(again, path=health(kind))
+        return row(manager, "^C (pty)" if how == "ctrl_c" else f"SIGTERM to {manager}", kind,
+                   stop_s=elapsed, outcomes=outcomes, verdict=load.verdict(again, timeout=60), window=refused,
+                   sigkills="yes" if system else 0, left=len(leftovers))
     finally:
         for each in sets:
             each.cleanup()
 
 
-def _row(elapsed, outcomes, verdict, kills, left) -> dict[str, object]:  # noqa: ANN001
-    return {"stop s": round(elapsed, 2), "lost or late": len(verdict.failed) + len(verdict.late),
-            "of": verdict.accepted, "5xx": outcomes.server_errors, "reset/cut": outcomes.dropped,
-            "long poll": outcomes.long_poll, "SIGKILL": kills, "left running": left}
+def cases() -> list[tuple[str, str, object]]:
+    """(manager, label, function of (kind, tmp) -> Row), in table order."""
+    from bench import platform_stops
 
-
-CASES = [("supervisorctl stop all", supervisord_case, "stop all"),
-         ("supervisorctl shutdown", supervisord_case, "shutdown"),
-         ("SIGTERM to supervisord", supervisord_case, "sigterm"),
-         ("foreman ^C", foreman_case, "ctrl_c"),
-         ("foreman SIGTERM", foreman_case, "sigterm")]
+    out: list[tuple[str, str, object]] = []
+    for how, label in [("stop all", "supervisorctl stop all"), ("shutdown", "supervisorctl shutdown"),
+                       ("sigterm", "SIGTERM to supervisord")]:
+        out.append(("supervisord", label, lambda k, t, h=how: supervisord_case(k, h, t)))
+    for manager in ("foreman", "honcho"):
+        for how, label in [("ctrl_c", "^C (pty)"), ("sigterm", f"SIGTERM to {manager}")]:
+            out.append((manager, label, lambda k, t, m=manager, h=how: terminal_case(m, k, h, t)))
+    return out + platform_stops.cases()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["project", "reference"])
+    parser.add_argument("--managers", help="comma-separated: supervisord,foreman,honcho,systemd,docker,...")
     args = parser.parse_args()
     kinds = [args.only] if args.only else ["project", "reference"]
-    keys = ["stop s", "lost or late", "of", "5xx", "reset/cut", "long poll", "SIGKILL", "left running"]
-    print("| stop | set | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---:|" * len(keys))
-    for label, case, how in CASES:
+    wanted = set(args.managers.split(",")) if args.managers else None
+    rows: list[Row] = []
+    for manager, label, case in cases():
+        if wanted and manager not in wanted:
+            continue
         for kind in kinds:
             with tempfile.TemporaryDirectory(prefix="deploy-stops-") as tmp:
                 try:
-                    row = case(kind, how, Path(tmp))
-                    cells = [str(row[k]) for k in keys]
-                except Exception as e:  # a set that cannot even be measured says why
-                    cells = [f"error: {str(e).splitlines()[0][:80]}"] + [""] * (len(keys) - 1)
-            print(f"| {label} | {kind} | " + " | ".join(cells) + " |", flush=True)
+                    result = case(kind, Path(tmp))  # type: ignore[operator]
+                    if result is None:  # a row for the other set only
+                        continue
+                except Exception as e:  # noqa: BLE001 - a row that cannot be measured says why
+                    result = error_row(manager, label, kind, e)
+            rows.append(result)
+            print(render([result]).splitlines()[-1] if not result.note else render([result]), flush=True)
+    print()
+    print(render(rows))
 
 
 if __name__ == "__main__":

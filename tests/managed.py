@@ -42,13 +42,14 @@ def set_env(var: Path, port: int, **env: str) -> dict[str, str]:
 
 
 class ManagedSet(AppClient):
-    def __init__(self, the_plan: Plan, workdir: Path, *, port: int | None = None, **env: str) -> None:
+    def __init__(self, the_plan: Plan, workdir: Path, *, port: int | None = None, directory: Path = ROOT,
+                 **env: str) -> None:
         port = port or free_port()
         super().__init__(port, workdir / "var")
         self.plan = the_plan
         self.workdir = workdir
         self.env = set_env(self.var, port, **env)
-        self.engine = Engine(the_plan, ROOT, self.env, log=workdir / f"{the_plan.manager}.log")
+        self.engine = Engine(the_plan, directory, self.env, log=workdir / f"{the_plan.manager}.log")
         self._rows: list[dict[str, Any]] | None = None
 
     @classmethod

@@ -1,0 +1,56 @@
+"""bench/stop_table.py: the verdict of a measured row and the markdown table of the stop bench."""
+
+from __future__ import annotations
+
+from bench.stop_table import HEADER, Row, cells, error_row, render
+
+
+def measured(**changes: object) -> Row:
+    base = {"stop_s": 3.46, "lost": 0, "accepted": 20, "server_errors": 0, "dropped": 0, "refused": 0,
+            "sent": 58, "sigkills": 0, "left": 0}
+    return Row("kubernetes", "pod deleted", "project", **{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_a_row_is_clean_only_when_every_count_is_zero() -> None:
+    assert measured().clean is True
+    for field, value in [("lost", 1), ("server_errors", 2), ("dropped", 1), ("refused", 5), ("sigkills", 3),
+                         ("sigkills", "yes"), ("left", 12)]:
+        assert measured(**{field: value}).clean is False, field
+
+
+def test_a_row_not_measured_has_no_verdict() -> None:
+    assert Row("docker", "docker stop", "reference", cannot="cannot run: no PID namespace").clean is None
+    assert measured(lost=None).clean is None
+
+
+def test_cells_show_counts_of_their_totals_and_never_for_leftovers() -> None:
+    out = cells(measured(lost=3, refused=7, left=0))
+    assert out[:4] == ["kubernetes", "pod deleted", "project", "3.5"]
+    assert out[4] == "3 of 20" and out[7] == "7 of 58" and out[-1] == "**no**"
+    assert len(out) == len(HEADER)
+    left = cells(measured(stop_s=30.0, left=12))
+    assert left[3] == "never" and left[9] == "12" and left[10] == "?"  # load not read
+    assert cells(measured(load=2.345))[10] == "2.3"
+
+
+def test_render_numbers_notes_and_keeps_every_row_the_header_width() -> None:
+    rows = [measured(note="deploy/kubernetes.yaml, SHUTDOWN_DRAIN_SECONDS=5"),
+            Row("docker", "docker stop", "reference", cannot="cannot run: x | y"),
+            measured(note="second note")]
+    text = render(rows)
+    lines = text.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    widths = {line.replace("\\|", "").count("|") for line in table}
+    assert widths == {len(HEADER) + 1}, table  # an escaped | in a cell does not add a column
+    assert "project (1)" in table[2] and "project (2)" in table[4]
+    assert lines[-2:] == ["(1) deploy/kubernetes.yaml, SHUTDOWN_DRAIN_SECONDS=5", "(2) second note"]
+
+
+def test_an_error_row_says_why_in_the_table_not_a_number() -> None:
+    row = error_row("supervisord", "supervisorctl stop all", "reference",
+                    AssertionError("not all RUNNING within 60 s: {'ref:redis-1': 'FATAL'}\nlog..."))
+    assert row.clean is None
+    out = cells(row)
+    assert out[3].startswith("not measured: not all RUNNING") and "log" not in out[3]
+    assert out[-1] == "-"
