@@ -1,6 +1,8 @@
 """Stop figures per process manager and stop command, this set vs the stock reference (bench/reference).
 
     .venv/bin/python -m bench.deploy_stops [--only project|reference] [--managers supervisord,docker,...]
+                                           [--jsonl rows.jsonl]
+    .venv/bin/python -m bench.deploy_stops --render project.jsonl reference.jsonl   # one table
 
 Each row: the set started by the manager, busy (bench/stop_sets.py), stopped with the manager's own
 command, then started again on the same data; the columns are described in bench/stop_table.py. This
@@ -19,7 +21,9 @@ new set at once, and the web never answers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
+import json
 import subprocess
 import sys
 import tempfile
@@ -153,7 +157,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["project", "reference"])
     parser.add_argument("--managers", help="comma-separated: supervisord,foreman,honcho,systemd,docker,...")
+    parser.add_argument("--jsonl", type=Path, help="append each row to this file (JSON lines)")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSONL",
+                        help="only print the table of rows saved with --jsonl (e.g. two runs' files)")
     args = parser.parse_args()
+    if args.render:
+        print(render([Row(**json.loads(line)) for f in args.render for line in f.read_text().splitlines()]))
+        return
     kinds = [args.only] if args.only else ["project", "reference"]
     wanted = set(args.managers.split(",")) if args.managers else None
     rows: list[Row] = []
@@ -169,6 +179,9 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a row that cannot be measured says why
                     result = error_row(manager, label, kind, e)
             rows.append(result)
+            if args.jsonl:
+                with args.jsonl.open("a") as out:
+                    out.write(json.dumps(dataclasses.asdict(result)) + "\n")
             print(render([result]).splitlines()[-1] if not result.note else render([result]), flush=True)
     print()
     print(render(rows))

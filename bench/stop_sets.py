@@ -83,7 +83,7 @@ def row(manager: str, stop: str, kind: str, *, stop_s: float, outcomes: Outcomes
     return Row(manager, stop, kind, stop_s=stop_s, lost=len(verdict.failed) + len(verdict.late),
                accepted=verdict.accepted, server_errors=outcomes.server_errors, dropped=outcomes.dropped,
                refused=window[0], sent=window[1], sigkills=sigkills, left=left, note=note,
-               load=window[2])
+               load=window[2], traffic_arrives=manager == "kubernetes")
 
 
 def terminate(pids: list[int], timeout: float = 10) -> None:

@@ -10,7 +10,8 @@ Columns (what bench/deploy_stops.py and bench/platform_stops.py measure):
   connections accepted and then closed without a whole answer. ``refused`` is not counted there.
 - refused in 3 s: requests to /healthz (one every 50 ms, a new connection each) refused, reset or
   unanswered in the first 3 s after the stop signal, of those sent: what a load balancer that has not
-  noticed the stop yet (Kubernetes' endpoints, Heroku's router) would get.
+  noticed the stop yet would get. It counts in "clean" only under Kubernetes (its endpoints keep
+  routing for a few seconds after SIGTERM); under the other managers a stop is downtime.
 - SIGKILL: processes that died of a SIGKILL (the manager's, the kernel's when a container's PID 1
   exits, or the measurement's for what was left); for honcho and foreman, which print one line for
   a SIGKILL round, ``yes``/``0``.
@@ -41,17 +42,20 @@ class Row:
     sent: int | None = None
     sigkills: int | str | None = None
     left: int | None = None
+    traffic_arrives: bool = False  # a load balancer still routes here after the signal (Kubernetes)
     load: float | None = None  # 1-minute load average just after the stop (2 cores, shared)
     cannot: str = ""  # "cannot run: why" (this set under this manager), or "not measured: why"
     note: str = ""
 
     @property
     def clean(self) -> bool | None:
-        """Stopped right: nothing lost, no 5xx or cut answer, no SIGKILL, nothing left, and no request
-        refused while traffic still arrives. None when it was not measured."""
+        """Stopped right: nothing lost, no 5xx or cut answer, no SIGKILL, nothing left, and, where a
+        load balancer still sends traffic after the signal (Kubernetes), none of it refused. Elsewhere
+        the manager's stop is downtime anyway: refusing at once is right. None when not measured."""
         if self.cannot or self.lost is None:
             return None
-        return (self.lost == 0 and not self.server_errors and not self.dropped and not self.refused
+        refused = bool(self.refused) and self.traffic_arrives
+        return (self.lost == 0 and not self.server_errors and not self.dropped and not refused
                 and self.sigkills in (0, "0") and self.left == 0)
 
 

@@ -7,7 +7,7 @@ from bench.stop_table import HEADER, Row, cells, error_row, render
 
 def measured(**changes: object) -> Row:
     base = {"stop_s": 3.46, "lost": 0, "accepted": 20, "server_errors": 0, "dropped": 0, "refused": 0,
-            "sent": 58, "sigkills": 0, "left": 0}
+            "sent": 58, "sigkills": 0, "left": 0, "traffic_arrives": True}
     return Row("kubernetes", "pod deleted", "project", **{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -16,6 +16,12 @@ def test_a_row_is_clean_only_when_every_count_is_zero() -> None:
     for field, value in [("lost", 1), ("server_errors", 2), ("dropped", 1), ("refused", 5), ("sigkills", 3),
                          ("sigkills", "yes"), ("left", 12)]:
         assert measured(**{field: value}).clean is False, field
+
+
+def test_refused_requests_count_only_where_traffic_still_arrives() -> None:
+    assert measured(refused=40, traffic_arrives=False).clean is True  # supervisord, honcho: downtime anyway
+    assert measured(refused=40, traffic_arrives=True).clean is False  # kubernetes: the endpoints still route
+    assert measured(refused=40, traffic_arrives=False, left=1).clean is False
 
 
 def test_a_row_not_measured_has_no_verdict() -> None:
