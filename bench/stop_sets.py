@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import psutil
 
 from bench.stop_table import WINDOW, Row
 from stopcheck.text import parse_procfile
-from stopcheck.traffic import Traffic
+from stopcheck.traffic import request
 from tests.procset import ROOT, AppClient, free_port, redis_server_dir
 from tests.supervised import BIN
 from tests.workload import Outcomes, Verdict, Workload, wait_ready
@@ -60,22 +61,43 @@ def busy(client: AppClient, kind: str) -> Workload:
 
 
 class Window:
-    """/healthz every 50 ms on a new connection, from before the stop: what still-arriving traffic gets."""
+    """/healthz every 50 ms on a new connection, from before the stop: what still-arriving traffic gets.
 
-    def __init__(self, port: int) -> None:
+    Each request is kept with its start and end, so one that was in flight at the signal and then
+    hung or was cut counts too (stopcheck.traffic.Traffic keeps only start times)."""
+
+    def __init__(self, port: int, interval: float = 0.05) -> None:
         self.url = f"http://127.0.0.1:{port}/healthz"
-        self.traffic = Traffic([self.url]).start()
+        self.interval = interval
+        self.results: list[tuple[float, float, str]] = []  # (start, end, outcome)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            outcome = request(self.url)
+            self.results.append((began, time.monotonic(), outcome))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
     def result(self, t0: float) -> tuple[int, int, float]:
-        """(not answered, sent) in the first WINDOW s after ``t0`` (waits for the window to pass), and
-        the 1-minute load average then."""
+        """(not answered, sent) among the requests in flight during the first WINDOW s after ``t0``
+        (waits for the window to pass), and the 1-minute load average then."""
         remaining = t0 + WINDOW - time.monotonic()
         if remaining > 0:
-            time.sleep(remaining + 0.2)  # the window itself, not a wait for the set
-        self.traffic.stop()
-        counts = self.traffic.counts(since=t0, until=t0 + WINDOW)
-        return (sum(n for k, n in counts.items() if not k.isdigit()), sum(counts.values()),
-                os.getloadavg()[0])
+            time.sleep(remaining)  # the window itself, not a wait for the set
+        load = os.getloadavg()[0]
+        self._stop.set()
+        self._thread.join(10)  # a request times out after 5 s
+        return (*window_counts(self.results, t0, t0 + WINDOW), load)
+
+
+def window_counts(results: list[tuple[float, float, str]], since: float, until: float) -> tuple[int, int]:
+    """(not answered, total) of the requests (start, end, outcome) in flight at some time in [since, until):
+    an HTTP status is an answer; refused, reset, timeout or an error is not."""
+    seen = [outcome for start, end, outcome in results if start < until and end >= since]
+    return sum(1 for o in seen if not o.isdigit()), len(seen)
 
 
 def row(manager: str, stop: str, kind: str, *, stop_s: float, outcomes: Outcomes, verdict: Verdict,

@@ -8,8 +8,9 @@ Columns (what bench/deploy_stops.py and bench/platform_stops.py measure):
   not ``succeeded`` 60 s after the set was started again on the same data, "of" how many.
 - 5xx, reset/cut: answers to the request stream (tests/workload.py) that were server errors, or
   connections accepted and then closed without a whole answer. ``refused`` is not counted there.
-- refused in 3 s: requests to /healthz (one every 50 ms, a new connection each) refused, reset or
-  unanswered in the first 3 s after the stop signal, of those sent: what a load balancer that has not
+- refused in 3 s: requests to /healthz (one every 50 ms, a new connection each) in flight at some time
+  in the first 3 s after the stop signal that were refused, reset or never answered (5 s), of those:
+  what a load balancer that has not
   noticed the stop yet would get. It counts in "clean" only under Kubernetes (its endpoints keep
   routing for a few seconds after SIGTERM); under the other managers a stop is downtime.
 - SIGKILL: processes that died of a SIGKILL (the manager's, the kernel's when a container's PID 1

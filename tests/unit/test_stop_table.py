@@ -1,7 +1,8 @@
-"""bench/stop_table.py: the verdict of a measured row and the markdown table of the stop bench."""
+"""bench/stop_table.py, bench/stop_sets.py: a row's verdict, the markdown table, the traffic window."""
 
 from __future__ import annotations
 
+from bench.stop_sets import window_counts
 from bench.stop_table import HEADER, Row, cells, error_row, render
 
 
@@ -60,3 +61,14 @@ def test_an_error_row_says_why_in_the_table_not_a_number() -> None:
     out = cells(row)
     assert out[3].startswith("not measured: not all RUNNING") and "log" not in out[3]
     assert out[-1] == "-"
+
+
+def test_the_window_counts_requests_in_flight_at_the_signal_and_begun_before_its_end() -> None:
+    t0 = 100.0
+    results = [(98.0, 98.1, "200"),     # over before the signal: not counted
+               (99.9, 104.9, "timeout"),  # in flight at the signal, never answered: counted
+               (100.5, 100.6, "refused"), (101.0, 101.1, "200"),
+               (102.9, 103.5, "reset"),   # begun in the window, cut after it: counted
+               (103.0, 103.1, "refused")]  # begun when the window was over: not counted
+    assert window_counts(results, t0, t0 + 3) == (3, 4)
+    assert window_counts([], t0, t0 + 3) == (0, 0)
