@@ -41,7 +41,7 @@ from bench.stop_sets import (
     settings,
     terminate,
 )
-from bench.stop_table import Row, error_row, render
+from bench.stop_table import Row, error_row, ordered, render
 from tests.procset import AppClient, ProcessSet, free_port
 from tests.supervised import BIN, SERVICE_ENV, Supervisord, export, write_env
 from tests.workload import wait_ready
@@ -162,7 +162,8 @@ def main() -> None:
                         help="only print the table of rows saved with --jsonl (e.g. two runs' files)")
     args = parser.parse_args()
     if args.render:
-        print(render([Row(**json.loads(line)) for f in args.render for line in f.read_text().splitlines()]))
+        saved = [Row(**json.loads(line)) for f in args.render for line in f.read_text().splitlines()]
+        print(render(ordered(saved)))
         return
     kinds = [args.only] if args.only else ["project", "reference"]
     wanted = set(args.managers.split(",")) if args.managers else None

@@ -86,15 +86,16 @@ def cells(row: Row) -> list[str]:
 
 
 def render(rows: Iterable[Row]) -> str:
-    """The markdown table, then one numbered note per row that has one."""
+    """The markdown table in the order given, then the numbered notes (each distinct one once)."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(HEADER) - 4))
              + "|---|"]
     notes: list[str] = []
     for row in rows:
         out = cells(row)
         if row.note:
-            notes.append(row.note)
-            out[2] += f" ({len(notes)})"
+            if row.note not in notes:  # the same note (another run of the same row) keeps its number
+                notes.append(row.note)
+            out[2] += f" ({notes.index(row.note) + 1})"
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in out) + " |")
     if notes:
         lines.append("")
@@ -106,3 +107,14 @@ def error_row(manager: str, stop: str, kind: str, error: BaseException) -> Row:
     """A row that could not be measured says why (its first line), never a number."""
     first = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
     return Row(manager, stop, kind, cannot=f"not measured: {first[:160]}")
+
+
+def ordered(rows: list[Row]) -> list[Row]:
+    """Rows of several runs (e.g. one per set) in table order: by manager, by stop command in the order
+    first seen, this set before the reference, runs of the same row in the order given."""
+    managers: dict[str, int] = {}
+    stops: dict[tuple[str, str], int] = {}
+    for r in rows:
+        managers.setdefault(r.manager, len(managers))
+        stops.setdefault((r.manager, r.stop), len(stops))
+    return sorted(rows, key=lambda r: (managers[r.manager], stops[(r.manager, r.stop)], r.kind != "project"))

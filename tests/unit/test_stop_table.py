@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.stop_sets import window_counts
-from bench.stop_table import HEADER, Row, cells, error_row, render
+from bench.stop_table import HEADER, Row, cells, error_row, ordered, render
 
 
 def measured(**changes: object) -> Row:
@@ -43,14 +43,14 @@ def test_cells_show_counts_of_their_totals_and_never_for_leftovers() -> None:
 def test_render_numbers_notes_and_keeps_every_row_the_header_width() -> None:
     rows = [measured(note="deploy/kubernetes.yaml, SHUTDOWN_DRAIN_SECONDS=5"),
             Row("docker", "docker stop", "reference", cannot="cannot run: x | y"),
-            measured(note="second note")]
+            measured(note="second note"), measured(note="second note")]
     text = render(rows)
     lines = text.splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(rows)
     widths = {line.replace("\\|", "").count("|") for line in table}
     assert widths == {len(HEADER) + 1}, table  # an escaped | in a cell does not add a column
-    assert "project (1)" in table[2] and "project (2)" in table[4]
+    assert "project (1)" in table[2] and "project (2)" in table[4] and "project (2)" in table[5]
     assert lines[-2:] == ["(1) deploy/kubernetes.yaml, SHUTDOWN_DRAIN_SECONDS=5", "(2) second note"]
 
 
@@ -72,3 +72,16 @@ def test_the_window_counts_requests_in_flight_at_the_signal_and_begun_before_its
                (103.0, 103.1, "refused")]  # begun when the window was over: not counted
     assert window_counts(results, t0, t0 + 3) == (3, 4)
     assert window_counts([], t0, t0 + 3) == (0, 0)
+
+
+def test_rows_of_two_runs_are_ordered_by_manager_and_stop_this_set_first() -> None:
+    def r(manager: str, stop: str, kind: str, lost: int) -> Row:
+        return Row(manager, stop, kind, lost=lost)
+
+    project = [r("supervisord", "stop all", "project", 0), r("docker", "docker stop", "project", 0)]
+    reference = [r("supervisord", "stop all", "reference", 1), r("supervisord", "stop all", "reference", 2),
+                 r("docker", "docker stop", "reference", 3), r("systemd", "KillMode=process", "reference", 4)]
+    out = [(x.manager, x.kind, x.lost) for x in ordered(project + reference)]
+    assert out == [("supervisord", "project", 0), ("supervisord", "reference", 1),
+                   ("supervisord", "reference", 2), ("docker", "project", 0), ("docker", "reference", 3),
+                   ("systemd", "reference", 4)]
