@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procset import AppClient, free_port
+from tests.procset import ROOT, AppClient, free_port
 from tests.supervised import Supervisord, export, write_env
 from tests.workload import Workload, wait_ready
 
@@ -132,8 +132,9 @@ def test_stock_honcho_export_leaves_nothing_running_and_loses_nothing(tmp_path: 
         "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
     (tmp_path / "log").mkdir()
     subprocess.run([sys.executable, "-m", "honcho", "export", "-f", "Procfile", "-e", str(env_file),
-                    "-a", "stock", "-u", getpass.getuser(), "-l", str(tmp_path / "log"), "supervisord", str(tmp_path / "export")],
-                   cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True, timeout=60)
+                    "-a", "stock", "-u", getpass.getuser(), "-l", str(tmp_path / "log"),
+                    "supervisord", str(tmp_path / "export")],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
     include = tmp_path / "export" / "stock.conf"
     assert "stopsignal=QUIT" in include.read_text()
     client = AppClient(port, tmp_path / "var")
