@@ -263,16 +263,19 @@ def stop_with_parent(signum: int = signal.SIGTERM) -> None:
     honcho runs each Procfile line as ``sh -c '<line>'``, and dash does not
     exec the last command, so the shell stays between the manager and us
     (the Procfile has no ``exec``: foreman's exports and supervisord cannot run
-    one). That shell outlives the manager, so here the manager itself is
-    watched (``pidfd``), and the shell's own death on the stop signal is not
-    taken for the manager's.
+    one). That shell outlives a dying manager, so the manager itself is
+    watched too (``pidfd``). The shell's own death still stops us: it dies
+    only of a signal meant for us, and a manager that signals only it
+    (stock ``honcho export supervisord``: SIGQUIT, no ``stopasgroup``) would
+    otherwise leave us running unseen. Under honcho that is a second SIGTERM
+    a moment after the group's, which every process takes as a repeat.
     """
-    manager = _manager_pid()
-    if manager == os.getppid():
-        if parent_death_signal(signum) and os.getppid() != _parent_at_start:
-            os.kill(os.getpid(), signum)  # it died while we were starting
+    if parent_death_signal(signum) and os.getppid() != _parent_at_start:
+        os.kill(os.getpid(), signum)  # it died while we were starting
         return
-    _watch_manager(manager, signum)
+    manager = _manager_pid()
+    if manager != os.getppid():
+        _watch_manager(manager, signum)
 
 
 def _manager_pid() -> int:
@@ -307,7 +310,6 @@ def _watch_manager(pid: int, signum: int) -> None:
         os.kill(os.getpid(), signum)
         return
     except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): the shell's PDEATHSIG at least
-        parent_death_signal(signum)
         return
 
     def wait() -> None:

@@ -46,8 +46,6 @@ import termios
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +86,7 @@ from stopcheck.text import (  # noqa: F401
     signal_name,
     signal_number,
 )
+from stopcheck.traffic import url_answers
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 HONCHO_PREFIX = re.compile(r"^\d\d:\d\d:\d\d (?P<name>\S+)\s*\| ?(?P<text>.*)$")
@@ -279,14 +278,6 @@ class Delivery:
     pgid: int | None = None  # every process of this group at that time
     pids: frozenset[int] = frozenset()  # or these processes
     exact: bool = True  # False: timed by honcho's line, not by the kill itself
-
-
-def url_answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def proc_age(pid: int) -> float | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.procset import ProcessSet
-from tests.servers import PostgresServer, find_pg_bin, missing
+from tests.servers import PostgresServer, RedisServer, find_pg_bin, missing
 
 pytestmark = pytest.mark.e2e
 
@@ -41,3 +41,19 @@ def postgres() -> Iterator[PostgresServer]:
     finally:
         server.stop(fast=True)
         server.remove()
+
+
+@pytest.fixture
+def external_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of its own (REDIS_URL), on a free port, removed at the end."""
+    server = RedisServer(tmp_path / "external-redis")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(external_redis: RedisServer) -> str:
+    return external_redis.url

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procset import AppClient, free_port
+from tests.procset import ROOT, AppClient, free_port
 from tests.supervised import Supervisord, export, write_env
 from tests.workload import Workload, wait_ready
 
@@ -111,5 +111,51 @@ def test_busy_stop_and_restart(tmp_path: Path, how: str, grace: float, drain: fl
               f" {len(verdict.succeeded)} succeeded, {len(verdict.failed)} failed, {len(verdict.late)} late")
         verdict.assert_none_lost()
         assert verdict.accepted > len(load.long_ids)
+    finally:
+        sv.cleanup()
+
+
+def test_stock_honcho_export_leaves_nothing_running_and_loses_nothing(tmp_path: Path) -> None:
+    """`honcho export supervisord` as it is, the trap users fall into: `sh -c '<line>'` per
+    program and `stopsignal=QUIT` to that shell alone. The shell dies; each program follows
+    its shell's death (PR_SET_PDEATHSIG, app/shutdown.py) with its graceful stop, instead of
+    running on unseen by supervisord."""
+    import getpass
+    import subprocess
+    import sys
+
+    from tests.supervised import BIN
+
+    port = free_port()
+    env_file = write_env(tmp_path / "app.env", {
+        "PORT": str(port), "VAR_DIR": str(tmp_path / "var"), "WORKER_CONCURRENCY": "6",
+        "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
+    (tmp_path / "log").mkdir()
+    subprocess.run([sys.executable, "-m", "honcho", "export", "-f", "Procfile", "-e", str(env_file),
+                    "-a", "stock", "-u", getpass.getuser(), "-l", str(tmp_path / "log"),
+                    "supervisord", str(tmp_path / "export")],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    include = tmp_path / "export" / "stock.conf"
+    assert "stopsignal=QUIT" in include.read_text()
+    client = AppClient(port, tmp_path / "var")
+    sv = Supervisord(tmp_path / "supervisord", include)
+    try:
+        sv.start()
+        sv.wait_running()
+        wait_ready(client)
+        load = Workload(client, jobs=6, job_seconds=JOB_SECONDS)
+        load.start()
+        sv.stop("stop all")  # returns once every process seen is gone: none runs on
+        outcomes = load.finish()
+        assert not sv.survivors(supervisord_too=False), [(p.pid, p.cmdline()) for p in sv.survivors()]
+        # Their logs are lost (supervisord stops reading once the shell is gone): the ledger
+        # says what they did. Every long job was handed back, none left `running`.
+        stored = client.stored_jobs()
+        assert [(stored[j]["status"], stored[j]["attempts"]) for j in load.long_ids] == [("queued", 0)] * 6
+        outcomes.assert_clean()
+        assert sv.ctl("start", "all").returncode == 0
+        sv.wait_running()
+        wait_ready(client)
+        load.verdict(client, timeout=60).assert_none_lost()
     finally:
         sv.cleanup()

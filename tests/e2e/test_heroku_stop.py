@@ -7,29 +7,18 @@ the old worker; it hands them back at 25 s and the new worker runs them; nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly
-from tests.servers import RedisServer
 from tests.workload import Workload
 
 pytestmark = pytest.mark.e2e
 GRACE = 25
 JOB_SECONDS = GRACE + 12  # still running when the grace ends, even if the new dyno is slow to start
 
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = RedisServer(tmp_path / "external-redis")
-    try:
-        server.start()
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_a_deploy_hands_long_jobs_to_the_new_worker_dyno(tmp_path: Path, redis_url: str) -> None:

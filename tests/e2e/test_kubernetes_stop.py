@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from stopcheck.policy import MAIN, TREE, Policy
 from stopcheck.traffic import Traffic
 from tests.managed import PROCFILE, ManagedSet, assert_stopped_cleanly, require_root
 from tests.procset import ROOT, ProcessSet
-from tests.servers import RedisServer
 from tests.workload import Workload
 
 pytestmark = pytest.mark.e2e
@@ -59,15 +57,6 @@ def kubernetes_plan() -> tuple[Plan, float]:
                           pid1=True, env=env))
     return Plan("kubernetes", tuple(units), "SIGTERM to PID 1 of every container at once"), drain
 
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = RedisServer(tmp_path / "external-redis")
-    try:
-        server.start()
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_manifest_commands_are_the_procfiles() -> None:

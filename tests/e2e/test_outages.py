@@ -14,11 +14,9 @@ import collections
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from tests.e2e.checks import assert_clean_stop
@@ -30,15 +28,6 @@ from tests.servers import PostgresServer, RedisServer
 #: connection attempt (1 s). The client allows twice that plus a second for a loaded machine.
 POST_BOUND_SECONDS = 3.0
 
-
-@pytest.fixture
-def external_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "external-redis")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def statuses(answers: list[Response]) -> dict[int, int]:

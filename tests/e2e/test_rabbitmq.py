@@ -63,7 +63,9 @@ def rabbitmq(rabbitmq_node: RabbitMQServer) -> Vhost:
 def _role(process: psutil.Process) -> str:
     command = " ".join(process.cmdline())
     parent = process.parent()
-    parent_command = " ".join(parent.cmdline()) if parent else ""
+    parent_argv = parent.cmdline() if parent else []
+    # The `sh -c` honcho runs each line in names the program too: not a parent of its kind.
+    parent_command = "" if parent_argv[1:2] == ["-c"] else " ".join(parent_argv)
     if "gunicorn" in command:
         return "web worker" if "gunicorn" in parent_command else "web master"
     if "celery" in command and " worker" in command:
