@@ -38,7 +38,6 @@ import signal
 import socket as sockets
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -191,11 +190,18 @@ def watch(args: argparse.Namespace) -> int:
     logs.configure("broker")
     shutdown.enable_stack_dumps()
     registry = shutdown.current()
-    stop = threading.Event()
+    wakeup = shutdown.Wakeup()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        registry.signal_received(signum)  # logs the first one only
-        stop.set()
+    def on_signal(signum: int, _frame: object) -> None:  # record only: the loop below logs
+        registry.record_signal(signum)
+        wakeup.set()
+
+    def stop_requested(seconds: float) -> bool:
+        wakeup.wait(seconds)
+        if registry.recorded_signal is None:
+            return False
+        registry.begin()  # "signal received", "graceful shutdown started"
+        return True
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
@@ -205,7 +211,7 @@ def watch(args: argparse.Namespace) -> int:
     if args.server is None:
         log.info("%s is set: using that %s, no embedded broker to run",
                  args.external, "Redis" if args.external == "REDIS_URL" else "broker")
-        while not stop.wait(1):
+        while not stop_requested(1):
             pass
         registry.close_all()
         return 0
@@ -215,7 +221,7 @@ def watch(args: argparse.Namespace) -> int:
                       timeout=args.save_wait + 0.5)
     log.info("embedded redis-server %d on %s, data in %s", server.pid, args.socket, args.data_dir / "redis")
 
-    while not stop.wait(0.2):
+    while not stop_requested(0.2):
         if server.poll() is not None:
             log.error("redis-server exited with %s", server.returncode)
             registry.close_all()
