@@ -59,7 +59,7 @@ keepalive = 2
 CLOSE_BUDGET = 1.0  # for the registry at exit: every connection closed, or given up, within it
 
 # -- logging ---------------------------------------------------------------
-logconfig_dict = logs.LOGGING
+logconfig_dict = logs.logging_config()  # LOG_LEVEL, validated above by get_settings()
 
 
 def on_starting(server):

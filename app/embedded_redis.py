@@ -173,7 +173,7 @@ def main() -> None:
     logs.configure("broker")
     stop_budget = budget.announce()
     shutdown.stop_with_parent()  # kept across exec
-    command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
+    command = [sys.executable, "-m", "app.embedded_redis", "--watch", "--log-level", settings.log_level]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
@@ -187,7 +187,7 @@ def main() -> None:
 
 def watch(args: argparse.Namespace) -> int:
     """The broker entry from here on: run redis-server, or idle when a broker is given."""
-    logs.configure("broker")
+    logs.configure("broker", level=args.log_level)  # checked by main(): no pydantic here
     shutdown.enable_stack_dumps()
     registry = shutdown.current()
     wakeup = shutdown.Wakeup()
@@ -240,6 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--save-wait", type=float, default=1.0)
     parser.add_argument("--external", default="REDIS_URL")
+    parser.add_argument("--log-level", default="INFO")
     cli = parser.parse_args()
     if not cli.watch:
         main()
