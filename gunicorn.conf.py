@@ -59,7 +59,7 @@ keepalive = 2
 CLOSE_BUDGET = 1.0  # for the registry at exit: every connection closed, or given up, within it
 
 # -- logging ---------------------------------------------------------------
-logconfig_dict = logs.LOGGING
+logconfig_dict = logs.logging_config()  # LOG_LEVEL, validated above by get_settings()
 
 
 def on_starting(server):
@@ -71,6 +71,8 @@ def on_starting(server):
     graceful = server.handle_term  # raises StopIteration: gunicorn's graceful stop
     drain = _budget.drain
 
+    # gunicorn's master only queues a signal in its handler and calls handle_term,
+    # handle_int, handle_quit and handle_alrm from its loop: logging here is safe.
     def handle_stop(signum: int) -> None:  # from the master's loop, not in signal context
         if not registry.shutting_down.is_set():
             registry.signal_received(signum)
@@ -105,7 +107,7 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """Worker, app loaded: logged stop signals, Celery's pools closed at exit.
+    """Worker, app loaded: stop signals recorded (and logged by a thread), Celery's pools closed at exit.
 
     The worker class (app/web_worker.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
     """
@@ -113,8 +115,9 @@ def post_worker_init(worker):
 
     registry = shutdown.current()
     registry.register("celery broker connections", broker.close_celery_connections)
+    record = shutdown.report_signals(registry)  # handlers only record; a thread logs
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        shutdown.chain_signal(signum, registry.signal_received)
+        shutdown.chain_signal(signum, record)
         signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
 
 

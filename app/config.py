@@ -31,6 +31,9 @@ AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 _CELERY_SPLIT_BROKER = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Settings(BaseSettings):
     """Environment variables (upper-case names of these fields)."""
 
@@ -63,7 +66,14 @@ class Settings(BaseSettings):
     # Runs that ended without finishing (crashes; shutdowns do not count) before "failed".
     job_max_attempts: int = Field(default=5, ge=1)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # app/logs.py: one of LOG_LEVELS, any case
+
+    @field_validator("log_level")
+    @classmethod
+    def _level_name(cls, level: str) -> str:
+        if level.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"not a log level: one of {', '.join(LOG_LEVELS)}")
+        return level.strip().upper()  # "debug" is DEBUG
 
     @field_validator("explicit_broker_url")
     @classmethod

@@ -38,7 +38,6 @@ import signal
 import socket as sockets
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -174,7 +173,7 @@ def main() -> None:
     logs.configure("broker")
     stop_budget = budget.announce()
     shutdown.stop_with_parent()  # kept across exec
-    command = [sys.executable, "-m", "app.embedded_redis", "--watch"]
+    command = [sys.executable, "-m", "app.embedded_redis", "--watch", "--log-level", settings.log_level]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
@@ -188,14 +187,21 @@ def main() -> None:
 
 def watch(args: argparse.Namespace) -> int:
     """The broker entry from here on: run redis-server, or idle when a broker is given."""
-    logs.configure("broker")
+    logs.configure("broker", level=args.log_level)  # checked by main(): no pydantic here
     shutdown.enable_stack_dumps()
     registry = shutdown.current()
-    stop = threading.Event()
+    wakeup = shutdown.Wakeup()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        registry.signal_received(signum)  # logs the first one only
-        stop.set()
+    def on_signal(signum: int, _frame: object) -> None:  # record only: the loop below logs
+        registry.record_signal(signum)
+        wakeup.set()
+
+    def stop_requested(seconds: float) -> bool:
+        wakeup.wait(seconds)
+        if registry.recorded_signal is None:
+            return False
+        registry.begin()  # "signal received", "graceful shutdown started"
+        return True
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
@@ -205,7 +211,7 @@ def watch(args: argparse.Namespace) -> int:
     if args.server is None:
         log.info("%s is set: using that %s, no embedded broker to run",
                  args.external, "Redis" if args.external == "REDIS_URL" else "broker")
-        while not stop.wait(1):
+        while not stop_requested(1):
             pass
         registry.close_all()
         return 0
@@ -215,7 +221,7 @@ def watch(args: argparse.Namespace) -> int:
                       timeout=args.save_wait + 0.5)
     log.info("embedded redis-server %d on %s, data in %s", server.pid, args.socket, args.data_dir / "redis")
 
-    while not stop.wait(0.2):
+    while not stop_requested(0.2):
         if server.poll() is not None:
             log.error("redis-server exited with %s", server.returncode)
             registry.close_all()
@@ -234,6 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--save-wait", type=float, default=1.0)
     parser.add_argument("--external", default="REDIS_URL")
+    parser.add_argument("--log-level", default="INFO")
     cli = parser.parse_args()
     if not cli.watch:
         main()

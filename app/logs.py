@@ -5,13 +5,18 @@ format, so a ``honcho start`` screen reads as one story: who (role and pid),
 when, what. gunicorn takes :data:`LOGGING` via ``logconfig_dict``; Celery is
 kept off the root logger (``worker_hijack_root_logger=False``) and calls
 :func:`configure` from its ``setup_logging`` signal.
+
+The level is the validated ``LOG_LEVEL`` setting (app/config.py): a bad value
+stops the process at start, naming it. The settings are read when the
+logging is configured, not at import: the broker's watcher (after its exec)
+gets the level on its command line and never loads pydantic.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.config
-import os
+from typing import Any
 
 FORMAT = "%(asctime)s.%(msecs)03d %(role)s[%(process)d] %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
@@ -62,7 +67,7 @@ LOGGING: dict = {
             "filters": ["role", "quiet_hand_back"],
         }
     },
-    "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["stdout"], "level": "INFO"},  # LOG_LEVEL: logging_config()
     "loggers": {
         # gunicorn's own loggers propagate to root instead of keeping handlers.
         "gunicorn.error": {"handlers": [], "propagate": True},
@@ -71,7 +76,16 @@ LOGGING: dict = {
 }
 
 
-def configure(role: str | None = None) -> None:
+def logging_config(level: str | None = None) -> dict[str, Any]:
+    """:data:`LOGGING` at ``level``, by default the ``LOG_LEVEL`` setting (exits if it is bad)."""
+    if level is None:
+        from app.config import get_settings  # here, not at the top: see the module docstring
+
+        level = get_settings().log_level
+    return {**LOGGING, "root": {**LOGGING["root"], "level": level}}
+
+
+def configure(role: str | None = None, level: str | None = None) -> None:
     if role:
         set_role(role)
-    logging.config.dictConfig(LOGGING)
+    logging.config.dictConfig(logging_config(level))

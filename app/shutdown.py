@@ -19,6 +19,10 @@ Who calls :meth:`ShutdownRegistry.close_all`:
 Every process logs the same sequence, so a log shows at a glance who stopped
 and how: ``signal received`` -> ``graceful shutdown started`` ->
 ``closing X`` -> ``closed X`` -> ``shutdown complete in N ms``.
+
+Signal handlers only record (:meth:`ShutdownRegistry.record_signal`, a
+:class:`Wakeup`); the first two lines come from the process's loop or a
+watcher thread (:meth:`ShutdownRegistry.begin`), never from the handler.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class ShutdownRegistry:
         self._lock = threading.Lock()
         self._started_at: float | None = None
         self._closed = False
+        #: The first stop signal, as :meth:`record_signal` noted it (a signal handler).
+        self.recorded_signal: int | None = None
+        self._signal_at = 0.0
         self.shutting_down = threading.Event()
 
     # -- registration -----------------------------------------------------
@@ -88,23 +95,42 @@ class ShutdownRegistry:
             return [h.name for h in self._handlers]
 
     # -- the shutdown sequence --------------------------------------------
-    def signal_received(self, signum: int, detail: str = "") -> None:
-        """Record the signal that starts the shutdown (safe in a signal handler)."""
-        name = signal.Signals(signum).name
-        if self.shutting_down.is_set():
-            log.debug("signal received again: %s", name)
-            return
-        log.info("signal received: %s", name)
-        self.begin(detail)
+    def record_signal(self, signum: int) -> None:
+        """In a signal handler: note the stop signal (the first one) and its time; nothing else.
+
+        A Python signal handler runs in the main thread between two
+        bytecodes, maybe while that thread holds this registry's lock or a
+        logging handler's lock: taking either here (both non-reentrant)
+        would deadlock the process. So plain attribute assignments only, as
+        gunicorn's arbiter ("NO LOGGING, just queue the signal"); the log
+        lines come from :meth:`begin`, called by the process's loop or a
+        watcher thread (:func:`report_signals`, :class:`Wakeup`).
+        """
+        if self.recorded_signal is None:
+            self._signal_at = self._clock()
+            self.recorded_signal = signum
+
+    def signal_received(self, signum: int, detail: str = "") -> bool:
+        """Outside a signal handler (a server's loop calling us): record the signal and begin."""
+        self.record_signal(signum)
+        return self.begin(detail)
 
     def begin(self, detail: str = "") -> bool:
-        """Mark the process as shutting down; True the first time only."""
+        """Mark the process as shutting down, logging the recorded signal first; True the first time only.
+
+        Never from a signal handler (it logs and locks): see :meth:`record_signal`.
+        The start lines are logged under the lock, so a ``close_all`` racing in
+        another thread logs its ``closing`` lines after them.
+        """
         with self._lock:
             if self._started_at is not None:
                 return False
-            self._started_at = self._clock()
+            signum = self.recorded_signal
+            self._started_at = self._clock() if signum is None else self._signal_at
+            if signum is not None:
+                log.info("signal received: %s", signal.Signals(signum).name)
+            log.info("graceful shutdown started%s", f" ({detail})" if detail else "")
         self.shutting_down.set()
-        log.info("graceful shutdown started%s", f" ({detail})" if detail else "")
         return True
 
     @property
@@ -174,8 +200,9 @@ _registry_pid: int | None = None
 def chain_signal(signum: int, before: Callable[[int], object]) -> None:
     """Run ``before(signum)`` ahead of the handler already installed for ``signum``.
 
-    For logging the signal in processes whose server owns the handler
-    (gunicorn workers): its behaviour stays exactly as it was.
+    For recording the signal in processes whose server owns the handler
+    (gunicorn workers): its behaviour stays exactly as it was. ``before``
+    runs in signal context: it must only record (:func:`report_signals`).
     """
     previous = signal.getsignal(signum)
 
@@ -188,6 +215,63 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
             os.kill(os.getpid(), sig)
 
     signal.signal(signum, handler)
+
+
+class Wakeup:
+    """A self-pipe: :meth:`set` from a signal handler, :meth:`wait` in a loop or a thread.
+
+    ``set`` is one non-blocking ``write(2)``: no lock a signal could find
+    held (a ``threading.Event`` takes one), no logging. ``wait`` wakes at
+    once, even when the signal landed just before it started. One per
+    process, kept for its life (two file descriptors).
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"!")
+        except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until :meth:`set` (True; the wake-up is used up) or ``timeout`` seconds (False)."""
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        if not readable:
+            return False
+        try:
+            while os.read(self._read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        return True
+
+
+def report_signals(registry: ShutdownRegistry) -> Callable[[int], None]:
+    """For a process whose loop is a server's (gunicorn worker): log its stop signal from a thread.
+
+    Returns the function for the signal handler (e.g. through
+    :func:`chain_signal`): it records the signal and wakes a daemon thread,
+    which calls ``registry.begin()``: "signal received", "graceful shutdown
+    started", and ``shutting_down`` set for the request threads (long polls
+    answer at once).
+    """
+    wakeup = Wakeup()
+
+    def record(signum: int) -> None:  # signal context: assignments and one write(2)
+        registry.record_signal(signum)
+        wakeup.set()
+
+    def report() -> None:
+        while registry.recorded_signal is None:
+            wakeup.wait()
+        registry.begin()
+
+    threading.Thread(target=report, name="signal-report", daemon=True).start()
+    return record
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)

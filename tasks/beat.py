@@ -1,9 +1,11 @@
 """Celery beat's scheduler, with this project's shutdown sequence.
 
 Beat has no shutdown signal of its own. Its SIGTERM/SIGINT handler (Celery's
-``install_sync_handler``) syncs the schedule and raises SystemExit; the
-service then calls ``scheduler.close()`` again. We log the signal, and route
-``close()`` through the shutdown registry, so the schedule store is synced
+``install_sync_handler``) syncs the schedule (logging, in the handler) and
+raises SystemExit; the service then calls ``scheduler.close()`` again. Ours
+only records the signal and raises SystemExit; beat's loop, unwinding, calls
+``close()``, routed through the shutdown registry, which logs the signal and
+closes, out of signal context. So the schedule store is synced
 (``last_run_at`` saved: a restart neither repeats nor skips a run) and the
 broker connection released exactly once, with the same log lines as every
 other process. SIGKILL would lose up to ``beat_sync_every`` runs' state.
@@ -49,11 +51,9 @@ class Scheduler(PersistentScheduler):
         self.sweeper = sweeper.Sweeper()
         self.sweeper.start(registry)  # registered last: stopped first
         # Celery leaves SIGQUIT at its default (die at once, the schedule's
-        # last runs unsaved); supervisord and `honcho export` stop with it.
-        # First: it takes Celery's SIGTERM handler, before that is wrapped.
-        _first_only(signal.SIGQUIT, registry, like=signal.SIGTERM)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            _first_only(signum, registry)
+        # last runs unsaved); supervisord and `honcho export` stop with it: same as SIGTERM.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, functools.partial(_stop, registry))
 
     @property
     def producer(self) -> None:
@@ -87,22 +87,18 @@ class Scheduler(PersistentScheduler):
         shutdown.current().close_all(budget=CLOSE_BUDGET)
 
 
-def _first_only(signum: int, registry: shutdown.ShutdownRegistry, like: int | None = None) -> None:
-    """Log the first stop signal, then run Celery's sync handler; ignore repeats.
+def _stop(registry: shutdown.ShutdownRegistry, signum: int, _frame: object) -> None:
+    """Beat's handler of SIGTERM, SIGINT and SIGQUIT: record the first one and leave beat's loop.
 
-    Celery's handler syncs the store and raises SystemExit. A second signal
+    Signal context: no logging, no lock (the main thread may hold one). It
+    raises SystemExit as Celery's own handler does (beat's loop sleeps in
+    ``time.sleep``, which only an exception ends early); beat's loop catches
+    it and calls ``close()``: the registry then logs "signal received" and
+    closes, out of the handler. Repeats are ignored: a second SystemExit
     (the parent-death signal comes once per thread of the dying parent; an
-    impatient Ctrl+C) would raise SystemExit again in the middle of that
-    sync. The first one is enough. ``like``: handle ``signum`` with Celery's
-    handler for that other signal.
+    impatient Ctrl+C) would land in the middle of that close.
     """
-    celery_handler = signal.getsignal(signum if like is None else like)
-
-    def handler(sig: int, frame: object) -> None:
-        if registry.shutting_down.is_set():
-            return
-        registry.signal_received(sig)
-        if callable(celery_handler):
-            celery_handler(sig, frame)
-
-    signal.signal(signum, handler)
+    if registry.recorded_signal is not None:
+        return
+    registry.record_signal(signum)
+    raise SystemExit(0)

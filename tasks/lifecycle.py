@@ -88,6 +88,7 @@ def _install_stop_handlers(sender: object, **_: object) -> None:
     """MainProcess: replace Celery's stop handlers (installed just before)."""
     global _stop
     _stop = WorkerStop(budget.current().grace)
+    _stop.start_watchdog()
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop.on_signal)
     # The event loop wakes on these signals at once: tasks/consumer.py.
@@ -132,23 +133,31 @@ class WorkerStop:
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self._started = False
-        self._now = threading.Event()
+        self._again: int | None = None  # a later SIGINT/SIGQUIT: hand back now
+        self._wakeup = shutdown.Wakeup()  # the handler wakes the watchdog through it
         self.closed = threading.Event()  # set by worker_shutdown once the registry has run
 
-    def on_signal(self, signum: int, _frame: object) -> None:
-        """First stop signal: warm shutdown. A later SIGINT/SIGQUIT: hand back now.
+    def start_watchdog(self) -> None:
+        """Start the watchdog thread, idle until the stop begins (not from a signal handler:
+        starting a thread takes locks)."""
+        threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
 
-        A repeated SIGTERM changes nothing: the kernel's parent-death signal
-        (``stop_with_parent``) comes once per thread of the dying parent, so
-        two can arrive within a millisecond of each other.
+    def on_signal(self, signum: int, _frame: object) -> None:
+        """MainProcess's handler: the first stop signal starts the warm shutdown; a later
+        SIGINT/SIGQUIT hands back now.
+
+        Signal context: it only records (assignments and one ``write(2)``), no
+        lock, no logging; the watchdog thread logs. A repeated SIGTERM changes
+        nothing: the kernel's parent-death signal (``stop_with_parent``) comes
+        once per thread of the dying parent, so two can arrive within a
+        millisecond of each other.
         """
         if self._started:
-            if signum != signal.SIGTERM:
-                log.warning("%s again: handing back running tasks now",
-                            signal.Signals(signum).name)
-                self._now.set()
+            if signum != signal.SIGTERM and self._again is None:
+                self._again = signum
+                self._wakeup.set()
             return
-        shutdown.current().signal_received(signum, self._plan())
+        shutdown.current().record_signal(signum)
         self.begin()
 
     def on_remote_shutdown(self) -> None:
@@ -159,24 +168,30 @@ class WorkerStop:
         """
         if not self._started:
             log.warning("shutdown requested by a remote control command")
-            shutdown.current().begin(self._plan())
             self.begin()
 
     def begin(self) -> None:
-        """Start Celery's warm shutdown and the watchdog that bounds it (once)."""
+        """Start Celery's warm shutdown and wake the watchdog that bounds it (once).
+
+        Safe in a signal handler: two assignments and one ``write(2)``.
+        """
         if self._started:
             return
         self._started = True
         # Celery's own warm shutdown: the event loop raises WorkerShutdown,
         # the consumer stops, the pool drains, exit code 0.
         state.should_stop = 0
-        threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
+        self._wakeup.set()
 
     def _plan(self) -> str:
         return f"grace {self.grace:.1f} s for {len(_running())} running task(s)"
 
     def _watch(self) -> None:
+        while not self._started:
+            self._wakeup.wait()
         try:
+            # The log lines the handler could not write: "signal received", "graceful shutdown started".
+            shutdown.current().begin(self._plan())
             self._finish_or_hand_back()
             if not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
                 _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
@@ -195,9 +210,10 @@ class WorkerStop:
 
     def _finish_or_hand_back(self) -> None:
         deadline = time.monotonic() + self.grace
-        while _running() and time.monotonic() < deadline:
-            if self._now.wait(min(_POLL, max(0.0, deadline - time.monotonic()))):
-                break
+        while _running() and time.monotonic() < deadline and self._again is None:
+            self._wakeup.wait(min(_POLL, max(0.0, deadline - time.monotonic())))
+        if self._again is not None:
+            log.warning("%s again: handing back running tasks now", signal.Signals(self._again).name)
         running = _running()
         if not running:
             return

@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,30 @@ class AppClient:
         assert r.status == 202, r
         return r.body["id"]
 
-    def wait_status(self, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_status(self, job_id: str, status: str | tuple[str, ...], timeout: float = 30, *,
+                    long_poll: float = 0, read: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """The job once its status is ``status`` (or one of them); fails after ``timeout`` seconds.
+
+        The one wait for a job's state in the tests. ``long_poll``: each ask is
+        ``GET /jobs/<id>?wait=<long_poll>`` (0: ask every 50 ms). An answer
+        other than 200 (503 while the database is away) is asked again.
+        ``read``: how to read the job instead, when no web process runs (a
+        worker alone: the ledger directly).
+        """
+        wanted = (status,) if isinstance(status, str) else status
         deadline = time.monotonic() + timeout
+        answer: Any
         while True:
-            job = self.job(job_id, wait=0)
-            if job["status"] == status or time.monotonic() > deadline:
-                assert job["status"] == status, job
+            if read is not None:
+                answer = job = read()
+            else:
+                answer = self.http("GET", f"/jobs/{job_id}?wait={long_poll}")
+                job = answer.body if answer.status == 200 else {}
+            if job.get("status") in wanted:
                 return job
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, (job_id, wanted, answer)
+            if read is not None or not long_poll or getattr(answer, "status", 0) != 200:
+                time.sleep(0.05)
 
     def stored_jobs(self) -> dict[str, dict[str, Any]]:
         """The ledger as the database holds it (readable with the set stopped)."""

@@ -8,8 +8,6 @@ import pytest
 from tests.procset import ProcessSet
 from tests.servers import PostgresServer, RedisServer, find_pg_bin, missing
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture
 def procset(tmp_path: Path) -> Iterator[ProcessSet]:

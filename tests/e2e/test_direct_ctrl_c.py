@@ -89,10 +89,7 @@ def lone_worker(tmp_path: Path, broker: dict[str, str]) -> Iterator:
         ps.start()
         ps.wait_for_line(r"\bready\.$", timeout=60)
         job_id = queue_job(broker, "sleep", {"seconds": job_seconds})
-        deadline = time.monotonic() + 30
-        while job_status(broker, job_id) != "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert job_status(broker, job_id) == "running", ps.output
+        ps.wait_status(job_id, "running", read=lambda: {"status": job_status(broker, job_id)})
         return ps, job_id
 
     yield start

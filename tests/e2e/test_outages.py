@@ -44,12 +44,7 @@ def assert_json_503(answer: Response) -> None:
 
 def finished(ps: ProcessSet, job_id: str, timeout: float = 90) -> dict[str, Any]:
     """The job once finished, long-polling as often as needed within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = ps.http("GET", f"/jobs/{job_id}?wait=10")
-        if answer.status == 200 and answer.body["status"] in ("succeeded", "failed"):
-            return answer.body
-        assert time.monotonic() < deadline, (answer, ps.output)
+    return ps.wait_status(job_id, ("succeeded", "failed"), timeout, long_poll=10)
 
 
 def test_a_postgres_outage_answers_503_and_runs_no_job_twice(procset: ProcessSet,

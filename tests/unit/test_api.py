@@ -462,3 +462,12 @@ def test_readyz_after_the_registry_closed_is_503_not_500(client, monkeypatch):
 
     assert response.status_code == 503
     assert "shutting down" in response.get_json()["reasons"]
+
+
+def test_json_answers_have_sorted_keys(client):
+    """Flask's default (the JSON_SORT_KEYS setting went in Flask 2.3): stable, diffable answers."""
+    job = submit(client)
+    response = client.get(f"/jobs/{job['id']}")
+
+    keys = json.loads(response.data, object_pairs_hook=lambda pairs: [key for key, _ in pairs])
+    assert keys == sorted(JOB_KEYS)

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from app import logs
 from app.config import get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +27,7 @@ def fresh_settings(monkeypatch):
     ("SHUTDOWN_GRACE_SECONDS", "0"),
     ("PORT", "70000"),
     ("WEB_WORKER_CLASS", "eventlet"),
+    ("LOG_LEVEL", "loud"),
 ])
 def test_a_bad_setting_stops_with_a_message_naming_it(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -91,3 +100,22 @@ def test_a_broker_celery_would_not_share_stops_the_start(monkeypatch, no_broker_
     message = str(stopped.value)
     assert says in message and "BROKER_URL" in message
     assert "secret" not in message  # a URL's password is never printed
+
+
+def test_log_level_is_the_validated_setting_in_any_case(monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+
+    assert get_settings().log_level == "WARNING"
+    assert logs.logging_config()["root"]["level"] == "WARNING"
+    assert logs.LOGGING["root"]["level"] == "INFO"  # the template is left alone
+
+
+def test_a_bad_log_level_stops_a_process_at_start_naming_it(tmp_path):
+    """The broker launcher, started for real: its first step reads the settings and configures logs."""
+    env = {**os.environ, "LOG_LEVEL": "loud", "VAR_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "app.embedded_redis"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("invalid settings: LOG_LEVEL='loud': "), done.stderr
+    assert "Traceback" not in done.stderr

@@ -111,14 +111,33 @@ def test_the_lease_is_renewed_while_the_job_runs_and_not_after(schema) -> None:
     assert _lease_until(job_id) == after
 
 
-def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema) -> None:
+def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema, monkeypatch) -> None:
+    """Once a renewal says the run is no longer the job's, the keeper stops trying for that run.
+
+    The ledger's fence would refuse every later renewal anyway (the row stays
+    ``queued`` either way), so the point is the number of tries: one.
+    """
     period = 0.3
+    tick = period / ledger.RENEWALS_PER_LEASE
+    real_renew, tries = ledger.renew, []
+
+    def counted_renew(job_id, attempt, **kwargs):
+        renewed = real_renew(job_id, attempt, **kwargs)
+        tries.append((job_id, renewed))
+        return renewed
+
+    monkeypatch.setattr(ledger, "renew", counted_renew)
     lease = jobs._Lease()
     lost = ledger.create("echo", {"value": 1})["id"]
     attempt = ledger.claim(lost, lease=period, max_attempts=5)["attempts"]
     with lease.held(lost, attempt, period):
         assert ledger.hand_back(lost, attempt)  # e.g. swept as stranded: the fence no longer matches
-        time.sleep(2 * period / 3)  # the renewal in this window fails and stops renewing it
+        deadline = time.monotonic() + 5
+        while (lost, False) not in tries and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(4 * tick)  # four more renewal periods: a keeper that kept trying tries again here
+    assert tries.count((lost, False)) == 1, tries
+    assert (lost, True) not in tries
     kept = ledger.create("echo", {"value": 2})["id"]
     attempt = ledger.claim(kept, lease=period, max_attempts=5)["attempts"]
     start = _lease_until(kept)
