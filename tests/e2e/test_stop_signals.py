@@ -178,3 +178,32 @@ def test_a_grace_longer_than_honcho_allows_is_cut_to_fit(procset: ProcessSet) ->
     assert_clean_stop(ps, rc, 130)
     stored = ps.stored_jobs()
     assert (stored[long]["status"], stored[long]["attempts"]) == ("queued", 0), stored[long]
+
+
+def test_gunicorn_sighup_reloads_without_a_refused_or_failed_request(tmp_path) -> None:
+    # A reload is not a stop: new workers boot, the old ones finish what they hold and leave;
+    # the listener never closes, so nothing is refused, whatever the drain setting.
+    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
+    ps = ProcessSet(tmp_path / "web", command=gunicorn, env={"SHUTDOWN_DRAIN_SECONDS": "1"})
+    try:
+        ps.start()
+        ps.wait_for_line(r"Booting worker", timeout=30)
+        deadline = time.monotonic() + 30
+        while ps.http("GET", "/healthz").status != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old = {p.pid for p in psutil.Process(ps.proc.pid).children()}
+        with Prober(ps) as prober:
+            ps.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while old & {p.pid for p in psutil.Process(ps.proc.pid).children()}:
+                assert time.monotonic() < deadline, ps.output
+                time.sleep(0.05)
+        new = {p.pid for p in psutil.Process(ps.proc.pid).children()}
+        assert new and not new & old
+        health = [status for _, path, status in prober.answers if path == "/healthz"]
+        assert len(health) >= 10 and set(health) == {200}, health
+        rc, _ = ps.stop_and_wait("sigterm")
+        assert rc == 0, ps.output
+        assert not ps.survivors()
+    finally:
+        ps.cleanup()
