@@ -116,7 +116,7 @@ def post_worker_init(worker):
     registry = shutdown.current()
     registry.register("celery broker connections", broker.close_celery_connections)
     record = shutdown.report_signals(registry)  # handlers only record; a thread logs
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    for signum in shutdown.STOP_SIGNALS:
         shutdown.chain_signal(signum, record)
         signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
 

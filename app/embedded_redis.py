@@ -45,8 +45,7 @@ from app import logs, shutdown
 
 log = logging.getLogger("broker")
 
-#: SIGQUIT too: supervisord and `honcho export` stop with it; here it is as graceful as SIGTERM.
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+STOP_SIGNALS = shutdown.STOP_SIGNALS  # SIGQUIT too: as graceful as SIGTERM
 
 
 #: Said when no server binary is found: how to get one, or how to do without.

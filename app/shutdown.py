@@ -274,6 +274,7 @@ def report_signals(registry: ShutdownRegistry) -> Callable[[int], None]:
     return record
 
 
+#: Every signal a manager stops with (SIGQUIT: supervisord's and `honcho export`'s): all graceful.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 

@@ -52,7 +52,7 @@ class Scheduler(PersistentScheduler):
         self.sweeper.start(registry)  # registered last: stopped first
         # Celery leaves SIGQUIT at its default (die at once, the schedule's
         # last runs unsaved); supervisord and `honcho export` stop with it: same as SIGTERM.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for signum in shutdown.STOP_SIGNALS:
             signal.signal(signum, functools.partial(_stop, registry))
 
     @property

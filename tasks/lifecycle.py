@@ -57,7 +57,6 @@ CLOSE_SECONDS = 1.0
 EXIT_SECONDS = 0.25
 #: When the MainProcess must exit at once: what its registry may still take.
 EXIT_CLOSE_SECONDS = 0.3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 _stop: WorkerStop | None = None  # the MainProcess's, once the worker is ready
 
@@ -89,7 +88,7 @@ def _install_stop_handlers(sender: object, **_: object) -> None:
     global _stop
     _stop = WorkerStop(budget.current().grace)
     _stop.start_watchdog()
-    for signum in STOP_SIGNALS:
+    for signum in shutdown.STOP_SIGNALS:
         signal.signal(signum, _stop.on_signal)
     # The event loop wakes on these signals at once: tasks/consumer.py.
 

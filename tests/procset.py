@@ -160,7 +160,43 @@ class AppClient:
         return r.body
 
 
-class ProcessSet(AppClient):
+class ProcessTree:
+    """The processes under ``self.proc`` (a manager), remembered at each snapshot, by pid.
+
+    What a test started is killed by pid in the end, even once it left the tree.
+    """
+
+    proc: subprocess.Popen[bytes] | None
+    _seen: dict[int, psutil.Process]
+
+    def snapshot(self) -> list[psutil.Process]:
+        """Record every process of the tree now; cleanup() kills what remains."""
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            self._seen.setdefault(p.pid, p)
+        return tree
+
+    def survivors(self, *, but: int | None = None) -> list[psutil.Process]:
+        """Processes seen at any snapshot and still running (``but`` this pid)."""
+        alive = []
+        for p in self._seen.values():
+            if p.pid == but:
+                continue
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+
+class ProcessSet(AppClient, ProcessTree):
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
                  procfile: Path | None = None, cwd: Path = ROOT,
                  command: list[str] | None = None, runs_honcho: bool | None = None) -> None:
@@ -213,30 +249,6 @@ class ProcessSet(AppClient):
             text = self._partial + ANSI.sub("", chunk.decode(errors="replace").replace("\r\n", "\n"))
             *lines, self._partial = text.split("\n")
             self._output.extend(lines)
-
-    def snapshot(self) -> list[psutil.Process]:
-        """Record every process of the tree now; cleanup() kills what remains."""
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for p in tree:
-            self._seen.setdefault(p.pid, p)
-        return tree
-
-    def survivors(self) -> list[psutil.Process]:
-        """Processes of the set seen at any snapshot and still running."""
-        alive = []
-        for p in self._seen.values():
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
 
     def accepted_connections(self) -> int:
         """TCP connections the web processes have accept()ed (not those still in the backlog)."""

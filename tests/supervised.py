@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.procset import ROOT
+from tests.procset import ROOT, ProcessTree
 
 VENV = Path(sys.prefix)
 BIN = Path(sys.executable).parent
@@ -51,7 +51,7 @@ def write_env(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
-class Supervisord:
+class Supervisord(ProcessTree):
     def __init__(self, workdir: Path, include: Path, *, binary_dir: Path = BIN,
                  env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
@@ -114,29 +114,9 @@ files={include}
             time.sleep(0.2)
         raise AssertionError(f"not all RUNNING within {timeout} s: {states}\n{self.log_text()}")
 
-    def snapshot(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for p in tree:
-            self._seen.setdefault(p.pid, p)
-        return tree
-
     def survivors(self, *, supervisord_too: bool = True) -> list[psutil.Process]:
-        alive = []
-        for p in self._seen.values():
-            if not supervisord_too and self.proc is not None and p.pid == self.proc.pid:
-                continue
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
+        spared = None if supervisord_too or self.proc is None else self.proc.pid
+        return ProcessTree.survivors(self, but=spared)
 
     def stop(self, how: str, timeout: float = 120) -> float:
         """Stop every program with ``how``; seconds until the last process seen is gone."""

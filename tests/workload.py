@@ -248,3 +248,17 @@ def wait_ready(client: AppClient, timeout: float = 60, path: str = "/readyz") ->
             return
         time.sleep(0.1)
     raise AssertionError(f"/readyz not 200 within {timeout} s: {last}")
+
+
+def assert_handed_back_then_run(load: Workload, stopped: AppClient, restart: Any) -> None:
+    """Each long job was handed back (``queued``, no attempt used up); a restarted set runs all.
+
+    ``restart``: a started-later set on the same data (e.g. ``ProcessSet(tmp_path)``), which
+    the caller also registers for cleanup; it is started here.
+    """
+    jobs = stopped.stored_jobs()
+    for job_id in load.long_ids:
+        assert (jobs[job_id]["status"], jobs[job_id]["attempts"]) == ("queued", 0), jobs[job_id]
+    restart.start()
+    restart.wait_ready()
+    load.verdict(restart, timeout=60).assert_none_lost()

@@ -16,7 +16,7 @@ import pytest
 from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly, require_root
 from tests.procset import ProcessSet
-from tests.workload import Workload
+from tests.workload import Workload, assert_handed_back_then_run
 
 pytestmark = pytest.mark.e2e
 JOB_SECONDS = 8  # longer than the grace: handed back, then run again after the restart
@@ -41,15 +41,9 @@ def stop_busy_and_restart(ms: ManagedSet, sets: list, tmp_path: Path) -> list[di
     rows = ms.finish()
     outcomes = load.finish()
     outcomes.assert_clean()  # no 5xx, no reset; only refused once the listener closed
-    jobs = ms.stored_jobs()
-    for job_id in load.long_ids:
-        job = jobs[job_id]
-        assert (job["status"], job["attempts"]) == ("queued", 0), job  # handed back, no attempt used
     again = ProcessSet(tmp_path)  # same var/
     sets.append(again)
-    again.start()
-    again.wait_ready()
-    load.verdict(again, timeout=60).assert_none_lost()
+    assert_handed_back_then_run(load, ms, again)
     return rows
 
 

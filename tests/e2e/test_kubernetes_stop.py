@@ -21,7 +21,7 @@ from stopcheck.policy import MAIN, TREE, Policy
 from stopcheck.traffic import Traffic
 from tests.managed import PROCFILE, ManagedSet, assert_stopped_cleanly, require_root
 from tests.procset import ROOT, ProcessSet
-from tests.workload import Workload
+from tests.workload import Workload, assert_handed_back_then_run
 
 pytestmark = pytest.mark.e2e
 GRACE = 3.0
@@ -100,14 +100,9 @@ def test_pods_stop_with_a_drain_while_traffic_still_arrives(tmp_path: Path, redi
         assert_stopped_cleanly(ms, rows, ["web", "worker", "beat"])
         web_exit = next(r["exit_after_s"] for r in rows if r["unit"] == "web" and r["main"])
         assert web_exit >= drain  # it kept serving for the whole drain
-        jobs = ms.stored_jobs()
-        for job_id in load.long_ids:
-            assert (jobs[job_id]["status"], jobs[job_id]["attempts"]) == ("queued", 0), jobs[job_id]
         restarted = ProcessSet(tmp_path, env={"REDIS_URL": redis_url})
         again.append(restarted)
-        restarted.start()
-        restarted.wait_ready()
-        load.verdict(restarted, timeout=60).assert_none_lost()
+        assert_handed_back_then_run(load, ms, restarted)
     finally:
         ms.cleanup()
         for s in again:

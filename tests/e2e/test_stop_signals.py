@@ -139,17 +139,28 @@ def test_drain_keeps_serving_under_honcho(procset: ProcessSet) -> None:
     ps.wait_for_line(r"draining for 2\.0 s", name="web")
 
 
-def test_drain_when_only_the_master_gets_sigterm(tmp_path, procset: ProcessSet) -> None:
-    # Kubernetes and systemd's KillMode=mixed signal PID 1 / the main process only:
-    # the master tells its workers, and they drain too.
+def gunicorn_alone(tmp_path, drain: float) -> ProcessSet:
+    """gunicorn run directly (PID 1 of a web container, systemd's main process), answering."""
     gunicorn = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
-    ps = ProcessSet(tmp_path / "web", command=gunicorn, env={"SHUTDOWN_DRAIN_SECONDS": str(DRAIN)})
+    ps = ProcessSet(tmp_path / "web", command=gunicorn, env={"SHUTDOWN_DRAIN_SECONDS": str(drain)})
     try:
         ps.start()
         ps.wait_for_line(r"Booting worker", timeout=30)
         deadline = time.monotonic() + 30
-        while ps.http("GET", "/healthz").status != 200 and time.monotonic() < deadline:
+        while ps.http("GET", "/healthz").status != 200:
+            assert time.monotonic() < deadline, ps.output
             time.sleep(0.05)
+    except BaseException:
+        ps.cleanup()
+        raise
+    return ps
+
+
+def test_drain_when_only_the_master_gets_sigterm(tmp_path, procset: ProcessSet) -> None:
+    # Kubernetes and systemd's KillMode=mixed signal PID 1 / the main process only:
+    # the master tells its workers, and they drain too.
+    ps = gunicorn_alone(tmp_path, DRAIN)
+    try:
         workers = psutil.Process(ps.proc.pid).children()
         assert workers
         with Prober(ps) as prober:
@@ -183,14 +194,8 @@ def test_a_grace_longer_than_honcho_allows_is_cut_to_fit(procset: ProcessSet) ->
 def test_gunicorn_sighup_reloads_without_a_refused_or_failed_request(tmp_path) -> None:
     # A reload is not a stop: new workers boot, the old ones finish what they hold and leave;
     # the listener never closes, so nothing is refused, whatever the drain setting.
-    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
-    ps = ProcessSet(tmp_path / "web", command=gunicorn, env={"SHUTDOWN_DRAIN_SECONDS": "1"})
+    ps = gunicorn_alone(tmp_path, 1.0)
     try:
-        ps.start()
-        ps.wait_for_line(r"Booting worker", timeout=30)
-        deadline = time.monotonic() + 30
-        while ps.http("GET", "/healthz").status != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
         old = {p.pid for p in psutil.Process(ps.proc.pid).children()}
         with Prober(ps) as prober:
             ps.proc.send_signal(signal.SIGHUP)

@@ -18,7 +18,7 @@ import pytest
 from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly
 from tests.procset import ROOT, ProcessSet, free_port
-from tests.workload import Workload
+from tests.workload import Workload, assert_handed_back_then_run
 
 pytestmark = pytest.mark.e2e
 
@@ -58,14 +58,9 @@ def test_units_stop_a_busy_set_broker_last_nothing_lost(tmp_path: Path) -> None:
         assert_stopped_cleanly(ms, rows, list(names.values()))
         states = {n: r.state for n, r in ms.engine.running.items()}
         assert all(states[broker.name].begun >= states[n].done for n in broker.policy.after)
-        jobs = ms.stored_jobs()
-        for job_id in load.long_ids:
-            assert (jobs[job_id]["status"], jobs[job_id]["attempts"]) == ("queued", 0), jobs[job_id]
         restarted = ProcessSet(tmp_path)
         again.append(restarted)
-        restarted.start()
-        restarted.wait_ready()
-        load.verdict(restarted, timeout=60).assert_none_lost()
+        assert_handed_back_then_run(load, ms, restarted)
     finally:
         ms.cleanup()
         for s in again:
