@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from app.embedded_redis import redis_server_binary
+from broker.launcher import redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # honcho colours its prefixes on a terminal
