@@ -25,12 +25,12 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
-from app import shutdown
 from core import broker, outages
 from core.config import get_settings
 from core.db import get_engine
 from jobs import ledger, outbox
 from jobs.kinds import KINDS
+from stopright import registry
 
 log = logging.getLogger("api")
 bp = Blueprint("api", __name__)
@@ -107,7 +107,7 @@ def healthz() -> dict[str, str]:
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, Any], int]:
     reasons = []
-    if shutdown.current().shutting_down.is_set():
+    if registry.current().shutting_down.is_set():
         reasons.append("shutting down")
     try:
         with get_engine().connect() as conn:
@@ -158,7 +158,7 @@ def get_job(job_id: str) -> dict[str, Any]:
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     deadline = time.monotonic() + wait
-    stopping = shutdown.current().shutting_down
+    stopping = registry.current().shutting_down
     # Long poll; a shutdown answers at once with the current state.
     while job["status"] not in ledger.FINISHED and time.monotonic() < deadline:
         if stopping.wait(POLL_SECONDS):

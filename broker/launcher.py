@@ -41,12 +41,14 @@ import sys
 import time
 from pathlib import Path
 
-from app import shutdown
 from core import logs
+from stopright import budget, signals
+from stopright import registry as shutdown_registry
+from stopright.budget import StopBudget
 
 log = logging.getLogger("broker")
 
-STOP_SIGNALS = shutdown.STOP_SIGNALS  # SIGQUIT too: as graceful as SIGTERM
+STOP_SIGNALS = signals.STOP_SIGNALS  # SIGQUIT too: as graceful as SIGTERM
 
 
 #: Said when no server binary is found: how to get one, or how to do without.
@@ -84,7 +86,7 @@ def redis_server_binary() -> str:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    shutdown.parent_death_signal(signal.SIGTERM)
+    signals.parent_death_signal(signal.SIGTERM)
 
 
 def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
@@ -149,7 +151,7 @@ def linger(socket: Path, server: subprocess.Popen[bytes], budget: float) -> int:
 def _stop_server(server: subprocess.Popen[bytes], save_wait: float) -> None:
     """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits.
 
-    Waited for ``save_wait`` at most (app/budget.py: 1 s under honcho, so the
+    Waited for ``save_wait`` at most (:func:`save_wait_seconds`: 1 s under honcho, so the
     launcher still exits inside its 5 s; 5 s elsewhere). A
     server still saving after that is left to finish: it is in its own
     session, out of honcho's reach, and it exits once its data is written;
@@ -164,21 +166,43 @@ def _stop_server(server: subprocess.Popen[bytes], save_wait: float) -> None:
                     server.pid, save_wait)
 
 
+#: After the grace, how long the broker waits for the worker's hand-back (it has 2 s at most).
+LINGER_MARGIN = 1.5
+SAVE_WAIT_SHORT = 1.0
+SAVE_WAIT_LONG = 5.0
+
+
+def linger_seconds(stop_budget: StopBudget) -> float:
+    """How long the embedded broker waits for its clients (the worker, web) to leave."""
+    return max(stop_budget.grace + LINGER_MARGIN, stop_budget.drain + budget.WEB_AFTER_DRAIN)
+
+
+def save_wait_seconds(stop_budget: StopBudget) -> float:
+    """How long the launcher waits for redis-server to save and exit.
+
+    Under honcho or foreman, 1 s (their 5 s); a longer save then finishes
+    on its own, out of their reach. Elsewhere the launcher waits: systemd's
+    ``KillMode=mixed`` SIGKILLs what is left in the unit once it exits.
+    """
+    manager = stop_budget.manager
+    short = manager is not None and manager.name in ("honcho", "foreman")
+    return SAVE_WAIT_SHORT if short else SAVE_WAIT_LONG
+
+
 def main() -> None:
     """Read and check the settings, then become the lean watcher (never returns)."""
-    from app import budget  # pydantic: dropped by the exec below
-    from core.config import get_settings
+    from core.config import get_settings  # pydantic: dropped by the exec below
 
     settings = get_settings()
     logs.configure("broker")
     stop_budget = budget.announce()
-    shutdown.stop_with_parent()  # kept across exec
+    signals.stop_with_parent()  # kept across exec
     command = [sys.executable, "-m", "broker", "--watch", "--log-level", settings.log_level]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
-                  "--linger", str(stop_budget.broker_linger),
-                  "--save-wait", str(stop_budget.broker_save_wait)]
+                  "--linger", str(linger_seconds(stop_budget)),
+                  "--save-wait", str(save_wait_seconds(stop_budget))]
     else:
         command += ["--external", "BROKER_URL" if settings.explicit_broker_url else "REDIS_URL"]
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # pending, not lost, across exec
@@ -188,9 +212,9 @@ def main() -> None:
 def watch(args: argparse.Namespace) -> int:
     """The broker entry from here on: run redis-server, or idle when a broker is given."""
     logs.configure("broker", level=args.log_level)  # checked by main(): no pydantic here
-    shutdown.enable_stack_dumps()
-    registry = shutdown.current()
-    wakeup = shutdown.Wakeup()
+    signals.enable_stack_dumps()
+    registry = shutdown_registry.current()
+    wakeup = signals.Wakeup()
 
     def on_signal(signum: int, _frame: object) -> None:  # record only: the loop below logs
         registry.record_signal(signum)
@@ -205,7 +229,7 @@ def watch(args: argparse.Namespace) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
-    shutdown.stop_with_parent()  # again: a watching thread does not survive the exec
+    signals.stop_with_parent()  # again: a watching thread does not survive the exec
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     if args.server is None:

@@ -3,23 +3,14 @@
 The broker is Redis or RabbitMQ (``BROKER_URL``, core/config.py). A process
 holds up to three kinds of connection to it:
 
-* Celery/kombu's own. The worker MainProcess's consumer and event
-  connections are closed by Celery itself in its warm shutdown. Everything
-  that publishes (web workers: ``POST /jobs``; pool children: the sweep;
-  the MainProcess) goes through kombu's connection and producer pools,
-  which nothing closes: Celery's ``app.close()`` only forgets its pool, and
-  kombu's ``force_close_all()`` drops each connection without AMQP's close
-  handshake (it is meant for after a fork). RabbitMQ then logs "client
-  unexpectedly closed TCP connection" for each. :func:`close_celery_connections`
-  closes every pooled connection with the handshake; each process registers
-  it in its shutdown registry (gunicorn.conf.py ``post_worker_init``,
-  tasks/lifecycle.py ``_worker_init`` and ``_child_init``, tasks/beat.py).
+* Celery/kombu's own: closed by stopright in every process, with their
+  protocol's handshake (stopright/upstream/kombu.py).
 * The probe behind ``/readyz`` (:func:`ping`): one redis-py client, or one
   AMQP connection, opened on first use and closed at shutdown.
 * The wait at start (:func:`wait_until_up`): opened and closed at once.
 
-Across a fork nothing is inherited: a child forgets its parent's pools and
-probe without closing them (an AMQP close from the child would end the
+Across a fork nothing is inherited: a child forgets its parent's probe
+without closing it (an AMQP close from the child would end the
 parent's connection, whose socket it shares), and opens its own.
 """
 
@@ -27,18 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from typing import Any
 
 import redis
-from kombu import Connection, pools
-from kombu.resource import Resource
+from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from app import shutdown
 from core.config import get_settings
+from stopright import registry
 
 log = logging.getLogger("broker")
 
@@ -60,7 +49,7 @@ def client() -> redis.Redis:
         current = _client = redis.Redis.from_url(_redis_url(), socket_timeout=PING_SECONDS,
                                                  socket_connect_timeout=PING_SECONDS)
         _client_pid = os.getpid()
-        shutdown.current().register("redis client", close)  # closed at once if late
+        registry.current().register("redis client", close)  # closed at once if late
     return current
 
 
@@ -151,7 +140,7 @@ def _amqp_probe() -> _AmqpProbe:
     with _probe_lock:
         if _probe is None or _probe.pid != os.getpid():  # a parent's probe: forgotten, unclosed
             _probe = _AmqpProbe(get_settings().broker_url)
-            shutdown.current().register("amqp probe", _probe.close)
+            registry.current().register("amqp probe", _probe.close)
         return _probe
 
 
@@ -207,57 +196,3 @@ def _open_amqp(url: str, **options: Any) -> Connection:
         conn.collect()
         raise
     return conn
-
-
-def close_celery_connections() -> None:
-    """Close every pooled kombu connection of this process, with a proper close.
-
-    For RabbitMQ that is AMQP's ``connection.close`` / ``close-ok``; for
-    Redis, the client's sockets. Every pooled connection, acquired or free,
-    is in a connection pool (a producer pool only borrows from one). Each
-    pool is then marked closed: a publish racing the shutdown fails at once
-    (the ledger row stays queued and the sweeper republishes it) instead of
-    opening a connection nobody would close. A parent's connections are
-    never here (:func:`_forget_inherited`). This reaches into kombu's pools
-    (``_dirty``, ``_resource``) as kombu's own ``force_close_all`` does,
-    which skips the handshake: kombu is pinned (requirements.txt).
-    """
-    for group in (pools.producers, pools.connections):
-        for pool in list(group.values()):
-            for resource in _empty(pool):
-                if isinstance(resource, Connection):  # not lazy: it was opened
-                    resource._close()  # what release() does outside a pool: close, handshake included
-
-
-def _empty(pool: Resource) -> list[Any]:
-    """Mark ``pool`` closed and take every resource out of it, acquired or free."""
-    pool._closed = True
-    held: list[Any] = list(pool._dirty)
-    pool._dirty.clear()
-    while pool._resource.queue:
-        held.append(pool._resource.queue.pop())
-    return held
-
-
-def _forget_inherited() -> None:
-    """In every forked child: the parent's kombu pools are not ours; forget them, unclosed.
-
-    Celery and kombu reset their pools after billiard's forks (pool
-    children) but not after gunicorn's ``os.fork``; and kombu's reset
-    *collects* each pooled connection, which for AMQP shuts the shared
-    socket down (``SHUT_RDWR``): the parent's connection would die with the
-    child's start. Marking the inherited pools closed first makes kombu's
-    reset skip them; the child then never uses nor closes them. (The
-    gunicorn master opens none, ``preload_app = False``; the worker
-    MainProcess none before its first fork.)
-    """
-    for group in (pools.connections, pools.producers):
-        for pool in group.values():
-            pool._closed = True  # kombu's after-fork force_close_all() returns at once
-        group.clear()
-    celery_module = sys.modules.get("core.celery_app")
-    if celery_module is not None:
-        celery_module.celery_app._after_fork()  # Celery's own reset: its pool, its producer pool
-
-
-os.register_at_fork(after_in_child=_forget_inherited)

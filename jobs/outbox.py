@@ -25,9 +25,9 @@ import os
 import threading
 import time
 
-from app import shutdown
 from core.celery_app import celery_app
 from jobs import ledger
+from stopright import registry
 
 log = logging.getLogger("outbox")
 
@@ -78,7 +78,7 @@ class Relay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
         self._thread.start()
-        shutdown.current().register("job outbox relay", self.stop, timeout=RELAY_STOP_SECONDS)
+        registry.current().register("job outbox relay", self.stop, timeout=RELAY_STOP_SECONDS)
 
     def holding(self) -> bool:
         with self._lock:

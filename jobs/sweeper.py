@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from app import shutdown
 from core import db, outages
 from core.config import get_settings
 from jobs import ledger, outbox
+from stopright.registry import ShutdownRegistry
 
 log = logging.getLogger("sweeper")
 
@@ -72,7 +72,7 @@ class Sweeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 
-    def start(self, registry: shutdown.ShutdownRegistry) -> None:
+    def start(self, registry: ShutdownRegistry) -> None:
         # The engine first, so the registry (newest first) stops this thread before it closes
         # the database the thread uses.
         db.get_engine()

@@ -1,14 +1,9 @@
-"""Celery beat's scheduler, with this project's shutdown sequence.
+"""Celery beat's scheduler: stopright's stop, plus this app's sweeper thread.
 
-Beat has no shutdown signal of its own. Its SIGTERM/SIGINT handler (Celery's
-``install_sync_handler``) syncs the schedule (logging, in the handler) and
-raises SystemExit; the service then calls ``scheduler.close()`` again. Ours
-only records the signal and raises SystemExit; beat's loop, unwinding, calls
-``close()``, routed through the shutdown registry, which logs the signal and
-closes, out of signal context. So the schedule store is synced
-(``last_run_at`` saved: a restart neither repeats nor skips a run) and the
-broker connection released exactly once, with the same log lines as every
-other process. SIGKILL would lose up to ``beat_sync_every`` runs' state.
+What happens on SIGTERM in beat: stopright/celery_beat.py (the signal is
+recorded, beat's loop unwinds, the registry closes the sweeper, the
+schedule store and the connections, and logs it). SIGKILL would lose up to
+``beat_sync_every`` runs' state.
 
 Beat also runs the stranded-job sweep, in a thread (jobs/sweeper.py): the
 schedule's ``requeue-stranded-jobs`` entry wakes that thread instead of
@@ -19,42 +14,26 @@ at the next sync (its store lives in VAR_DIR, beside SQLite and Redis).
 
 from __future__ import annotations
 
-import functools
 import logging
-import signal
-from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
-from app import budget, shutdown
-from core import broker, logs
+from core import logs
 from jobs import sweeper
+from stopright import registry
+from stopright.celery_beat import StopRightBeat
 
 log = logging.getLogger("celery.beat")
 
-#: The sweeper's stop, the schedule store's sync and the connections' close, together, at most.
-CLOSE_BUDGET = 1.5
+class Scheduler(StopRightBeat, PersistentScheduler):
+    #: The sweeper's stop, the schedule store's sync and the connections' close, together, at most.
+    close_budget = 1.5
 
-
-class Scheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
         logs.set_role("beat")
-        shutdown.stop_with_parent()
-        shutdown.enable_stack_dumps()
-        budget.announce()
-        # Beat may be first up on a fresh machine: nothing else has made var/ yet.
-        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
-        super().setup_schedule()
-        registry = shutdown.current()
-        registry.register("celery broker connections", broker.close_celery_connections)
-        registry.register("beat schedule store and connection",
-                          functools.partial(PersistentScheduler.close, self))
+        super().setup_schedule()  # stopright: follow the manager, stop signals, what to close
         self.sweeper = sweeper.Sweeper()
-        self.sweeper.start(registry)  # registered last: stopped first
-        # Celery leaves SIGQUIT at its default (die at once, the schedule's
-        # last runs unsaved); supervisord and `honcho export` stop with it: same as SIGTERM.
-        for signum in shutdown.STOP_SIGNALS:
-            signal.signal(signum, functools.partial(_stop, registry))
+        self.sweeper.start(registry.current())  # registered last: stopped first
 
     @property
     def producer(self) -> None:
@@ -83,23 +62,3 @@ class Scheduler(PersistentScheduler):
         except Exception as exc:  # noqa: BLE001 - a crash here stopped beat and, with it, the set
             log.warning("schedule store not saved (%s: %s); retried at the next sync",
                         type(exc).__name__, exc)
-
-    def close(self) -> None:
-        shutdown.current().close_all(budget=CLOSE_BUDGET)
-
-
-def _stop(registry: shutdown.ShutdownRegistry, signum: int, _frame: object) -> None:
-    """Beat's handler of SIGTERM, SIGINT and SIGQUIT: record the first one and leave beat's loop.
-
-    Signal context: no logging, no lock (the main thread may hold one). It
-    raises SystemExit as Celery's own handler does (beat's loop sleeps in
-    ``time.sleep``, which only an exception ends early); beat's loop catches
-    it and calls ``close()``: the registry then logs "signal received" and
-    closes, out of the handler. Repeats are ignored: a second SystemExit
-    (the parent-death signal comes once per thread of the dying parent; an
-    impatient Ctrl+C) would land in the middle of that close.
-    """
-    if registry.recorded_signal is not None:
-        return
-    registry.record_signal(signum)
-    raise SystemExit(0)

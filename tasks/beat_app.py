@@ -1,8 +1,8 @@
 """Beat's app module: ``celery --app tasks.beat_app beat`` (the scheduler: tasks/beat.py)."""
 
-from app import shutdown
+from stopright.signals import exit_on_stop_signals
 
-shutdown.exit_on_stop_signals()  # first: until beat's own handlers, a stop exits at once
+exit_on_stop_signals()  # first: until beat's own handlers, a stop exits at once
 
 from core.celery_app import celery_app  # noqa: E402
 

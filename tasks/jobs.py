@@ -38,8 +38,12 @@ from core.celery_app import celery_app
 from core.config import get_settings
 from jobs import ledger
 from jobs.kinds import KINDS
+from stopright.handback import HANDBACK_SIGNAL, HandBack, interruptible, stop_run
 
 log = logging.getLogger("jobs")
+
+#: The task's name: web and beat publish it by name (jobs/outbox.py), never importing this module.
+TASK_NAME = "jobs.run"
 
 T = TypeVar("T")
 
@@ -50,70 +54,13 @@ STORE_RETRY_MAX_SECONDS = 2.0
 RENEW_RETRY_SECONDS = 0.5
 
 
-class HandBack(BaseException):
-    """Raised inside a running job when the worker's grace budget is used up.
-
-    A BaseException, so job code catching ``Exception`` cannot swallow it.
-    Sent by the worker MainProcess as SIGUSR2 to the pool child
-    (tasks/lifecycle.py).
-    """
-
-
 class TakenOver(BaseException):
     """Raised inside a running job whose lease keeper found the job no longer this run's.
 
     The sweeper took the job back (its lease lapsed on two sweeps) and another
     run may have started: this one must stop, without touching the row.
-    Delivered as SIGUSR2 by the lease keeper thread, like a hand-back.
+    Raised in the job by the lease keeper thread (``stopright.stop_run``), like a hand-back.
     """
-
-
-class _Run:
-    """The job run of this pool child, as the SIGUSR2 handler sees it.
-
-    A signal raises in the job's code and in the waits between ledger writes
-    (``interruptible``), never in the middle of a ledger write: there it is
-    kept (``pending``) and raised at the next wait.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.interruptible = False
-        self.taken_over = False
-        self.pending: type[BaseException] | None = None
-
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        self.active, self.taken_over, self.pending = True, False, None
-        try:
-            yield
-        finally:
-            self.active, self.interruptible, self.pending = False, False, None
-
-    @contextlib.contextmanager
-    def interruptible_section(self) -> Iterator[None]:
-        if self.pending is not None:
-            raise self.pending()
-        self.interruptible = True
-        try:
-            yield
-        finally:
-            self.interruptible = False
-
-    def reason(self) -> type[BaseException]:
-        return TakenOver if self.taken_over else HandBack
-
-
-_run = _Run()
-
-
-def interrupt_running_job() -> None:
-    """SIGUSR2 handler in pool children: hand the running job back (or stop a taken-over run), if any."""
-    if not _run.active:
-        return
-    if _run.interruptible:
-        raise _run.reason()()
-    _run.pending = _run.reason()
 
 
 class _Lease:
@@ -156,7 +103,7 @@ class _Lease:
                 self._job = None
 
     def _renew_forever(self, tick: float) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {HANDBACK_SIGNAL})
         retry = min(RENEW_RETRY_SECONDS, tick / 2)
         failing_since: float | None = None
         while True:
@@ -192,12 +139,9 @@ class _Lease:
 
     @staticmethod
     def _stop_taken_over_run(job_id: str, attempt: int) -> None:
-        """The job is no longer this run's: stop the run (SIGUSR2 -> TakenOver in the job)."""
-        _run.taken_over = True
-        if not callable(signal.getsignal(signal.SIGUSR2)):  # not a pool child: nobody to stop
+        """The job is no longer this run's: stop the run (TakenOver raised in the job)."""
+        if not stop_run(TakenOver):  # not a pool child: nobody to stop
             log.warning("job %s: attempt %d was taken over; nothing here can stop it", job_id, attempt)
-            return
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
 
 
 _lease = _Lease()
@@ -224,7 +168,7 @@ def _stored(what: str, write: Callable[[], T]) -> T:
             if since is not None:
                 log.warning("%s: done after waiting %.1f s for the database", what, time.monotonic() - since)
             return result
-        with _run.interruptible_section():
+        with interruptible():
             time.sleep(delay)
         delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
 
@@ -266,36 +210,35 @@ def _hand_back(job_id: str, attempt: int) -> None:
     raise Reject("interrupted by shutdown; the job is no longer this run's", requeue=False)
 
 
-@celery_app.task(name="jobs.run")
+@celery_app.task(name=TASK_NAME, interrupt_anywhere=False)  # only where it says: interruptible()
 def run_job(job_id: str) -> None:
     settings = get_settings()
-    with _run.handling():
+    try:
+        job = _stored(f"claim job {job_id}", lambda: ledger.claim(
+            job_id, lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts))
+    except HandBack:
+        log.warning("job %s not started: the database is unreachable and the worker is stopping; "
+                    "its message goes back to the queue", job_id)
+        raise Reject("not claimed before the shutdown", requeue=True) from None
+    if job is None:
+        log.info("job %s is finished or running elsewhere; message dropped", job_id)
+        return
+    attempt = job["attempts"]
+    with _lease.held(job_id, attempt, settings.job_lease_seconds):
         try:
-            job = _stored(f"claim job {job_id}", lambda: ledger.claim(
-                job_id, lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts))
+            model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
+            with interruptible():
+                result = run(model.model_validate(job["args"]))
         except HandBack:
-            log.warning("job %s not started: the database is unreachable and the worker is stopping; "
-                        "its message goes back to the queue", job_id)
-            raise Reject("not claimed before the shutdown", requeue=True) from None
-        if job is None:
-            log.info("job %s is finished or running elsewhere; message dropped", job_id)
+            _hand_back(job_id, attempt)
+        except TakenOver:
+            log.warning("job %s: attempt %d stopped: the sweeper took the job back after its lease "
+                        "lapsed; the row is left to the next run", job_id, attempt)
             return
-        attempt = job["attempts"]
-        with _lease.held(job_id, attempt, settings.job_lease_seconds):
-            try:
-                model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
-                with _run.interruptible_section():
-                    result = run(model.model_validate(job["args"]))
-            except HandBack:
-                _hand_back(job_id, attempt)
-            except TakenOver:
-                log.warning("job %s: attempt %d stopped: the sweeper took the job back after its lease "
-                            "lapsed; the row is left to the next run", job_id, attempt)
-                return
-            except Exception as exc:
-                log.exception("job %s failed", job_id)
-                error = f"{type(exc).__name__}: {exc}"
-                _record(job_id, attempt, "error", lambda: ledger.fail(job_id, attempt, error))
-                return
-            _record(job_id, attempt, "result", lambda: ledger.succeed(job_id, attempt, result))
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
+            _record(job_id, attempt, "error", lambda: ledger.fail(job_id, attempt, error))
+            return
+        _record(job_id, attempt, "result", lambda: ledger.succeed(job_id, attempt, result))
 

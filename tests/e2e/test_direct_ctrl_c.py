@@ -34,7 +34,7 @@ def broker(tmp_path: Path) -> Iterator[dict[str, str]]:
     proc = subprocess.Popen([sys.executable, "-m", "broker"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        run_python("import sys; from app import broker; sys.exit(not broker.wait_until_up(20))", env)
+        run_python("import sys; from core import broker; sys.exit(not broker.wait_until_up(20))", env)
         yield env
     finally:
         proc.terminate()
@@ -43,14 +43,14 @@ def broker(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def queue_job(env: dict[str, str], task: str, args: dict, publish: bool = True) -> str:
     return run_python(
-        "from app import ledger; from tasks.jobs import run_job\n"
+        "from jobs import ledger; from tasks.jobs import run_job\n"
         f"ledger.ensure_schema(); job = ledger.create({task!r}, {args!r})\n"
         f"if {publish}: run_job.delay(job['id'])\n"
         "print(job['id'])", env)
 
 
 def job_status(env: dict[str, str], job_id: str) -> str:
-    return run_python(f"from app import ledger; print(ledger.get({job_id!r})['status'])", env)
+    return run_python(f"from jobs import ledger; print(ledger.get({job_id!r})['status'])", env)
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "sync"])
@@ -114,7 +114,7 @@ def test_celery_worker_alone_hands_back_a_long_task_on_ctrl_c(lone_worker, broke
     assert rc == 0, ps.output
     assert job_status(broker, job_id) == "queued"
     # The message is back on the queue: the broker holds it for the next worker.
-    queued = run_python("from app import broker; print(broker.client().llen('jobs'))", broker)
+    queued = run_python("from core import broker; print(broker.client().llen('jobs'))", broker)
     assert queued == "1"
     assert not ps.survivors()
 

@@ -11,19 +11,19 @@ from typing import Any
 
 import pytest
 
-import app.shutdown
 import core.config
 import core.db
+import stopright.registry
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry() -> Iterator[None]:
     """Every test starts and ends with no process registry (``current()`` builds a new one)."""
-    app.shutdown._registry = None
-    app.shutdown._registry_pid = None
+    stopright.registry._registry = None
+    stopright.registry._registry_pid = None
     yield
-    app.shutdown._registry = None
-    app.shutdown._registry_pid = None
+    stopright.registry._registry = None
+    stopright.registry._registry_pid = None
 
 
 @pytest.fixture(autouse=True)

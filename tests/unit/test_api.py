@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from app import shutdown
 from jobs import ledger
+from stopright import registry as shutdown_registry
 
 JOB_KEYS = {"id", "task", "args", "status", "attempts", "result", "error",
             "created_at", "started_at", "finished_at"}
@@ -43,7 +43,7 @@ def test_healthz_is_ok(client):
 
 
 def test_healthz_stays_ok_while_shutting_down(client):
-    shutdown.current().begin()
+    shutdown_registry.current().begin()
 
     assert client.get("/healthz").status_code == 200
 
@@ -63,7 +63,7 @@ def test_readyz_is_unavailable_when_the_broker_does_not_answer(client, broker_do
 
 
 def test_readyz_is_unavailable_while_shutting_down(client, broker_up):
-    shutdown.current().shutting_down.set()
+    shutdown_registry.current().shutting_down.set()
 
     response = client.get("/readyz")
 
@@ -87,7 +87,7 @@ def test_readyz_names_a_database_failure(client, broker_up, monkeypatch):
 
 
 def test_readyz_lists_every_reason(client, broker_down):
-    shutdown.current().begin()
+    shutdown_registry.current().begin()
 
     response = client.get("/readyz")
 
@@ -242,7 +242,7 @@ def test_wait_on_a_finished_job_answers_at_once(client):
 @pytest.mark.timeout(10)
 def test_wait_answers_at_once_with_the_current_state_when_shutting_down(client):
     job_id = submit(client)["id"]
-    shutdown.current().begin()
+    shutdown_registry.current().begin()
 
     response = client.get(f"/jobs/{job_id}?wait=30")  # would hit the timeout if it waited
 
@@ -455,9 +455,9 @@ def test_answers_are_strict_json_even_for_nan_input(client, token):
 
 def test_readyz_after_the_registry_closed_is_503_not_500(client, monkeypatch):
     # A request racing the shutdown: the redis client was already closed.
-    import app.shutdown
+    import stopright.registry
 
-    app.shutdown.current().close_all()
+    stopright.registry.current().close_all()
 
     response = client.get("/readyz")
 

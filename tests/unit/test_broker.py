@@ -19,6 +19,7 @@ from kombu import Connection, pools
 import core.config
 from core import broker
 from core.celery_app import celery_app
+from stopright.upstream import kombu as kombu_internals
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_every_pooled_connection_is_closed_and_the_pool_refuses_new_ones(memory_
     held_producer = producer_pool.acquire()
     assert all(c.connected for c in (in_use, returned, held_producer.connection))
 
-    broker.close_celery_connections()
+    kombu_internals.close_pooled_connections()
 
     assert not any(c.connected for c in (in_use, returned, held_producer.connection))
     with pytest.raises(RuntimeError):  # a late publish fails instead of opening a connection

@@ -12,11 +12,12 @@ from celery.exceptions import Reject
 from core import db
 from jobs import ledger
 from jobs.kinds import KINDS, EchoArgs
+from stopright import handback
 from tasks import jobs
 
 
 def run(job_id: str) -> None:
-    jobs.run_job.run(job_id)  # the task's body, in this process
+    jobs.run_job(job_id)  # the task, as a pool child runs it (stopright.HandBackTask.__call__), here
 
 
 def test_a_job_runs_and_records_its_result(schema) -> None:
@@ -62,7 +63,7 @@ def test_sigusr2_hands_a_running_job_back(schema, monkeypatch) -> None:
         raise AssertionError("the job was not interrupted")
 
     monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
-    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
     try:
         job = ledger.create("echo", {"value": 1})
         with pytest.raises(Reject) as rejected:
@@ -75,7 +76,7 @@ def test_sigusr2_hands_a_running_job_back(schema, monkeypatch) -> None:
 
 
 def test_sigusr2_between_jobs_does_nothing(schema) -> None:
-    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
     try:
         os.kill(os.getpid(), signal.SIGUSR2)  # no job running: no HandBack raised here
     finally:
@@ -201,7 +202,7 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_row_alone(schema,
             conn.execute(ledger.jobs.update().where(ledger.jobs.c.id == job_id)
                          .values(attempts=ledger.jobs.c.attempts + 1))
 
-    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
     thief = threading.Thread(target=take_over)
     thief.start()
     try:
@@ -224,7 +225,7 @@ def test_a_shutdown_of_a_run_no_longer_in_the_ledger_is_not_logged_as_handed_bac
 
     monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
     job_id = ledger.create("echo", {"value": 1})["id"]
-    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
     try:
         with pytest.raises(Reject):
             run(job_id)
@@ -289,7 +290,7 @@ def test_a_shutdown_ends_the_wait_for_the_database_and_keeps_the_message(schema,
 
     job_id = ledger.create("echo", {"value": 1})["id"]
     calls = flaky(monkeypatch, "succeed", failures=10**6)  # the database never comes back
-    previous = signal.signal(signal.SIGUSR2, lambda *_: jobs.interrupt_running_job())
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
 
     def stop_when_waiting() -> None:  # the worker's grace is used up: SIGUSR2
         deadline = time.monotonic() + 5

@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app import shutdown
 from core.db import get_engine
 from jobs import ledger
 from jobs.ledger import FAILED, QUEUED, RUNNING, SUCCEEDED
+from stopright import registry as shutdown_registry
 
 pytestmark = pytest.mark.usefixtures("schema")
 
@@ -486,7 +486,7 @@ def test_ensure_schema_adds_the_new_columns_to_an_existing_table(var_dir):
 
 def test_the_ledger_still_answers_after_the_registry_closed_the_database():
     job_id = new_job()
-    shutdown.current().close_all()
+    shutdown_registry.current().close_all()
 
     assert ledger.get(job_id)["id"] == job_id
 
@@ -507,7 +507,7 @@ def test_a_read_that_races_the_stop_closes_its_connection(var_dir) -> None:
     closed when it is done, not left for the exit to drop (PostgreSQL logs "unexpected EOF")."""
     job_id = ledger.create("echo", {"value": 1})["id"]
     assert _open_files_under(var_dir)  # the pooled connection: the check below can see one
-    shutdown.current().close_all()
+    shutdown_registry.current().close_all()
     assert not _open_files_under(var_dir)  # the stop closed the pool
 
     assert ledger.get(job_id)["id"] == job_id  # a late read still works

@@ -1,4 +1,4 @@
-"""ShutdownRegistry (app/shutdown.py): once, newest first, isolated, bounded, logged."""
+"""ShutdownRegistry (app/stop_signals.py): once, newest first, isolated, bounded, logged."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import threading
 
 import pytest
 
-from app import shutdown
-from app.shutdown import Outcome, ShutdownRegistry
+from stopright import registry as shutdown_registry
+from stopright import signals as stop_signals
+from stopright.registry import Outcome, ShutdownRegistry
 
 LOGGER = "shutdown"
 
@@ -316,15 +317,15 @@ def test_elapsed_ms_is_zero_before_begin_and_clock_based_after(registry, clock):
 
 
 def test_current_returns_the_same_registry_within_a_process():
-    first = shutdown.current()
+    first = shutdown_registry.current()
 
-    assert shutdown.current() is first
+    assert shutdown_registry.current() is first
     assert isinstance(first, ShutdownRegistry)
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_current_in_a_forked_child_is_a_fresh_empty_registry():
-    parent = shutdown.current()
+    parent = shutdown_registry.current()
     parent.register("parent database", lambda: None)
     parent.begin()
     read_fd, write_fd = os.pipe()
@@ -334,10 +335,10 @@ def test_current_in_a_forked_child_is_a_fresh_empty_registry():
         status = 1
         try:
             os.close(read_fd)
-            child = shutdown.current()
+            child = shutdown_registry.current()
             report = (f"fresh={child is not parent} names={child.names()} "
                       f"stopping={child.shutting_down.is_set()} "
-                      f"stable={shutdown.current() is child}")
+                      f"stable={shutdown_registry.current() is child}")
             os.write(write_fd, report.encode())
             status = 0
         finally:
@@ -352,7 +353,7 @@ def test_current_in_a_forked_child_is_a_fresh_empty_registry():
 
     assert os.waitstatus_to_exitcode(wait_status) == 0
     assert report == "fresh=True names=[] stopping=False stable=True"
-    assert shutdown.current() is parent
+    assert shutdown_registry.current() is parent
     assert parent.names() == ["parent database"]
 
 
@@ -372,7 +373,7 @@ def test_chain_signal_runs_before_then_the_previous_handler(sigusr1):
     calls = []
     signal.signal(sigusr1, lambda sig, frame: calls.append(("previous", sig)))
 
-    shutdown.chain_signal(sigusr1, lambda sig: calls.append(("before", sig)))
+    stop_signals.chain_signal(sigusr1, lambda sig: calls.append(("before", sig)))
     os.kill(os.getpid(), sigusr1)
 
     assert calls == [("before", sigusr1), ("previous", sigusr1)]
@@ -382,7 +383,7 @@ def test_chain_signal_with_an_ignored_previous_handler_runs_before_only(sigusr1)
     calls = []
     signal.signal(sigusr1, signal.SIG_IGN)
 
-    shutdown.chain_signal(sigusr1, lambda sig: calls.append(sig))
+    stop_signals.chain_signal(sigusr1, lambda sig: calls.append(sig))
     os.kill(os.getpid(), sigusr1)
 
     assert calls == [sigusr1]
@@ -392,7 +393,7 @@ def test_chain_signal_with_report_signals_logs_the_signal_from_a_thread(sigusr1,
     previous = []
     signal.signal(sigusr1, lambda sig, frame: previous.append(sig))
 
-    shutdown.chain_signal(sigusr1, shutdown.report_signals(registry))
+    stop_signals.chain_signal(sigusr1, stop_signals.report_signals(registry))
     os.kill(os.getpid(), sigusr1)
 
     assert registry.shutting_down.wait(10)  # set by the reporting thread, after its two lines
@@ -418,7 +419,7 @@ def test_chain_signal_keeps_the_default_action_of_an_unhandled_signal():
         try:
             os.close(read_fd)
             signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-            shutdown.chain_signal(signal.SIGUSR1, lambda sig: os.write(write_fd, b"before"))
+            stop_signals.chain_signal(signal.SIGUSR1, lambda sig: os.write(write_fd, b"before"))
             os.kill(os.getpid(), signal.SIGUSR1)
             os.write(write_fd, b"+survived")
         finally:
@@ -455,7 +456,7 @@ def test_log_stacks_logs_every_thread_by_name(shutdown_logs):
     thread = threading.Thread(target=parked.wait, name="parked-for-the-test", daemon=True)
     thread.start()
     try:
-        shutdown.log_stacks("phase overran")
+        stop_signals.log_stacks("phase overran")
     finally:
         parked.set()
         thread.join()
@@ -468,7 +469,8 @@ def test_log_stacks_logs_every_thread_by_name(shutdown_logs):
 # -- the manager a program follows (stop_with_parent) --------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_PRINT_MANAGER = "import os; from app import shutdown; print(os.getppid(), shutdown._manager_pid())"
+_PRINT_MANAGER = ("import os; from stopright import signals as stop_signals; "
+                  "print(os.getppid(), stop_signals._manager_pid())")
 
 
 @pytest.mark.parametrize(("line", "wrapped"), [
@@ -495,9 +497,9 @@ def test_a_program_stops_when_the_manager_behind_its_sh_c_dies(tmp_path):
     import sys
     import time
 
-    program = ("import signal, sys, time; from app import shutdown\n"
+    program = ("import signal, sys, time; from stopright import signals as stop_signals\n"
                "signal.signal(signal.SIGTERM, lambda *_: (print('stopping', flush=True), sys.exit(0)))\n"
-               "shutdown.stop_with_parent(); print('up', flush=True); time.sleep(60)")
+               "stop_signals.stop_with_parent(); print('up', flush=True); time.sleep(60)")
     script = tmp_path / "program.py"
     script.write_text(program)
     out = tmp_path / "out"

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from celery.worker import state
 
-from app import shutdown
-from app.shutdown import ShutdownRegistry
+from stopright import registry as shutdown_registry
+from stopright import signals as stop_signals
+from stopright.registry import ShutdownRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,8 +44,8 @@ class Tripwire:
 def registry(monkeypatch) -> ShutdownRegistry:
     """This process's registry (the one the handlers use), fresh, its lock a tripwire."""
     fresh = ShutdownRegistry()
-    monkeypatch.setattr(shutdown, "_registry", fresh)
-    monkeypatch.setattr(shutdown, "_registry_pid", os.getpid())
+    monkeypatch.setattr(shutdown_registry, "_registry", fresh)
+    monkeypatch.setattr(shutdown_registry, "_registry_pid", os.getpid())
     monkeypatch.setattr(fresh, "_lock", Tripwire())
     return fresh
 
@@ -76,7 +77,7 @@ def test_the_recorded_signal_is_logged_by_begin_outside_the_handler(logs):
 
 
 def test_the_wakeup_set_before_wait_is_not_lost():
-    wakeup = shutdown.Wakeup()
+    wakeup = stop_signals.Wakeup()
 
     assert wakeup.wait(0) is False
     wakeup.set()
@@ -86,7 +87,7 @@ def test_the_wakeup_set_before_wait_is_not_lost():
 
 
 def test_celery_main_process_handler_only_records(registry, logs, monkeypatch):
-    from tasks.lifecycle import WorkerStop
+    from stopright.worker_stop import WorkerStop
 
     monkeypatch.setattr(state, "should_stop", None)
     stop = WorkerStop(3.0)
@@ -103,7 +104,7 @@ def test_celery_main_process_handler_only_records(registry, logs, monkeypatch):
 
 
 def test_beat_handler_only_records_then_leaves_the_loop(registry, logs):
-    from tasks.beat import _stop
+    from stopright.celery_beat import _stop
 
     with pytest.raises(SystemExit):
         _stop(registry, signal.SIGTERM, None)
@@ -121,11 +122,12 @@ def test_a_signal_while_the_main_thread_holds_the_registry_lock_does_not_deadloc
     """
     script = textwrap.dedent("""
         import logging, os, signal, sys
-        from app import shutdown
+        from stopright import registry as shutdown_registry
+        from stopright import signals as stop_signals
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-        registry = shutdown.current()
+        registry = shutdown_registry.current()
         signal.signal(signal.SIGTERM, lambda *_: None)
-        shutdown.chain_signal(signal.SIGTERM, shutdown.report_signals(registry))
+        stop_signals.chain_signal(signal.SIGTERM, stop_signals.report_signals(registry))
         with registry._lock:
             os.kill(os.getpid(), signal.SIGTERM)
             print("handler returned", flush=True)

@@ -89,10 +89,10 @@ def test_the_sweeper_thread_survives_an_unreachable_database(publish, settings, 
         return []
 
     monkeypatch.setattr(ledger, "sweep_stranded", flaky)
-    from app import shutdown
+    from stopright import registry as shutdown_registry
 
     thread = sweeper.Sweeper()
-    thread.start(shutdown.current())
+    thread.start(shutdown_registry.current())
     try:
         for expected in (1, 2):
             thread.wake()
@@ -126,13 +126,13 @@ def test_the_relay_publishes_the_jobs_once_the_broker_answers(publish) -> None:
 
 
 def test_the_relay_stops_with_its_process_and_leaves_the_marks(publish) -> None:
-    from app import shutdown
+    from stopright import registry as shutdown_registry
 
     publish.raises = ConnectionError("broker down")
     job_id = ledger.create("echo", {"value": 1})["id"]
     outbox.send(job_id, marked=False)
 
-    shutdown.current().close_all()  # the web worker's stop
+    shutdown_registry.current().close_all()  # the web worker's stop
 
     assert not outbox._relay._thread.is_alive()
     assert ledger.get(job_id)["unpublished_since"] is not None  # for beat's sweeper

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from app import web_worker
+from stopright import listener as web_worker
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux socket filter, /proc")
 
@@ -35,8 +35,8 @@ def gone_pid() -> int:
 
 
 def test_holds_tells_whether_a_process_still_has_the_socket_open(listener) -> None:
-    assert web_worker._holds(os.getpid(), listener)
-    assert not web_worker._holds(gone_pid(), listener)
+    assert web_worker.holds(os.getpid(), listener)
+    assert not web_worker.holds(gone_pid(), listener)
 
 
 def test_hand_over_serves_what_is_queued_then_refuses_new_connections(listener) -> None:
@@ -47,7 +47,7 @@ def test_hand_over_serves_what_is_queued_then_refuses_new_connections(listener) 
     def serve(_listener, client, _addr):
         served.append(client)
 
-    web_worker._hand_over(listener, gone_pid(), serve)
+    web_worker.hand_over(listener, gone_pid(), serve)
 
     assert len(served) == 3
     for client, conn in zip(queued, served, strict=False):  # every queued one really was accepted
@@ -70,7 +70,7 @@ def test_hand_over_waits_for_the_master_and_serves_what_arrives_meanwhile(listen
     served = []
     try:
         late.start()
-        web_worker._hand_over(listener, master.pid, lambda _l, c, _a: served.append(c))
+        web_worker.hand_over(listener, master.pid, lambda _l, c, _a: served.append(c))
         master_gone_first = master.poll() is not None
     finally:
         late.join()

@@ -1,15 +1,14 @@
 """How long each process's stop may take, checked against the process manager's SIGKILL.
 
-Every process reads its stop budget here, never the raw settings:
+Two settings, from the environment (or :func:`configure`), read by every process:
 
-  web     ``SHUTDOWN_DRAIN_SECONDS`` of serving on after the stop signal
-          (``/readyz`` 503, so a load balancer stops routing), then the
-          requests in flight: about :data:`WEB_AFTER_DRAIN` (long polls
-          answer at once with the job's state).
-  worker  ``SHUTDOWN_GRACE_SECONDS`` for running jobs, then at most
-          :data:`WORKER_AFTER_GRACE` to hand back what still runs, let the
-          pool exit and close (tasks/lifecycle.py, phase by phase).
-  beat, broker  well under a second (the broker lingers for its clients).
+  web     ``SHUTDOWN_DRAIN_SECONDS`` (default 0) of serving on after the stop
+          signal (``/readyz`` 503, so a load balancer stops routing), then
+          the requests in flight: about :data:`WEB_AFTER_DRAIN`.
+  worker  ``SHUTDOWN_GRACE_SECONDS`` (default 3) for running tasks, then at
+          most :data:`WORKER_AFTER_GRACE` to hand back what still runs, let
+          the pool exit and close (stopright/worker_stop.py, phase by phase).
+  beat    well under a second.
 
 Where the manager is known from the environment, its SIGKILL window is known
 too, and a budget that does not fit is cut down to fit, with a warning at
@@ -36,8 +35,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from app import shutdown
-from core.config import Settings, get_settings
+from stopright import signals
 
 log = logging.getLogger("shutdown")
 
@@ -48,10 +46,10 @@ WEB_AFTER_DRAIN = 1.0
 HONCHO_KILL_WAIT = 5.0
 HEROKU_KILL_WAIT = 30.0
 FOREMAN_KILL_WAIT = 5.0
-#: After the grace, how long the broker waits for the worker's hand-back (it has 2 s at most).
-BROKER_LINGER_MARGIN = 1.5
-BROKER_SAVE_SHORT = 1.0
-BROKER_SAVE_LONG = 5.0
+DEFAULT_GRACE_SECONDS = 3.0
+DEFAULT_DRAIN_SECONDS = 0.0
+#: The largest grace or drain accepted: an hour.
+MAX_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -73,22 +71,6 @@ class StopBudget:
         """What a manager's stop timeout must exceed for this set to stop unkilled."""
         return max(self.grace + WORKER_AFTER_GRACE, self.drain + WEB_AFTER_DRAIN)
 
-    @property
-    def broker_save_wait(self) -> float:
-        """How long the broker launcher waits for redis-server to save and exit.
-
-        Under honcho or foreman, 1 s (their 5 s); a longer save then finishes
-        on its own, out of their reach. Elsewhere the launcher waits: systemd's
-        ``KillMode=mixed`` SIGKILLs what is left in the unit once it exits.
-        """
-        short = self.manager is not None and self.manager.name in ("honcho", "foreman")
-        return BROKER_SAVE_SHORT if short else BROKER_SAVE_LONG
-
-    @property
-    def broker_linger(self) -> float:
-        """How long the embedded broker waits for its clients (the worker, web) to leave."""
-        return max(self.grace + BROKER_LINGER_MARGIN, self.drain + WEB_AFTER_DRAIN)
-
 
 def detect_manager(environ: Mapping[str, str], manager_command: str) -> Manager | None:
     """The process manager that started us, where the environment and the manager's
@@ -107,9 +89,8 @@ def detect_manager(environ: Mapping[str, str], manager_command: str) -> Manager 
     return None
 
 
-def fit(settings: Settings, environ: Mapping[str, str], manager_command: str = "") -> StopBudget:
+def fit(grace: float, drain: float, environ: Mapping[str, str], manager_command: str = "") -> StopBudget:
     """The grace and drain this process uses, cut to fit a known manager's SIGKILL."""
-    grace, drain = settings.shutdown_grace_seconds, settings.shutdown_drain_seconds
     manager = detect_manager(environ, manager_command)
     if manager is None:
         return StopBudget(grace, drain, None)
@@ -131,10 +112,46 @@ def fit(settings: Settings, environ: Mapping[str, str], manager_command: str = "
     return StopBudget(grace, drain, manager, tuple(warnings))
 
 
+_configured: dict[str, float] = {}
+
+
+def configure(*, grace: float | None = None, drain: float | None = None) -> None:
+    """Set the grace or the drain from code, before the process's first :func:`current`.
+
+    Unset, each comes from the environment (``SHUTDOWN_GRACE_SECONDS``,
+    ``SHUTDOWN_DRAIN_SECONDS``) or its default (3 s, 0 s).
+    """
+    for name, value in (("grace", grace), ("drain", drain)):
+        if value is not None:
+            _configured[name] = _checked(name.upper(), value, low=0.0 if name == "drain" else None)
+    current.cache_clear()
+
+
+def _checked(name: str, value: object, *, low: float | None) -> float:
+    """A number of seconds in range, or exit at start naming the setting (no traceback)."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SystemExit(f"invalid settings: {name}={value!r}: not a number of seconds") from None
+    if not (seconds >= low if low is not None else seconds > 0) or seconds > MAX_SECONDS:
+        bound = "0 or more" if low is not None else "more than 0"
+        raise SystemExit(f"invalid settings: {name}={value!r}: must be {bound} and at most {MAX_SECONDS:g}")
+    return seconds
+
+
+def _setting(name: str, env: str, default: float, *, low: float | None) -> float:
+    if name in _configured:
+        return _configured[name]
+    raw = os.environ.get(env)
+    return default if raw is None or raw.strip() == "" else _checked(env, raw, low=low)
+
+
 @functools.cache
 def current() -> StopBudget:
     """This process's stop budget (settings, environment and manager read once)."""
-    return fit(get_settings(), os.environ, shutdown.manager_command())
+    grace = _setting("grace", "SHUTDOWN_GRACE_SECONDS", DEFAULT_GRACE_SECONDS, low=None)
+    drain = _setting("drain", "SHUTDOWN_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, low=0.0)
+    return fit(grace, drain, os.environ, signals.manager_command())
 
 
 def announce() -> StopBudget:

@@ -1,0 +1,163 @@
+"""The Celery side in one call: ``install(celery_app, grace=..., on_hand_back=...)``.
+
+What a stop does to a stock Celery worker, and what ``install`` changes:
+
+* honcho, systemd and Heroku send SIGTERM to every process of the tree at
+  once. Celery resets SIGTERM in its pool children, so they die with their
+  tasks (``WorkerLostError: signal 15``) while the MainProcess is still in
+  its warm shutdown. Here pool children ignore SIGTERM, SIGINT and SIGQUIT
+  (``worker_process_init``) and answer only the MainProcess's hand-back
+  signal (stopright/handback.py).
+* Celery's warm shutdown has no time limit, and SIGQUIT or a second Ctrl+C
+  make it cold (children killed, tasks lost). Here every stop signal starts
+  the bounded stop of stopright/worker_stop.py: quiet, stop within
+  ``grace``, hand back; a second SIGINT or SIGQUIT only hands back at once.
+  ``celery control shutdown`` gets the same bounded stop.
+* Delivery settings that make a hand-back a requeue, not a loss
+  (:data:`SETTINGS`), the pool and consumer without their fixed sleeps
+  (stopright/upstream/celery.py), and every process's kombu connections
+  closed with their protocol's handshake, in the process that opened them.
+* The MainProcess follows its manager's death (no orphan worker) and
+  writes every thread's stack on SIGURG.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+
+from stopright import budget, registry
+from stopright import signals as stop_signals
+from stopright.handback import HANDBACK_SIGNAL, interrupt
+from stopright.upstream import celery as celery_internals
+from stopright.upstream import kombu as kombu_internals
+from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
+
+log = logging.getLogger("shutdown")
+
+#: The Celery settings ``install`` sets, each for the stop. A setting the app already has is replaced.
+SETTINGS: dict[str, Any] = {
+    # Ack after the run: a run cut short by a stop leaves its message unacked,
+    # and kombu puts unacked messages back on the queue when the channel closes.
+    "task_acks_late": True,
+    # A pool child killed mid-run (SIGKILL, OOM) requeues its message instead
+    # of acking it as FAILURE.
+    "task_reject_on_worker_lost": True,
+    # Reserve one message per pool child at most: nothing waits in a stopping
+    # worker's memory while another worker could run it.
+    "worker_prefetch_multiplier": 1,
+    # The pool and consumer without Celery's fixed sleeps at stop (stopright/upstream/celery.py).
+    "worker_pool": "stopright.upstream.celery:TaskPool",
+    "worker_consumer": "stopright.upstream.celery:Consumer",
+    # A lost broker connection lets running tasks finish: cancelling them would
+    # SIGTERM pool children, which ignore it. (Celery 6.0 may default to True.)
+    "worker_cancel_long_running_tasks_on_connection_loss": False,
+    # Off by default anyway; a soft shutdown sleeps its whole timeout even when
+    # the tasks finish early. The grace bounds the warm shutdown instead.
+    "worker_soft_shutdown_timeout": 0,
+}
+
+DEFAULT_BEAT_SCHEDULER = "celery.beat:PersistentScheduler"
+
+_installed: dict[str, Any] = {}  # grace, on_hand_back; the MainProcess's WorkerStop once ready
+
+
+def install(celery_app: Celery, *, grace: float | None = None,
+            on_hand_back: Callable[[Any], object] | None = None) -> None:
+    """Make ``celery_app``'s worker stop right. Call once, in the module the worker loads (``--app``).
+
+    ``grace``: seconds running tasks have to finish once a stop begins
+    (default: ``SHUTDOWN_GRACE_SECONDS``, else 3), cut to fit a known
+    manager's SIGKILL (stopright/budget.py). ``on_hand_back(request)``: called
+    in the MainProcess for a task whose pool child had to be killed because
+    it did not hand back in time (its message is requeued anyway), for what
+    the task kept elsewhere. For the hand-back itself, give the app
+    ``task_cls=stopright.HandBackTask``.
+    """
+    if _program() in ("worker", "beat"):
+        stop_signals.exit_on_stop_signals()  # until the handlers below are in place
+    if grace is not None:
+        budget.configure(grace=grace)
+    celery_app.conf.update(SETTINGS)
+    if celery_app.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
+        celery_app.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
+    _installed["on_hand_back"] = on_hand_back
+    if not _installed.get("connected"):
+        _installed["connected"] = True
+        _connect()
+
+
+def _program() -> str:
+    """``worker`` or ``beat`` under ``celery ... worker|beat``; else "" (a web process publishing)."""
+    args = sys.argv[1:]
+    return next((arg for arg in args if arg in ("worker", "beat")), "") if "celery" in sys.argv[0] else ""
+
+
+def _connect() -> None:
+    signals.celeryd_init.connect(_worker_starting, weak=False)
+    signals.worker_init.connect(_worker_init, weak=False)
+    signals.worker_ready.connect(_install_stop_handlers, weak=False)
+    signals.worker_process_init.connect(_child_init, weak=False)
+    signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
+    signals.worker_shutdown.connect(_worker_shutdown, weak=False)
+    celery_internals.replace_shutdown_command(_remote_shutdown)
+
+
+def _worker_starting(**_: object) -> None:
+    """MainProcess, first thing: follow the manager's death; stack dumps; the budget's warnings."""
+    stop_signals.stop_with_parent()
+    stop_signals.enable_stack_dumps()
+    budget.announce()
+
+
+def _worker_init(**_: object) -> None:
+    """MainProcess, before the pool forks: its kombu connections closed at exit."""
+    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+
+
+def _install_stop_handlers(**_: object) -> None:
+    """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
+    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"))
+    _installed["stop"] = stop
+    stop.start_watchdog()
+    for signum in stop_signals.STOP_SIGNALS:
+        signal.signal(signum, stop.on_signal)
+    # The consumer's event loop wakes on these signals at once (upstream/celery.py wake_on_signals).
+
+
+def _remote_shutdown() -> None:
+    stop = _installed.get("stop")
+    if stop is not None:
+        stop.on_remote_shutdown()
+
+
+def _child_init(**_: object) -> None:
+    """Pool child, right after fork: its own connections, and signals a group broadcast cannot use.
+
+    SIGTERM, SIGINT (a terminal's Ctrl+C) and SIGQUIT (supervisord's
+    ``stopasgroup``) reach every process of the group; they are for the
+    MainProcess, which decides when this child's task must hand back.
+    """
+    stop_signals.enable_stack_dumps()
+    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    for signum in stop_signals.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(HANDBACK_SIGNAL, interrupt)
+
+
+def _child_shutdown(**_: object) -> None:
+    """Pool child, leaving (billiard exits it with ``os._exit``: atexit never runs here)."""
+    registry.current().close_all()
+
+
+def _worker_shutdown(**_: object) -> None:
+    """MainProcess, after the consumer's connection is closed (warm paths)."""
+    registry.current().close_all(budget=CLOSE_SECONDS)
+    stop = _installed.get("stop")
+    if stop is not None:
+        stop.closed.set()

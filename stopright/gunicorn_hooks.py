@@ -1,0 +1,131 @@
+"""gunicorn's side: the settings and hook functions a ``gunicorn.conf.py`` takes from here.
+
+    from stopright.gunicorn_hooks import *  # noqa: F403  (or call each hook from yours)
+
+Stop signals and what they do then (every one is graceful):
+  SIGTERM (honcho, systemd, Heroku, Kubernetes; under honcho to the master
+      *and* workers at once), SIGINT (Ctrl+C of ``gunicorn`` run directly)
+      and SIGQUIT (supervisord's and ``honcho export``'s default): workers
+      finish the requests in flight, then ``worker_exit`` closes their
+      connections; the master waits ``graceful_timeout`` at most. Stock
+      gunicorn takes SIGINT and SIGQUIT as its quick stop: requests in
+      flight get HTTP 500 or a cut answer.
+  With ``SHUTDOWN_DRAIN_SECONDS`` > 0, the first stop signal starts a drain
+      first: the master and every worker serve on while
+      ``stopright.shutdown_registry().shutting_down`` is set (readiness
+      should answer 503 then), so a load balancer stops routing here before
+      the listener closes. The master tells its workers (SIGTERM) in case
+      only it got the signal (PID 1 of a container); a second SIGINT or
+      SIGQUIT ends the drain.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import signal
+import sys
+
+from stopright import budget, registry
+from stopright import signals as stop_signals
+from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.gunicorn import graceful_master
+
+__all__ = ["graceful_timeout", "on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
+           "worker_exit"]
+
+log = logging.getLogger("shutdown")
+
+#: gthread (a long poll holds a thread, not a process) and sync, each with the stop of upstream/gunicorn.py.
+THREAD_WORKER = "stopright.upstream.gunicorn.ThreadWorker"
+SYNC_WORKER = "stopright.upstream.gunicorn.SyncWorker"
+worker_class = THREAD_WORKER
+#: The master waits this long for its workers: the grace shared with the Celery worker.
+graceful_timeout = math.ceil(budget.current().grace)
+#: For the registry at exit: every connection closed, or given up, within it.
+CLOSE_BUDGET = 1.0
+#: A worker leaves right after closing its connections (and running atexit handlers), without
+#: the interpreter's teardown (0.15 to 0.5 s). False: the full teardown.
+fast_exit = True
+
+
+def on_starting(server) -> None:
+    """Master: follow the manager's death, stack dumps, every stop signal graceful, after the drain."""
+    stop_signals.stop_with_parent()
+    stop_signals.enable_stack_dumps()
+    stop_budget = budget.announce()
+    reg = registry.current()
+    drain = stop_budget.drain
+
+    def on_stop(signum: int) -> bool:  # from the master's loop, not in signal context
+        if not reg.shutting_down.is_set():
+            reg.signal_received(signum)
+            if drain > 0:
+                log.info("draining for %.1f s: serving on, /readyz says 503", drain)
+                server.kill_workers(signal.SIGTERM)  # they drain too (PID 1 gets the only signal)
+                signal.setitimer(signal.ITIMER_REAL, drain)  # then SIGALRM: the graceful stop
+                return False
+        elif drain > 0 and signum == signal.SIGTERM and signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+            return False  # a repeat during the drain; SIGINT or SIGQUIT end it
+        return True
+
+    graceful_master(server, on_stop)
+
+
+def post_fork(server, worker) -> None:
+    """Worker, just forked: stack dumps again (signals reset), and the drain it serves."""
+    stop_signals.enable_stack_dumps()
+    worker.drain_seconds = budget.current().drain
+
+
+def post_worker_init(worker) -> None:
+    """Worker, app loaded: stop signals recorded (a thread logs them); kombu's pools closed at exit.
+
+    The worker class (upstream/gunicorn.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
+    """
+    reg = registry.current()
+    if "kombu" in sys.modules:  # the app publishes Celery tasks: its pooled connections
+        reg.register("celery broker connections", kombu_internals.close_pooled_connections)
+    record = stop_signals.report_signals(reg)  # handlers only record; a thread logs
+    for signum in stop_signals.STOP_SIGNALS:
+        stop_signals.chain_signal(signum, record)
+        signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
+
+
+def worker_exit(server, worker) -> None:
+    """Worker, leaving its loop after the requests in flight: close its connections, then leave.
+
+    With :data:`fast_exit`, the worker then runs the ``atexit`` handlers
+    (error reporters' and tracers' flushes, logging's) and exits at once:
+    tearing down an interpreter with Flask, Celery and SQLAlchemy loaded
+    takes 0.15 s alone and half a second with the whole set stopping on two
+    cores, which only delays the master. The exit code is gunicorn's own
+    (the SystemExit on its way out). gunicorn also calls this hook in the
+    master for a worker that vanished; the master has nothing to do then.
+    """
+    if os.getpid() != worker.pid:
+        return
+    registry.current().close_all(budget=CLOSE_BUDGET)
+    leaving = sys.exc_info()[1]
+    if fast_exit and isinstance(leaving, SystemExit):
+        code = leaving.code if isinstance(leaving.code, int) else int(leaving.code is not None)
+        run_atexit_handlers()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+
+
+def run_atexit_handlers() -> None:
+    """What a normal exit runs first: every ``atexit`` handler, newest first (logging's flush among them).
+
+    ``atexit._run_exitfuncs`` is CPython's own (the interpreter calls it at
+    exit); tests/unit/test_upstream_shapes.py checks it is still there.
+    """
+    atexit._run_exitfuncs()
+
+
+def on_exit(server) -> None:
+    """Master, last thing before exit."""
+    registry.current().close_all(budget=CLOSE_BUDGET)

@@ -1,0 +1,55 @@
+"""billiard's pool child: its exit without the fixed one-second sleep.
+
+After ``worker_process_shutdown`` (where stopright closes the child's
+connections), billiard's ``Worker._do_exit`` reports DEATH to the parent
+through a pipe, with SIGTERM blocked, then sleeps 1 s before ``os._exit``:
+a whole second added to every worker stop. :class:`QuickExit` is billiard's
+method without that sleep; the DEATH message is in the pipe before the
+child exits, so the parent reads it either way. Mixed into the pool's
+``Worker`` class (a class attribute of the pool: stopright/upstream/celery.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from billiard.pool import DEATH, EX_FAILURE, EX_OK, TERM_SIGNAL
+
+#: What this module relies on that billiard does not promise (checked by tests/unit/test_upstream_shapes.py).
+REACHES = {
+    "billiard.pool.Worker._do_exit": "copied below without its time.sleep(1); digest pinned",
+    "billiard.pool.Pool.Worker": "the class the pool instantiates per child (a class attribute)",
+    "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL": "the constants the copy uses",
+}
+#: billiard 4.3.2's ``Worker._do_exit`` (its stopright.upstream.source_digest), which the copy follows.
+DO_EXIT_DIGEST = "365d96d5485a8b34"
+
+
+class QuickExit:
+    """Pool child: billiard's ``_do_exit``, minus ``time.sleep(1)`` before ``os._exit``."""
+
+    on_exit: object
+    outq: object
+
+    def _do_exit(self, pid, exitcode, exc=None):
+        if exitcode is None:
+            exitcode = EX_FAILURE if exc else EX_OK
+
+        if self.on_exit is not None:
+            self.on_exit(pid, exitcode)  # worker_process_shutdown: the child's registry closes
+
+        if sys.platform != "win32":
+            try:
+                # on_death's TERM_SIGNAL arriving here would leave outq locked.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {TERM_SIGNAL})
+                try:
+                    self.outq.put((DEATH, (pid, exitcode)))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                # billiard: time.sleep(1)
+            finally:
+                os._exit(exitcode)
+        else:
+            os._exit(exitcode)
