@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stopcheck.connector import open_proc_connector
-from stopcheck.managers import Plan, Unit
+from stopcheck.plans import Plan, Unit
 from stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
 from stopcheck.proctrack import (
     FULL_SCAN_EVERY,
