@@ -23,9 +23,9 @@ import os
 import signal
 import sys
 
-import app
-from app import budget, db, logs, shutdown
-from app.config import get_settings
+from app import budget, shutdown
+from core import db, forks, logs
+from core.config import get_settings
 
 _settings = get_settings()
 logs.set_role("web")  # the master; post_fork renames its workers
@@ -48,7 +48,7 @@ preload_app = False  # the master opens no connection; each worker opens its own
 control_socket_disable = True  # no extra master thread and socket to stop
 
 # Loaded by every worker (most of them lazily, on the first request): imported
-# once in the master instead, so the workers share the pages (app.share_with_forks).
+# once in the master instead, so the workers share the pages (forks.share_with_forks).
 SHARED_MODULES = ("flask", "sqlalchemy.dialects.sqlite", "app.api", "tasks.jobs", "celery.app.task",
                   "celery.canvas", "celery.result", "celery.loaders.app", "kombu.transport.redis")
 
@@ -95,7 +95,7 @@ def on_starting(server):
 
 def pre_fork(server, worker):
     """Master, before each fork: share the app's modules with the workers (memory)."""
-    app.share_with_forks(*SHARED_MODULES)
+    forks.share_with_forks(*SHARED_MODULES)
 
 
 def post_fork(server, worker):
@@ -111,7 +111,7 @@ def post_worker_init(worker):
 
     The worker class (app/web_worker.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
     """
-    from app import broker
+    from core import broker
 
     registry = shutdown.current()
     registry.register("celery broker connections", broker.close_celery_connections)

@@ -2,9 +2,9 @@
 
 Outages are answers, not crashes (issue 7): a database that cannot be reached
 is a 503 and a full disk under it a 507, each a JSON error with
-``Retry-After`` (app/outages.py decides which is which); ``/readyz`` names
+``Retry-After`` (core/outages.py decides which is which); ``/readyz`` names
 the reason. A broker that is down costs a ``POST /jobs`` nothing: the job
-is stored and published when the broker is back (tasks/outbox.py).
+is stored and published when the broker is back (jobs/outbox.py).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
-from app import broker, ledger, outages, shutdown
-from app.config import get_settings
-from app.db import get_engine
-from tasks import outbox
-from tasks.kinds import KINDS
+from app import shutdown
+from core import broker, outages
+from core.config import get_settings
+from core.db import get_engine
+from jobs import ledger, outbox
+from jobs.kinds import KINDS
 
 log = logging.getLogger("api")
 bp = Blueprint("api", __name__)

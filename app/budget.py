@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app import shutdown
-from app.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 log = logging.getLogger("shutdown")
 

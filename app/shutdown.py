@@ -14,7 +14,7 @@ Who calls :meth:`ShutdownRegistry.close_all`:
   Celery worker    ``worker_shutdown`` in the MainProcess,
                    ``worker_process_shutdown`` in each pool child (tasks/lifecycle.py)
   Celery beat      scheduler ``close()`` (tasks/beat.py)
-  embedded Redis   its launcher (app/embedded_redis.py)
+  embedded Redis   its launcher (broker/launcher.py)
 
 Every process logs the same sequence, so a log shows at a glance who stopped
 and how: ``signal received`` -> ``graceful shutdown started`` ->

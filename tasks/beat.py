@@ -10,7 +10,7 @@ closes, out of signal context. So the schedule store is synced
 broker connection released exactly once, with the same log lines as every
 other process. SIGKILL would lose up to ``beat_sync_every`` runs' state.
 
-Beat also runs the stranded-job sweep, in a thread (tasks/sweeper.py): the
+Beat also runs the stranded-job sweep, in a thread (jobs/sweeper.py): the
 schedule's ``requeue-stranded-jobs`` entry wakes that thread instead of
 sending a message the busy queue could starve. And beat survives a full
 disk: a schedule store that cannot be written is logged and written again
@@ -26,8 +26,9 @@ from pathlib import Path
 
 from celery.beat import PersistentScheduler
 
-from app import broker, budget, logs, shutdown
-from tasks import sweeper
+from app import budget, shutdown
+from core import broker, logs
+from jobs import sweeper
 
 log = logging.getLogger("celery.beat")
 

@@ -4,7 +4,11 @@ from app import shutdown
 
 shutdown.exit_on_stop_signals()  # first: until beat's own handlers, a stop exits at once
 
-from tasks.celery_app import celery_app  # noqa: E402
+from core.celery_app import celery_app  # noqa: E402
+
+# Imported now, not by name when beat starts: Celery puts the current directory
+# on sys.path only while it loads this module, and the scheduler imports jobs/.
+from tasks import beat  # noqa: E402, F401
 
 app = celery_app
 

@@ -4,10 +4,10 @@ Celery's consumer retries a lost broker connection 2, 4, 6 ... seconds apart,
 up to 30 s between tries (kombu's ``ensure_connection`` defaults, not a
 setting): after a 6 s Redis outage the worker came back 6 s after Redis
 did, and after a longer one up to 30 s later, while the jobs stored meanwhile
-were already published (tasks/outbox.py). Here the tries are
+were already published (jobs/outbox.py). Here the tries are
 :data:`RETRY_START_SECONDS` apart, growing to :data:`RETRY_MAX_SECONDS`. A try
 against a broker that refuses connections costs microseconds. Selected by
-``worker_consumer`` in tasks/celery_app.py; Celery's own code is unchanged.
+``worker_consumer`` in core/celery_app.py; Celery's own code is unchanged.
 
 A stop signal must end the event loop's poll at once (:func:`wake_on_signals`).
 """

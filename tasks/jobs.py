@@ -33,10 +33,11 @@ from typing import TypeVar
 
 from celery.exceptions import Reject
 
-from app import ledger, outages
-from app.config import get_settings
-from tasks.celery_app import celery_app
-from tasks.kinds import KINDS
+from core import outages
+from core.celery_app import celery_app
+from core.config import get_settings
+from jobs import ledger
+from jobs.kinds import KINDS
 
 log = logging.getLogger("jobs")
 
@@ -129,7 +130,7 @@ class _Lease:
     times in parallel and failed them). Every exception is caught and logged
     once per streak, and a failed renewal is retried within
     :data:`RENEW_RETRY_SECONDS`, well inside the sweeper's confirmation window
-    (one renewal period, app/ledger.py). The thread blocks SIGUSR2, so the
+    (one renewal period, jobs/ledger.py). The thread blocks SIGUSR2, so the
     worker's hand-back signal always reaches the main thread, where the job runs.
     """
 

@@ -41,8 +41,9 @@ from celery.platforms import EX_OK
 from celery.worker import state
 from celery.worker.control import control_command
 
-import app
-from app import broker, budget, db, ledger, logs, shutdown
+from app import budget, shutdown
+from core import broker, db, forks, logs
+from jobs import ledger
 from tasks import jobs
 
 log = logging.getLogger("shutdown")
@@ -79,7 +80,7 @@ def _worker_init(**_: object) -> None:
     """MainProcess, before the pool forks: schema, and what to close at exit."""
     ledger.ensure_schema()
     shutdown.current().register("celery broker connections", broker.close_celery_connections)
-    app.share_with_forks()
+    forks.share_with_forks()
 
 
 @signals.worker_ready.connect

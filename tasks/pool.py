@@ -15,7 +15,7 @@ and a dropped result can hold it for 30 s (``ResultHandler.on_stop_not_started``
   as soon as it is written.
 
 All three methods are Celery's own code with only that change. Selected by
-``worker_pool`` in tasks/celery_app.py; revisit on a Celery upgrade.
+``worker_pool`` in core/celery_app.py; revisit on a Celery upgrade.
 """
 
 from __future__ import annotations

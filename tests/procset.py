@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from app.embedded_redis import redis_server_binary
+from broker.launcher import redis_server_binary
 from stopcheck.honcho import Honcho
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import amqp
 import pytest
 import redis
 
-from app.embedded_redis import redis_server_binary
+from broker.launcher import redis_server_binary
 from tests.procset import free_port
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)

@@ -114,7 +114,7 @@ def test_sigurg_makes_every_process_write_its_stacks_and_carry_on(procset: Proce
             by_name["worker"].append(p)  # the MainProcess and each pool child
         elif "celery" in line and " beat" in line:
             by_name["beat"].append(p)
-        elif "app.embedded_redis" in line:
+        elif "broker.launcher" in line:
             by_name["broker"].append(p)
     assert [len(by_name[n]) for n in PROCESSES] == [3, 3, 1, 1], by_name
 

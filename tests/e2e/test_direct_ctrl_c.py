@@ -31,7 +31,7 @@ BEAT = [sys.executable, "-m", "celery", "--app", "tasks.beat_app", "beat", "--lo
 def broker(tmp_path: Path) -> Iterator[dict[str, str]]:
     """The embedded Redis, started the way the Procfile does; the env to reach it."""
     env = ProcessSet(tmp_path).env
-    proc = subprocess.Popen([sys.executable, "-m", "app.embedded_redis"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "broker"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         run_python("import sys; from app import broker; sys.exit(not broker.wait_until_up(20))", env)

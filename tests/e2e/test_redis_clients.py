@@ -1,7 +1,7 @@
 """The embedded Redis sees every client of the set leave before it stops (issue 7, point 7).
 
 The broker entry stops redis-server only once ``CLIENT LIST`` shows no
-client (app/embedded_redis.py ``linger``), or after grace + 1.5 s with a
+client (broker/launcher.py ``linger``), or after grace + 1.5 s with a
 warning naming how many were still connected. (With ``REDIS_URL``, the
 server outlives the set and tests/e2e/test_external_redis.py reads its
 ``CLIENT LIST`` after the stop.)

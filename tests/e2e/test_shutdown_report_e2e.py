@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from app.embedded_redis import redis_server_binary
+from broker.launcher import redis_server_binary
 from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e

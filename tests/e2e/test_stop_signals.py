@@ -77,7 +77,7 @@ def test_celery_control_shutdown_hands_back_after_the_grace(procset: ProcessSet)
     procset.wait_status(long, "running")
     # No node replies to `shutdown` (the command's exit code is 69 even when it worked):
     # the worker's log is the proof.
-    subprocess.run([sys.executable, "-m", "celery", "--app", "tasks.celery_app", "control", "shutdown"],
+    subprocess.run([sys.executable, "-m", "celery", "--app", "core.celery_app", "control", "shutdown"],
                    cwd=ROOT, env=procset.env, capture_output=True, timeout=30)
     procset.wait_for_line(r"shutdown requested by a remote control command", name="worker")
     procset.wait_for_line(r"grace of 3\.0 s used up: handing back 1 running task", name="worker")

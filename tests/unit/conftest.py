@@ -1,6 +1,6 @@
 """Fixtures for the unit tests: one private var/ dir, fresh settings, engine and registry.
 
-Nothing here starts a process or talks to a broker: publishing (``run_job.apply_async``)
+Nothing here starts a process or talks to a broker: publishing (``celery_app.send_task``)
 and the broker ping are replaced. The real broker is covered by tests/e2e.
 """
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-import app.config
-import app.db
 import app.shutdown
+import core.config
+import core.db
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def no_relay_left() -> Iterator[None]:
     yield
     import sys
 
-    outbox = sys.modules.get("tasks.outbox")
+    outbox = sys.modules.get("jobs.outbox")
     if outbox is not None and outbox._relay is not None:
         outbox._relay.stop()
         outbox._relay = None
@@ -45,25 +45,25 @@ def var_dir(tmp_path, monkeypatch) -> Iterator[Any]:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     for name in ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
-    app.config.get_settings.cache_clear()
-    app.db.close()
-    app.db._engine = None
+    core.config.get_settings.cache_clear()
+    core.db.close()
+    core.db._engine = None
     yield tmp_path
-    app.db.close()
-    app.db._engine = None
-    app.config.get_settings.cache_clear()
+    core.db.close()
+    core.db._engine = None
+    core.config.get_settings.cache_clear()
 
 
 @pytest.fixture
 def schema(var_dir) -> None:
     """The jobs table exists in this test's SQLite file."""
-    from app import ledger
+    from jobs import ledger
 
     ledger.ensure_schema()
 
 
 class Recorder:
-    """Stands in for ``run_job.apply_async``: records every call, optionally raises."""
+    """Stands in for ``celery_app.send_task``: records every call, optionally raises."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -76,15 +76,17 @@ class Recorder:
 
     @property
     def published_args(self) -> list[Any]:
-        return [kwargs.get("args", args[0] if args else None) for args, kwargs in self.calls]
+        """The arguments of every message published for the worker's job task (by its name)."""
+        assert all(args[0] == "jobs.run" for args, _ in self.calls), self.calls
+        return [kwargs.get("args", args[1] if len(args) > 1 else None) for args, kwargs in self.calls]
 
 
 @pytest.fixture
 def publish(monkeypatch) -> Recorder:
-    import tasks.jobs
+    from core.celery_app import celery_app
 
     recorder = Recorder()
-    monkeypatch.setattr(tasks.jobs.run_job, "apply_async", recorder)
+    monkeypatch.setattr(celery_app, "send_task", recorder)
     return recorder
 
 
@@ -103,13 +105,13 @@ def client(flask_app):
 
 @pytest.fixture
 def broker_up(monkeypatch) -> None:
-    import app.broker
+    import core.broker
 
-    monkeypatch.setattr(app.broker, "ping", lambda: True)
+    monkeypatch.setattr(core.broker, "ping", lambda: True)
 
 
 @pytest.fixture
 def broker_down(monkeypatch) -> None:
-    import app.broker
+    import core.broker
 
-    monkeypatch.setattr(app.broker, "ping", lambda: False)
+    monkeypatch.setattr(core.broker, "ping", lambda: False)

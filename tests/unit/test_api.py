@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from app import ledger, shutdown
+from app import shutdown
+from jobs import ledger
 
 JOB_KEYS = {"id", "task", "args", "status", "attempts", "result", "error",
             "created_at", "started_at", "finished_at"}
@@ -354,7 +355,7 @@ def test_sleep_seconds_bounds_are_inclusive(client, seconds):
 def test_nothing_is_stored_for_a_rejected_job(client, var_dir):
     from sqlalchemy import func, select
 
-    from app.db import get_engine
+    from core.db import get_engine
 
     client.post("/jobs", json={"task": "sleep", "args": {"seconds": -1}})
     client.post("/jobs", json={"task": "nope"})

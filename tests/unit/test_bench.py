@@ -156,7 +156,7 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
     (["python3", "/v/bin/gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"], "web"),
     (["python3", "/v/bin/celery", "--app", "tasks.worker", "worker", "--loglevel", "INFO"], "worker"),
     (["python3", "/v/bin/celery", "--app", "reftasks", "beat", "--schedule", "/v/s"], "beat"),
-    (["python", "-m", "app.embedded_redis", "--watch", "--server", "/v/redis-server"], "broker"),
+    (["python", "-m", "broker", "--watch", "--server", "/v/redis-server"], "broker"),
     (["redis-server", "*:6390"], "broker"),
 ])
 def test_each_process_is_counted_in_its_part_of_the_set(cmdline: list[str], role: str) -> None:

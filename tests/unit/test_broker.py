@@ -1,4 +1,4 @@
-"""app/broker.py without a broker: closing kombu's pools, forgetting them across fork, readiness.
+"""core/broker.py without a broker: closing kombu's pools, forgetting them across fork, readiness.
 
 kombu's in-memory transport stands in for the broker's connections here;
 the AMQP close handshake itself is checked against a real RabbitMQ in
@@ -16,9 +16,9 @@ import pytest
 from billiard import util
 from kombu import Connection, pools
 
-import app.config
-from app import broker
-from tasks.celery_app import celery_app
+import core.config
+from core import broker
+from core.celery_app import celery_app
 
 
 @pytest.fixture
@@ -70,10 +70,10 @@ def amqp_broker(monkeypatch):
     """BROKER_URL at a local port; yields the listening socket (accepts, never answers)."""
     listener = socket.create_server(("127.0.0.1", 0))
     monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}//")
-    app.config.get_settings.cache_clear()
+    core.config.get_settings.cache_clear()
     yield listener
     listener.close()
-    app.config.get_settings.cache_clear()
+    core.config.get_settings.cache_clear()
     broker._probe = None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app import budget
-from app.config import Settings
+from core.config import Settings
 from tasks import lifecycle
 
 HONCHO = "/venv/bin/python /venv/bin/honcho start"

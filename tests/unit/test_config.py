@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app import logs
-from app.config import get_settings
+from core import logs
+from core.config import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_log_level_is_the_validated_setting_in_any_case(monkeypatch):
 def test_a_bad_log_level_stops_a_process_at_start_naming_it(tmp_path):
     """The broker launcher, started for real: its first step reads the settings and configures logs."""
     env = {**os.environ, "LOG_LEVEL": "loud", "VAR_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "app.embedded_redis"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "broker"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
     assert done.returncode == 1

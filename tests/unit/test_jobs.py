@@ -9,9 +9,10 @@ import time
 import pytest
 from celery.exceptions import Reject
 
-from app import db, ledger
+from core import db
+from jobs import ledger
+from jobs.kinds import KINDS, EchoArgs
 from tasks import jobs
-from tasks.kinds import KINDS, EchoArgs
 
 
 def run(job_id: str) -> None:
@@ -181,7 +182,7 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_row_alone(schema,
     import threading
 
     monkeypatch.setenv("JOB_LEASE_SECONDS", "1")
-    from app.config import get_settings
+    from core.config import get_settings
 
     get_settings.cache_clear()
     started, completed = threading.Event(), []

@@ -36,10 +36,11 @@ ALLOWED_LONG = {
     "tests/unit/test_ledger.py",  # 513: idem
     "tests/unit/test_shutdown_registry.py",  # 518: idem, follows app/shutdown.py into stopright/
 }
-# Packages whose modules still import each other (issue 9 point 2: app/api.py imports tasks.jobs
-# and tasks.kinds while tasks/ imports app.*). Any cycle wholly inside these packages is let
-# through, and the package cycle between them; a cycle touching any other package is not.
-ALLOWED_CYCLE_PACKAGES = frozenset({"app", "tasks"})
+# Modules whose imports from other packages still close cycles, outside the tools' area: those
+# imports are left out of the graph. core/, jobs/, tasks/ and broker/ import the shutdown registry
+# and the stop budget from app/ until they move into the stopright/ lifecycle package (issue 9
+# point 1); importing app.shutdown runs app/__init__ (e.g. app -> app.api -> core.broker -> app).
+ALLOWED_IMPORTS_OF = {"app.shutdown", "app.budget"}
 
 
 # -- reading the repository ---------------------------------------------------------------------
@@ -238,30 +239,39 @@ def sys_path_edits(tree: ast.Module) -> list[int]:
     return sorted(lines)
 
 
-def cycle_problems(root: Path) -> tuple[list[str], set[str]]:
-    """Cycles not allowed, and the allowed packages seen in a cycle (to tell a stale allowance)."""
+def without(graph: dict[str, dict[str, int]], allowed: Iterable[str]) -> list[str]:
+    """Drop imports of the allowed modules from other packages (with the packages they run on the way)
+    out of the graph; the allowed modules that no other package imports (any more)."""
+    stale = []
+    for target in sorted(allowed):
+        parts = target.split(".")
+        found = False
+        for source, targets in graph.items():
+            if source.split(".")[0] == parts[0] or is_test_module(source) or target not in targets:
+                continue
+            found = True
+            for n in range(1, len(parts) + 1):
+                targets.pop(".".join(parts[:n]), None)
+        if not found:
+            stale.append(target)
+    return stale
+
+
+def cycle_problems(root: Path, allowed: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Imports of test modules and cycles, as messages; and the allowed modules no other package imports."""
     modules = parse(root)
     graph = import_graph(modules)
+    stale = without(graph, allowed)
     problems = []
-    allowed_seen: set[str] = set()
     for name, targets in sorted(graph.items()):
         if not is_test_module(name):
             problems += [f"{name} imports the test module {t} (line {line})"
                          for t, line in targets.items() if is_test_module(t)]
     plain = {k: set(v) for k, v in graph.items()}
-    for component in strongly_connected(plain):
-        tops = {m.split(".")[0] for m in component}
-        if tops <= ALLOWED_CYCLE_PACKAGES:
-            allowed_seen |= tops
-            continue
-        problems.append("module cycle: " + describe(plain, component))
+    problems += ["module cycle: " + describe(plain, c) for c in strongly_connected(plain)]
     packages = package_graph(graph)
-    for component in strongly_connected(packages):
-        if set(component) <= ALLOWED_CYCLE_PACKAGES:
-            allowed_seen |= set(component)
-            continue
-        problems.append("package cycle: " + describe(packages, component))
-    return problems, allowed_seen
+    problems += ["package cycle: " + describe(packages, c) for c in strongly_connected(packages)]
+    return problems, stale
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -282,10 +292,9 @@ def test_nothing_edits_sys_path() -> None:
 
 
 def test_no_import_cycles() -> None:
-    problems, allowed_seen = cycle_problems(ROOT)
+    problems, stale = cycle_problems(ROOT, ALLOWED_IMPORTS_OF)
     assert not problems, "\n".join(problems)
-    stale = sorted(ALLOWED_CYCLE_PACKAGES - allowed_seen)
-    assert not stale, f"no cycle left in {stale}: remove from ALLOWED_CYCLE_PACKAGES"
+    assert not stale, f"no other package imports them: remove from ALLOWED_IMPORTS_OF: {stale}"
 
 
 # -- the checks themselves, on small trees that break each rule -----------------------------------
@@ -346,3 +355,18 @@ def test_a_test_module_imported_by_code_is_reported_and_by_another_test_is_not(t
     })
     problems, _ = cycle_problems(root)
     assert problems == ["tools.x imports the test module tests.e2e.test_a (line 2)"]
+
+
+def test_an_allowed_import_is_left_out_of_the_graph_until_it_is_gone(tmp_path: Path) -> None:
+    root = write(tmp_path, {
+        "web/__init__.py": "from web import views\n",
+        "web/views.py": "import shared.db\n",
+        "web/registry.py": "",
+        "shared/__init__.py": "",
+        "shared/db.py": "from web.registry import x\n",  # runs web/__init__: a cycle
+    })
+    problems, stale = cycle_problems(root)
+    assert problems == ["module cycle: shared.db -> web -> web.views -> shared.db",
+                        "package cycle: shared -> web -> shared"] and stale == []
+    problems, stale = cycle_problems(root, {"web.registry", "web.gone"})
+    assert problems == [] and stale == ["web.gone"]

@@ -1,4 +1,4 @@
-"""The job ledger (app/ledger.py) against a SQLite file in tmp_path."""
+"""The job ledger (jobs/ledger.py) against a SQLite file in tmp_path."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app import ledger, shutdown
-from app.db import get_engine
-from app.ledger import FAILED, QUEUED, RUNNING, SUCCEEDED
+from app import shutdown
+from core.db import get_engine
+from jobs import ledger
+from jobs.ledger import FAILED, QUEUED, RUNNING, SUCCEEDED
 
 pytestmark = pytest.mark.usefixtures("schema")
 

@@ -1,4 +1,4 @@
-"""What counts as an outage (app/outages.py), and how the API answers one (app/api.py)."""
+"""What counts as an outage (core/outages.py), and how the API answers one (app/api.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import psycopg
 import pytest
 from sqlalchemy import exc
 
-from app import ledger, outages
-from app.outages import DISK_FULL, UNREACHABLE
+from core import outages
+from core.outages import DISK_FULL, UNREACHABLE
+from jobs import ledger
 
 
 def sqlite_error(message: str, code: int | None) -> exc.OperationalError:

@@ -181,7 +181,7 @@ def test_signals_are_described_with_counts_and_dispositions() -> None:
     (["/work/.venv/bin/python3", "/work/.venv/bin/celery", "--app", "tasks", "worker"],
      "celery --app tasks worker"),
     (["python", "polite.py"], "python polite.py"),
-    (["/usr/bin/python3.11", "-m", "app.embedded_redis"], "python3.11 -m app.embedded_redis"),
+    (["/usr/bin/python3.11", "-m", "broker"], "python3.11 -m broker"),
     (["/opt/redis/redis-server unixsocket:/tmp/x/redis.sock"], "redis-server unixsocket:/tmp/x/redis.sock"),
     (["sh", "-c", "exec /usr/bin/sleep 100"], "sh -c exec /usr/bin/sleep 100"),
     ([], "?"),

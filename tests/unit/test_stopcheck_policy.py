@@ -22,7 +22,7 @@ from stopcheck.policy import (
     step,
 )
 
-ENTRIES = [("web", "gunicorn --config gunicorn.conf.py"), ("broker", "python -m app.embedded_redis")]
+ENTRIES = [("web", "gunicorn --config gunicorn.conf.py"), ("broker", "python -m broker")]
 
 
 def run(policy: Policy, timeline: list[tuple[float, bool, bool]],
@@ -94,7 +94,7 @@ def test_systemd_stops_a_unit_only_after_the_units_ordered_after_it() -> None:
 def test_systemd_plan_from_unit_files(tmp_path: Path) -> None:
     (tmp_path / "app-broker-1.service").write_text(
         "[Unit]\nDescription=b\n[Service]\nEnvironment=\"HONCHO_PROCESS_NAME=broker.1\" \"A=1\"\n"
-        "ExecStart=/venv/bin/python -m app.embedded_redis\nKillMode=mixed\nTimeoutStopSec=12\n")
+        "ExecStart=/venv/bin/python -m broker\nKillMode=mixed\nTimeoutStopSec=12\n")
     (tmp_path / "app-web-1.service").write_text(
         "[Unit]\nDescription=app web.1\nAfter=app-broker-1.service\n[Service]\nEnvironment=\"PORT=5000\"\n"
         "WorkingDirectory=/srv\nExecStart=/venv/bin/gunicorn --bind ${PORT} $OPTS\nKillSignal=SIGINT\n")

@@ -1,4 +1,4 @@
-"""Beat's sweep (tasks/sweeper.py) and the outbox relay (tasks/outbox.py), without a broker."""
+"""Beat's sweep (jobs/sweeper.py) and the outbox relay (jobs/outbox.py), without a broker."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from app import db, ledger
-from app.ledger import QUEUED, RUNNING
-from tasks import outbox, sweeper
+from core import db
+from jobs import ledger, outbox, sweeper
+from jobs.ledger import QUEUED, RUNNING
 
 pytestmark = pytest.mark.usefixtures("schema")
 
@@ -22,7 +22,7 @@ def set_row(job_id: str, **values) -> None:
 @pytest.fixture
 def settings(monkeypatch):
     """JOB_LEASE_SECONDS=3 (a renewal period of 1 s), JOB_QUEUED_LEASE_SECONDS=60."""
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("JOB_LEASE_SECONDS", "3")
     monkeypatch.setenv("JOB_QUEUED_LEASE_SECONDS", "60")

@@ -4,7 +4,7 @@ A 202 means the row is committed; the message only says "run job X". So a
 job can be accepted while the broker is down and published once it is back:
 
 * ``POST /jobs`` publishes inline, one connection attempt at most
-  (tasks/celery_app.py: ``broker_transport_options``). With kombu's defaults
+  (core/celery_app.py: ``broker_transport_options``). With kombu's defaults
   each request waited about 6 s on a down broker (its connection retries),
   and the job then waited for the queued lease (60 s) and a sweep (issue 7).
 * A job whose publish fails goes to this process's relay: a thread that
@@ -14,7 +14,7 @@ job can be accepted while the broker is down and published once it is back:
   marked and handed to the relay without trying the broker (answered at once).
 * The relay stops with its process (shutdown registry, within its handler's
   deadline). Jobs it did not publish keep their mark; beat's sweeper
-  republishes them at its next sweep (tasks/sweeper.py).
+  republishes them at its next sweep (jobs/sweeper.py).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ import os
 import threading
 import time
 
-from app import ledger, shutdown
-from tasks.jobs import run_job
+from app import shutdown
+from core.celery_app import celery_app
+from jobs import ledger
 
 log = logging.getLogger("outbox")
 
+#: The worker's task that runs a job (tasks/jobs.py), published by name: web and beat never import the worker.
+RUN_TASK = "jobs.run"
 #: While the broker is down, the relay tries it again this often.
 RELAY_RETRY_SECONDS = 1.0
 #: How long the relay's stop may wait for a publish in flight (shutdown registry).
@@ -38,7 +41,7 @@ RELAY_STOP_SECONDS = 1.0
 
 def publish(job_id: str) -> None:
     """Put the job's message on the broker now, or raise (one connection attempt, no retries)."""
-    run_job.apply_async(args=[job_id], retry=False)
+    celery_app.send_task(RUN_TASK, args=[job_id], retry=False)
 
 
 def send(job_id: str, *, marked: bool) -> None:

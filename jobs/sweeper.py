@@ -13,7 +13,7 @@ task"), so stranded jobs waited for the backlog to clear (issue 7). A queue
 of its own would not help: a prefork worker sets no child aside for a queue.
 Beat is the one process of the set that is single by design (two beats
 would double every schedule), does nothing else, and already wakes on the
-sweep's schedule (the ``requeue-stranded-jobs`` entry, tasks/celery_app.py),
+sweep's schedule (the ``requeue-stranded-jobs`` entry, core/celery_app.py),
 so a due entry wakes this thread instead of sending a message. A thread, so
 that a database that does not answer never stalls beat's loop or its stop
 (the stop waits :data:`STOP_SECONDS` at most, then abandons it). The price:
@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from app import db, ledger, outages, shutdown
-from app.config import get_settings
-from tasks import outbox
+from app import shutdown
+from core import db, outages
+from core.config import get_settings
+from jobs import ledger, outbox
 
 log = logging.getLogger("sweeper")
 

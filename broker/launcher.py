@@ -21,7 +21,7 @@ serves every case.
 
 Memory: the launcher reads the settings (pydantic, ~20 MB of a Python
 process) and then ``exec``s itself as a lean watcher that knows only the
-socket, the data directory and the linger budget (stdlib and app.logs,
+socket, the data directory and the linger budget (stdlib and core.logs,
 ~10 MB). It asks redis-server for its clients with a raw ``CLIENT LIST``
 instead of loading redis-py. The stop signals are blocked across the
 ``exec`` (a blocked signal stays pending through it), so a Ctrl+C that
@@ -41,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from app import logs, shutdown
+from app import shutdown
+from core import logs
 
 log = logging.getLogger("broker")
 
@@ -101,7 +102,7 @@ def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
         # The AOF is the persistence that matters; an RDB snapshot that fails (disk full) must not
         # stop writes too (Redis's default), or the set stays stuck after space is back until the
         # next snapshot succeeds. A failed AOF write still refuses writes (MISCONF) until one
-        # succeeds: the clients treat that as a lost connection and retry (app/outages.py).
+        # succeeds: the clients treat that as a lost connection and retry (core/outages.py).
         "--stop-writes-on-bgsave-error", "no",
         "--loglevel", "warning",
         "--logfile", str(data_dir / "redis" / "redis.log"),
@@ -166,13 +167,13 @@ def _stop_server(server: subprocess.Popen[bytes], save_wait: float) -> None:
 def main() -> None:
     """Read and check the settings, then become the lean watcher (never returns)."""
     from app import budget  # pydantic: dropped by the exec below
-    from app.config import get_settings
+    from core.config import get_settings
 
     settings = get_settings()
     logs.configure("broker")
     stop_budget = budget.announce()
     shutdown.stop_with_parent()  # kept across exec
-    command = [sys.executable, "-m", "app.embedded_redis", "--watch", "--log-level", settings.log_level]
+    command = [sys.executable, "-m", "broker", "--watch", "--log-level", settings.log_level]
     if settings.embedded_redis:
         command += ["--server", redis_server_binary(), "--data-dir", str(settings.data_dir),
                   "--socket", str(settings.redis_socket),
@@ -230,7 +231,8 @@ def watch(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m broker``: the launcher; ``--watch`` (after its exec): the watcher."""
     parser = argparse.ArgumentParser(description="the embedded broker (Procfile entry)")
     parser.add_argument("--watch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server")
@@ -240,7 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("--save-wait", type=float, default=1.0)
     parser.add_argument("--external", default="REDIS_URL")
     parser.add_argument("--log-level", default="INFO")
-    cli = parser.parse_args()
-    if not cli.watch:
+    args = parser.parse_args(argv)
+    if not args.watch:
         main()
-    sys.exit(watch(cli))
+    sys.exit(watch(args))

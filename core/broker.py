@@ -1,6 +1,6 @@
 """This process's broker connections: readiness, the wait at start, the close at exit.
 
-The broker is Redis or RabbitMQ (``BROKER_URL``, app/config.py). A process
+The broker is Redis or RabbitMQ (``BROKER_URL``, core/config.py). A process
 holds up to three kinds of connection to it:
 
 * Celery/kombu's own. The worker MainProcess's consumer and event
@@ -38,7 +38,7 @@ from kombu.resource import Resource
 from kombu.utils.url import maybe_sanitize_url
 
 from app import shutdown
-from app.config import get_settings
+from core.config import get_settings
 
 log = logging.getLogger("broker")
 
@@ -255,7 +255,7 @@ def _forget_inherited() -> None:
         for pool in group.values():
             pool._closed = True  # kombu's after-fork force_close_all() returns at once
         group.clear()
-    celery_module = sys.modules.get("tasks.celery_app")
+    celery_module = sys.modules.get("core.celery_app")
     if celery_module is not None:
         celery_module.celery_app._after_fork()  # Celery's own reset: its pool, its producer pool
 

@@ -11,7 +11,7 @@ what makes shutdown safe:
 * ``attempts`` is a fencing token: a stale run cannot overwrite a newer one;
 * a run ended by a shutdown is *handed back* (``running`` -> ``queued``, the
   attempt not counted), never marked failed;
-* only the sweeper (beat, tasks/sweeper.py) takes a ``running`` job back, and
+* only the sweeper (beat, jobs/sweeper.py) takes a ``running`` job back, and
   only once it has seen the lease lapsed on two sweeps at least a renewal
   period apart (``lapsed_at``). A run that is alive but could not renew
   (the database was away longer than the lease) renews as soon as it can
@@ -49,7 +49,7 @@ from sqlalchemy import (
     update,
 )
 
-from app import db
+from core import db
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)

@@ -13,12 +13,12 @@ import sys
 
 from celery import Celery, signals
 
-from app import logs, outages
-from app.config import get_settings
+from core import logs, outages
+from core.config import get_settings
 
 settings = get_settings()
 # A Redis that cannot write its AOF (disk full) answers MISCONF: a connection error, so the
-# worker's consumer reconnects with backoff instead of dying of it (app/outages.py).
+# worker's consumer reconnects with backoff instead of dying of it (core/outages.py).
 outages.redis_refusals_are_connection_errors()
 
 celery_app = Celery("tasks")
@@ -33,7 +33,7 @@ celery_app.conf.update(
     worker_consumer="tasks.consumer:Consumer",
     # Publishing (POST /jobs, the sweeper) tries the broker once instead of retrying for about
     # 6 s: a job whose publish fails is stored anyway and published by the outbox relay
-    # (tasks/outbox.py). The socket timeouts bound a connect to, and a command on, a broker
+    # (jobs/outbox.py). The socket timeouts bound a connect to, and a command on, a broker
     # that stopped answering (Redis transport; an AMQP connection ignores them). A stopping
     # worker's consumer waits for its pending BRPOP before it closes: 0.5 s at most, not
     # kombu's 1 s (the Redis transport takes its BRPOP timeout from ``polling_interval``;
@@ -61,7 +61,7 @@ celery_app.conf.update(
     # claim drops the copies of finished jobs. (Celery warns that 6.0 will
     # default to True; this stays False on purpose.)
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # Keep our one log format (app/logs.py); Celery must not replace it.
+    # Keep our one log format (core/logs.py); Celery must not replace it.
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
     # Off by default anyway; stated because a soft shutdown sleeps its whole
@@ -70,7 +70,7 @@ celery_app.conf.update(
     worker_soft_shutdown_timeout=0,
     task_default_queue="jobs",
     beat_schedule={
-        # Not a message: beat runs the sweep itself, in its sweeper thread (tasks/sweeper.py),
+        # Not a message: beat runs the sweep itself, in its sweeper thread (jobs/sweeper.py),
         # so a busy queue cannot starve it.
         "requeue-stranded-jobs": {
             "task": "jobs.requeue_stranded",

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
 from app import shutdown
-from app.config import get_settings
+from core.config import get_settings
 
 #: How long opening a PostgreSQL connection may take (libpq's minimum is 2 s).
 CONNECT_TIMEOUT_SECONDS = 2
@@ -84,7 +84,7 @@ def _create(url: str, *, pooled: bool = True) -> Engine:
     # wait for the OS's TCP connect timeout (about two minutes for a host that drops packets),
     # and a server that vanished without a reset leaves a pooled connection's ping waiting for
     # TCP to give up (about 15 minutes); tcp_user_timeout ends it when sent data goes unacked.
-    # A refused or reset connection fails at once either way (app/outages.py makes it a 503).
+    # A refused or reset connection fails at once either way (core/outages.py makes it a 503).
     connect_args = ({"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": TCP_USER_TIMEOUT_MS}
                     if url.startswith("postgresql") else {})
     if pooled:

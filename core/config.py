@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     # Runs that ended without finishing (crashes; shutdowns do not count) before "failed".
     job_max_attempts: int = Field(default=5, ge=1)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
-    log_level: str = "INFO"  # app/logs.py: one of LOG_LEVELS, any case
+    log_level: str = "INFO"  # core/logs.py: one of LOG_LEVELS, any case
 
     @field_validator("log_level")
     @classmethod

@@ -6,7 +6,7 @@ when, what. gunicorn takes :data:`LOGGING` via ``logconfig_dict``; Celery is
 kept off the root logger (``worker_hijack_root_logger=False``) and calls
 :func:`configure` from its ``setup_logging`` signal.
 
-The level is the validated ``LOG_LEVEL`` setting (app/config.py): a bad value
+The level is the validated ``LOG_LEVEL`` setting (core/config.py): a bad value
 stops the process at start, naming it. The settings are read when the
 logging is configured, not at import: the broker's watcher (after its exec)
 gets the level on its command line and never loads pydantic.
@@ -79,7 +79,7 @@ LOGGING: dict = {
 def logging_config(level: str | None = None) -> dict[str, Any]:
     """:data:`LOGGING` at ``level``, by default the ``LOG_LEVEL`` setting (exits if it is bad)."""
     if level is None:
-        from app.config import get_settings  # here, not at the top: see the module docstring
+        from core.config import get_settings  # here, not at the top: see the module docstring
 
         level = get_settings().log_level
     return {**LOGGING, "root": {**LOGGING["root"], "level": level}}

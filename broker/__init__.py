@@ -1,0 +1,4 @@
+"""The embedded broker, a Procfile program of its own: ``python -m broker``.
+
+Depends only on core/ and stopright/.
+"""

@@ -1,0 +1,5 @@
+"""``python -m broker``: the Procfile's ``broker`` entry (broker/launcher.py)."""
+
+from broker.launcher import cli
+
+cli()
