@@ -28,7 +28,7 @@ from bench import stop_sets as sets
 from bench.stop_sets import GRACE, REF_PROCFILE, Window, busy, directory, health, row, settings, terminate
 from bench.stop_table import Row
 from stopcheck.managers import Options, Plan, plan
-from tests.managed import PROCFILE, ManagedSet
+from tests.managed import PROCFILE, ManagedSet, kubernetes_plan
 from tests.procset import free_port
 from tests.servers import RedisServer
 from tests.supervised import export, write_env
@@ -114,9 +114,7 @@ def _with_external_redis(kind: str, tmp: Path, make: Callable[[dict[str, str]], 
 def kubernetes_case(kind: str, tmp: Path) -> Row:
     def make(extra: dict[str, str]) -> Row:
         if kind == "project":
-            from tests.e2e.test_kubernetes_stop import kubernetes_plan  # the manifest, grace 3 s
-
-            the_plan, drain = kubernetes_plan()
+            the_plan, drain = kubernetes_plan(3.0)  # the manifest, grace 3 s
             env = own_env(kind, tmp, **extra)
             note = f"deploy/kubernetes.yaml, SHUTDOWN_DRAIN_SECONDS={drain:g}"
         else:

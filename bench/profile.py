@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.run import CLIENTS, E2E_JOBS, PROJECT, REFERENCE, RESULTS, Session, SetSpec, free_port, role_of
+from bench.session import CLIENTS, E2E_JOBS, PROJECT, REFERENCE, RESULTS, Session, SetSpec, role_of
+from tests.procset import free_port
 
 PARTS = ("web", "worker")
 OWN_CODE = re.compile(r"\((app|tasks)/|\(ref(app|tasks)\.py")

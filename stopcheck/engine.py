@@ -7,8 +7,9 @@ kernel's rules for PID 1 apply for real: a signal without a handler is
 dropped, and when PID 1 exits every other process of the namespace is
 SIGKILLed. The engine signals processes from outside, by host pid, like
 dockerd or the kubelet. What happens to each process is observed with
-stopcheck.observe (subreaper, /proc polls, proc connector); whatever the
-engine started is killed by pid in :meth:`Engine.cleanup`.
+stopcheck.proctrack (subreaper, /proc polls) and stopcheck.connector (the
+proc connector); whatever the engine started is killed by pid in
+:meth:`Engine.cleanup`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stopcheck.managers import Plan, Unit
-from stopcheck.observe import (
+from stopcheck.connector import open_proc_connector
+from stopcheck.plans import Plan, Unit
+from stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
+from stopcheck.proctrack import (
     FULL_SCAN_EVERY,
     POLL_INTERVAL,
     Proc,
     Tracker,
-    open_proc_connector,
     read_masks,
     read_stat,
     set_child_subreaper,
 )
-from stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
 from stopcheck.text import disposition, signal_name
 
 UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")

@@ -17,7 +17,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from stopcheck.managers import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
+from stopcheck.plans import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
 from stopcheck.policy import GROUP, MAIN, TREE, Policy
 
 

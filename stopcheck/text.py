@@ -1,6 +1,6 @@
 """Pure helpers shared by the shutdown reports: Procfiles, wait statuses, signals, plain-text tables.
 
-Moved out of scripts/lib/shutdown_report.py so the honcho report and the
+Shared so the honcho report (stopcheck.analysis, stopcheck.render) and the
 managers' simulation (stopcheck.managers, stopcheck.report) describe a stop
 the same way.
 """

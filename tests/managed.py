@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stopcheck import report
 from stopcheck.engine import Engine
-from stopcheck.managers import Options, Plan, plan
+from stopcheck.managers import Options, Plan, Unit, plan
+from stopcheck.policy import MAIN, TREE, Policy
 from stopcheck.text import parse_procfile
 from tests.procset import ROOT, AppClient, free_port
 from tests.servers import missing
@@ -39,6 +42,38 @@ def set_env(var: Path, port: int, **env: str) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     return {**base, "PATH": bindir + os.pathsep + base.get("PATH", ""), "PORT": str(port),
             "VAR_DIR": str(var), "PYTHONUNBUFFERED": "1", **env}
+
+
+def containers() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each Deployment's container: its command and settings (ConfigMap, then its own env)."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()) if d]
+    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    out = {}
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        env: dict[str, str] = {}
+        for source in c.get("envFrom", []):
+            env.update(maps.get(source.get("configMapRef", {}).get("name"), {}))
+        env.update({e["name"]: e["value"] for e in c.get("env", [])})
+        out[d["metadata"]["name"]] = (c["command"], env)
+    return out
+
+
+def kubernetes_plan(grace: float = 3.0) -> tuple[Plan, float]:
+    """deploy/kubernetes.yaml as a plan, with SHUTDOWN_GRACE_SECONDS lowered to ``grace``; and its drain."""
+    units = []
+    drain = 0.0
+    for name, (command, env) in containers().items():
+        env = {**env, "SHUTDOWN_GRACE_SECONDS": str(grace), "BIND_HOST": "127.0.0.1"}  # test: short, local
+        env.pop("PORT")
+        env.pop("VAR_DIR")
+        period = float(env.get("SHUTDOWN_DRAIN_SECONDS", 0)) + grace + 2 + 3  # as the manifest derives it
+        drain = max(drain, float(env.get("SHUTDOWN_DRAIN_SECONDS", 0)))
+        units.append(Unit(name, tuple(command), Policy(signal_to=MAIN, timeout=period, kill_to=TREE), name,
+                          pid1=True, env=env))
+    return Plan("kubernetes", tuple(units), "SIGTERM to PID 1 of every container at once"), drain
 
 
 class ManagedSet(AppClient):

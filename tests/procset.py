@@ -1,4 +1,4 @@
-"""Drive the real process set: ``honcho start`` in a pseudo-terminal.
+"""Drive the real process set: ``honcho start`` in a pseudo-terminal (stopcheck.honcho's driver).
 
 Used by the end-to-end tests (and scripts/bench): start the set on a free
 port with its own ``var/``, talk HTTP to it, press Ctrl+C (a real ^C typed
@@ -10,17 +10,13 @@ killed by pid in :meth:`ProcessSet.cleanup`, even when a test fails.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import pty
 import re
 import signal
 import socket
 import subprocess
 import sys
-import termios
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,10 +28,9 @@ from typing import Any
 import psutil
 
 from broker.launcher import redis_server_binary
+from stopcheck.honcho import Honcho
 
 ROOT = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # honcho colours its prefixes on a terminal
-HONCHO_LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<name>[\w.-]+)\s*\| ?(?P<text>.*)$")
 
 
 def free_port() -> int:
@@ -61,18 +56,6 @@ def run_python(code: str, env: dict[str, str]) -> str:
     """Run a snippet of project code in a fresh interpreter (its own settings); its stdout."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
                           capture_output=True, text=True, timeout=60).stdout.strip()
-
-
-def _controlling_tty() -> None:
-    """In the child: the pty becomes its terminal, with a fresh terminal's signal dispositions.
-
-    Ignored signals survive exec: run under ``nohup`` (SIGHUP ignored), honcho
-    and its helpers would outlive the terminal closing, and the tests of a
-    closed terminal would test nohup instead.
-    """
-    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_DFL)
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 @dataclass
@@ -216,39 +199,23 @@ class ProcessSet(AppClient, ProcessTree):
         # Output in honcho's "HH:MM:SS name.1 | text" form (honcho, or a script that execs it)?
         self.runs_honcho = command is None if runs_honcho is None else runs_honcho
         self.proc: subprocess.Popen[bytes] | None = None
-        self._master: int | None = None
-        self._output: list[str] = []
-        self._partial = ""
-        self._reader: threading.Thread | None = None
+        self.terminals: list[Honcho] = []  # one per start(); the output is theirs, in order
         self._seen: dict[int, psutil.Process] = {}
         self.starts = 0
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
-        master, slave = pty.openpty()
-        command = self.command or [sys.executable, "-m", "honcho", "start", "--no-colour"]
-        if self.procfile and not self.command:
-            command += ["-f", str(self.procfile), "-d", str(self.cwd)]
-        self.proc = subprocess.Popen(
-            command, cwd=self.cwd, env=self.env, stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True, preexec_fn=_controlling_tty, close_fds=True)
-        os.close(slave)
-        self._master = master
+        terminal = Honcho(self.cwd, None if self.command else self.procfile, command=self.command or None,
+                          env=self.env)
+        terminal.start()
+        self.terminals.append(terminal)
+        self.proc = terminal.proc
         self.starts += 1
-        self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
-        self._reader.start()
 
-    def _read(self, fd: int) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            text = self._partial + ANSI.sub("", chunk.decode(errors="replace").replace("\r\n", "\n"))
-            *lines, self._partial = text.split("\n")
-            self._output.extend(lines)
+    @property
+    def terminal(self) -> Honcho:
+        assert self.terminals, "not started"
+        return self.terminals[-1]
 
     def accepted_connections(self) -> int:
         """TCP connections the web processes have accept()ed (not those still in the backlog)."""
@@ -271,18 +238,17 @@ class ProcessSet(AppClient, ProcessTree):
 
     def ctrl_c(self) -> None:
         """Type ^C into honcho's terminal (the tty's SIGINT to its foreground group)."""
-        assert self._master is not None
-        os.write(self._master, b"\x03")
+        self.terminal.ctrl_c()
 
     def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
+        self.terminal.signal(signum)
 
     def wait(self, timeout: float = 20) -> int:
-        assert self.proc is not None
-        rc = self.proc.wait(timeout)
-        if self._reader:
-            self._reader.join(2)
+        """honcho's exit code, and its last lines read; subprocess.TimeoutExpired after ``timeout``."""
+        rc = self.terminal.wait(timeout)
+        if rc is None:
+            raise subprocess.TimeoutExpired(self.terminal.command, timeout)
+        self.terminal.join_reader(2)
         return rc
 
     def stop_and_wait(self, how: str = "ctrl_c", timeout: float = 20) -> tuple[int, float]:
@@ -297,9 +263,7 @@ class ProcessSet(AppClient, ProcessTree):
         deadline = time.monotonic() + 3
         while self.survivors() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
+        self.terminal.close_pty()
         return rc, elapsed
 
     def cleanup(self) -> None:
@@ -313,25 +277,20 @@ class ProcessSet(AppClient, ProcessTree):
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
+        for terminal in self.terminals:
+            terminal.close_pty()
 
     # -- output ------------------------------------------------------------
     @property
     def output(self) -> str:
-        return "\n".join(self._output + ([self._partial] if self._partial else []))
+        """Everything printed in the terminal, over every start (colours, CR and echoed ^C removed)."""
+        return "\n".join(t.output for t in self.terminals)
 
     def lines(self, name: str | None = None) -> list[str]:
         """Lines printed by one process type (``web``, ``worker`` ...) or all."""
         if not self.runs_honcho:  # a single program: its lines as they are
-            return list(self._output)
-        out = []
-        for line in self._output:
-            m = HONCHO_LINE.match(line)
-            if m and (name is None or m["name"].split(".")[0] == name):
-                out.append(m["text"])
-        return out
+            return [line for t in self.terminals for line in t.all_lines()]
+        return [text for t in self.terminals for text in t.texts(name)]
 
     def wait_for_line(self, pattern: str, timeout: float = 30, name: str | None = None) -> str:
         regex = re.compile(pattern)

@@ -14,49 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from stopcheck.managers import Plan, Unit
-from stopcheck.policy import MAIN, TREE, Policy
 from stopcheck.traffic import Traffic
-from tests.managed import PROCFILE, ManagedSet, assert_stopped_cleanly, require_root
-from tests.procset import ROOT, ProcessSet
+from tests.managed import (
+    PROCFILE,
+    ManagedSet,
+    assert_stopped_cleanly,
+    containers,
+    kubernetes_plan,
+    require_root,
+)
+from tests.procset import ProcessSet
 from tests.workload import Workload, assert_handed_back_then_run
 
 pytestmark = pytest.mark.e2e
 GRACE = 3.0
-
-
-def containers() -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Each Deployment's container: its command and settings (ConfigMap, then its own env)."""
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()) if d]
-    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
-    out = {}
-    for d in docs:
-        if d["kind"] != "Deployment":
-            continue
-        (c,) = d["spec"]["template"]["spec"]["containers"]
-        env: dict[str, str] = {}
-        for source in c.get("envFrom", []):
-            env.update(maps.get(source.get("configMapRef", {}).get("name"), {}))
-        env.update({e["name"]: e["value"] for e in c.get("env", [])})
-        out[d["metadata"]["name"]] = (c["command"], env)
-    return out
-
-
-def kubernetes_plan() -> tuple[Plan, float]:
-    units = []
-    drain = 0.0
-    for name, (command, env) in containers().items():
-        env = {**env, "SHUTDOWN_GRACE_SECONDS": str(GRACE), "BIND_HOST": "127.0.0.1"}  # test: short, local
-        env.pop("PORT")
-        env.pop("VAR_DIR")
-        period = float(env.get("SHUTDOWN_DRAIN_SECONDS", 0)) + GRACE + 2 + 3  # as the manifest derives it
-        drain = max(drain, float(env.get("SHUTDOWN_DRAIN_SECONDS", 0)))
-        units.append(Unit(name, tuple(command), Policy(signal_to=MAIN, timeout=period, kill_to=TREE), name,
-                          pid1=True, env=env))
-    return Plan("kubernetes", tuple(units), "SIGTERM to PID 1 of every container at once"), drain
-
 
 
 def test_manifest_commands_are_the_procfiles() -> None:
@@ -70,7 +42,7 @@ def window(traffic: Traffic, url: str, since: float, until: float) -> dict[str, 
 
 def test_pods_stop_with_a_drain_while_traffic_still_arrives(tmp_path: Path, redis_url: str) -> None:
     require_root()
-    the_plan, drain = kubernetes_plan()
+    the_plan, drain = kubernetes_plan(GRACE)
     assert drain >= 3 and {u.name for u in the_plan.units} == {"web", "worker", "beat"}
     ms = ManagedSet(the_plan, tmp_path, REDIS_URL=redis_url)
     again: list[Any] = []

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench import run
+from bench.session import role_of
+from bench.summary import summarize, targets
+from tests.procset import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +88,7 @@ def test_load_counts_non_2xx_answers_as_errors(server: int) -> None:
 
 
 def test_load_against_nothing_reports_connection_errors() -> None:
-    port = run.free_port()
+    port = free_port()
     result = load(port, "--seconds", "0.3", "--concurrency", "2")
     assert result["ok"] == 0
     assert any(k.startswith("error:") for k in result["errors"]), result
@@ -101,7 +104,7 @@ def figures(**overrides: float) -> dict:
 
 
 def verdicts(this: dict, ref: dict) -> list[bool]:
-    return [t["met"] for t in run.targets(this, ref)]
+    return [t["met"] for t in targets(this, ref)]
 
 
 def test_targets_met_when_every_figure_is_inside_its_bound() -> None:
@@ -134,7 +137,7 @@ def test_each_target_is_missed_just_past_its_bound(override: dict, index: int) -
 def test_summary_takes_medians_and_sums_job_counts() -> None:
     rounds = [{"idle_stop_s": v, "busy_long_lost": lost, "idle_stop_clean": clean}
               for v, lost, clean in ((0.3, 0, True), (0.9, 1, True), (0.5, 1, False))]
-    summary = run.summarize(rounds)
+    summary = summarize(rounds)
     assert summary == {"idle_stop_s": 0.5, "busy_long_lost": 2, "idle_stop_clean": False}
 
 
@@ -157,7 +160,7 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
     (["redis-server", "*:6390"], "broker"),
 ])
 def test_each_process_is_counted_in_its_part_of_the_set(cmdline: list[str], role: str) -> None:
-    assert run.role_of(cmdline) == role
+    assert role_of(cmdline) == role
 
 
 # -- the stop-under-load client (bench/load.py --flow jobs) ------------------------
@@ -172,7 +175,7 @@ def test_jobs_flow_posts_then_long_polls_each_job(server: int) -> None:
 
 
 def test_jobs_flow_against_nothing_counts_refused_connections() -> None:
-    result = load(run.free_port(), "--flow", "jobs", "--seconds", "0.3", "--concurrency", "2")
+    result = load(free_port(), "--flow", "jobs", "--seconds", "0.3", "--concurrency", "2")
     assert set(result["outcomes"]["POST"]) == {"refused"}, result
     assert result["accepted"] == [] and all(e[2] == "refused" for e in result["events"])
 

@@ -2,50 +2,48 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import struct
-import sys
-from types import ModuleType
 
 import pytest
 
-from tests.procset import ROOT
-
-
-def _load() -> ModuleType:
-    path = ROOT / "scripts" / "lib" / "shutdown_report.py"
-    spec = importlib.util.spec_from_file_location("shutdown_report", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shutdown_report"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sr = _load()
-
+from stopcheck.analysis import rc_to_wait_status
+from stopcheck.cli import parse_args
+from stopcheck.connector import parse_proc_events
+from stopcheck.honcho import HonchoEvent, parse_honcho_line
+from stopcheck.proctrack import read_masks, read_stat
+from stopcheck.render import sigkilled_by
+from stopcheck.text import (
+    decode_wait_status,
+    describe_exit,
+    describe_signals,
+    disposition,
+    format_table,
+    parse_procfile,
+    parse_status_masks,
+    short_command,
+)
 
 # -- honcho's lines -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("16:56:00 system   | worker.1 started (pid=27975)", sr.HonchoEvent("started", "worker.1", pid=27975)),
-    ("web.1 started (pid=12)", sr.HonchoEvent("started", "web.1", pid=12)),
+    ("16:56:00 system   | worker.1 started (pid=27975)", HonchoEvent("started", "worker.1", pid=27975)),
+    ("web.1 started (pid=12)", HonchoEvent("started", "web.1", pid=12)),
     ("16:56:01 system   | sending SIGTERM to web.1 (pid 27973)",
-     sr.HonchoEvent("sending", "web.1", pid=27973, signal="SIGTERM")),
+     HonchoEvent("sending", "web.1", pid=27973, signal="SIGTERM")),
     ("sending SIGKILL to my-entry_2.1 (pid 5)",
-     sr.HonchoEvent("sending", "my-entry_2.1", pid=5, signal="SIGKILL")),
-    ("16:56:01 system | broker.1 stopped (rc=-15)", sr.HonchoEvent("stopped", "broker.1", rc=-15)),
-    ("beat.1 stopped (rc=0)", sr.HonchoEvent("stopped", "beat.1", rc=0)),
-    ("^C16:56:01 system   | SIGINT received", sr.HonchoEvent("received", signal="SIGINT")),
-    ("SIGTERM received\r", sr.HonchoEvent("received", signal="SIGTERM")),
+     HonchoEvent("sending", "my-entry_2.1", pid=5, signal="SIGKILL")),
+    ("16:56:01 system | broker.1 stopped (rc=-15)", HonchoEvent("stopped", "broker.1", rc=-15)),
+    ("beat.1 stopped (rc=0)", HonchoEvent("stopped", "beat.1", rc=0)),
+    ("^C16:56:01 system   | SIGINT received", HonchoEvent("received", signal="SIGINT")),
+    ("SIGTERM received\r", HonchoEvent("received", signal="SIGTERM")),
     ("\x1b[0m\x1b[36m16:56:00 system | web.1 started (pid=7)\x1b[0m",
-     sr.HonchoEvent("started", "web.1", pid=7)),
+     HonchoEvent("started", "web.1", pid=7)),
 ])
 def test_honcho_lines_are_parsed(line: str, expected: object) -> None:
-    assert sr.parse_honcho_line(line) == expected
+    assert parse_honcho_line(line) == expected
 
 
 @pytest.mark.parametrize("line", [
@@ -57,12 +55,12 @@ def test_honcho_lines_are_parsed(line: str, expected: object) -> None:
     "16:56:01 system   | something else",
 ])
 def test_other_lines_are_not_events(line: str) -> None:
-    assert sr.parse_honcho_line(line) is None
+    assert parse_honcho_line(line) is None
 
 
 def test_procfile_is_read_like_honcho() -> None:
     text = "# comment\nweb: exec gunicorn app:app\n\nbad line\nworker:celery -A t worker\nweb: duplicate\n"
-    assert sr.parse_procfile(text) == [("web", "exec gunicorn app:app"), ("worker", "celery -A t worker")]
+    assert parse_procfile(text) == [("web", "exec gunicorn app:app"), ("worker", "celery -A t worker")]
 
 
 # -- statuses, masks, events -----------------------------------------------------
@@ -77,14 +75,14 @@ def test_procfile_is_read_like_honcho() -> None:
     (0x80 | 11, (None, 11)),  # SIGSEGV with a core dump
 ])
 def test_wait_status_is_decoded(status: int, expected: tuple[int | None, int | None]) -> None:
-    assert sr.decode_wait_status(status) == expected
+    assert decode_wait_status(status) == expected
     code, sig = expected
-    assert sr.describe_exit(code, sig) == (signal.Signals(sig).name if sig else str(code))
+    assert describe_exit(code, sig) == (signal.Signals(sig).name if sig else str(code))
 
 
 def test_wait_status_matches_os_decoding() -> None:
     for status in (0, 3 << 8, 9, 15 | 0x80):
-        code, sig = sr.decode_wait_status(status)
+        code, sig = decode_wait_status(status)
         if os.WIFEXITED(status):
             assert code == os.WEXITSTATUS(status) and sig is None
         else:
@@ -92,7 +90,7 @@ def test_wait_status_matches_os_decoding() -> None:
 
 
 def test_unknown_exit_is_a_question_mark() -> None:
-    assert sr.describe_exit(None, None) == "?"
+    assert describe_exit(None, None) == "?"
 
 
 STATUS = """Name:\tpython3
@@ -107,38 +105,38 @@ CapInh:\t0000000000000000
 
 
 def test_status_masks_decode_to_dispositions() -> None:
-    masks = sr.parse_status_masks(STATUS)
+    masks = parse_status_masks(STATUS)
     assert masks["SigIgn"] == 0x1001000 and masks["SigCgt"] == 0x180004002 and masks["SigBlk"] == 0
     ign, cgt = masks["SigIgn"], masks["SigCgt"]
-    assert sr.disposition(ign, cgt, signal.SIGPIPE) == "ignored"  # bit 12
-    assert sr.disposition(ign, cgt, signal.SIGTERM) == "handled"  # bit 14
-    assert sr.disposition(ign, cgt, signal.SIGINT) == "handled"  # bit 1
-    assert sr.disposition(ign, cgt, signal.SIGUSR1) == "default action"
-    assert sr.disposition(ign, cgt, signal.SIGTSTP) == "default action"
-    assert sr.disposition(None, cgt, signal.SIGTERM) == "?"
+    assert disposition(ign, cgt, signal.SIGPIPE) == "ignored"  # bit 12
+    assert disposition(ign, cgt, signal.SIGTERM) == "handled"  # bit 14
+    assert disposition(ign, cgt, signal.SIGINT) == "handled"  # bit 1
+    assert disposition(ign, cgt, signal.SIGUSR1) == "default action"
+    assert disposition(ign, cgt, signal.SIGTSTP) == "default action"
+    assert disposition(None, cgt, signal.SIGTERM) == "?"
 
 
 def test_own_dispositions_are_read_from_proc() -> None:
     old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        ign, cgt = sr.read_masks(os.getpid())
-        assert sr.disposition(ign, cgt, signal.SIGUSR1) == "ignored"
+        ign, cgt = read_masks(os.getpid())
+        assert disposition(ign, cgt, signal.SIGUSR1) == "ignored"
         signal.signal(signal.SIGUSR1, lambda *_: None)
-        ign, cgt = sr.read_masks(os.getpid())
-        assert sr.disposition(ign, cgt, signal.SIGUSR1) == "handled"
+        ign, cgt = read_masks(os.getpid())
+        assert disposition(ign, cgt, signal.SIGUSR1) == "handled"
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        ign, cgt = sr.read_masks(os.getpid())
-        assert sr.disposition(ign, cgt, signal.SIGUSR1) == "default action"
+        ign, cgt = read_masks(os.getpid())
+        assert disposition(ign, cgt, signal.SIGUSR1) == "default action"
     finally:
         signal.signal(signal.SIGUSR1, old)
 
 
 def test_own_stat_is_read() -> None:
-    st = sr.read_stat(os.getpid())
+    st = read_stat(os.getpid())
     assert st is not None
     assert (st.ppid, st.pgid, st.sid) == (os.getppid(), os.getpgid(0), os.getsid(0))
     assert st.state in "RS"
-    assert sr.read_stat(2**22 + 12345) is None  # above pid_max: never a process
+    assert read_stat(2**22 + 12345) is None  # above pid_max: never a process
 
 
 def _nlmsg(what: int, ts: int, payload: bytes) -> bytes:
@@ -154,7 +152,7 @@ def test_proc_connector_events_are_decoded() -> None:
             + _nlmsg(0x2, 11, struct.pack("=II", 200, 200))
             + _nlmsg(0x4, 12, struct.pack("=IIII", 1, 1, 1, 1))  # UID change: skipped
             + _nlmsg(0x80000000, 13, struct.pack("=IIIIII", 200, 200, 7 << 8, 17, 100, 100)))
-    assert sr.parse_proc_events(data) == [
+    assert parse_proc_events(data) == [
         (0x0, 9, (1,)),
         (0x1, 10, (100, 100, 200, 200)),
         (0x2, 11, (200, 200)),
@@ -164,18 +162,18 @@ def test_proc_connector_events_are_decoded() -> None:
 
 def test_truncated_proc_events_are_skipped() -> None:
     whole = _nlmsg(0x80000000, 13, struct.pack("=IIII", 200, 200, 9, 17))
-    assert sr.parse_proc_events(whole[:30]) == []
-    assert sr.parse_proc_events(b"") == []
+    assert parse_proc_events(whole[:30]) == []
+    assert parse_proc_events(b"") == []
 
 
 # -- formatting -----------------------------------------------------------------
 
 
 def test_signals_are_described_with_counts_and_dispositions() -> None:
-    assert sr.describe_signals([]) == "none directly"
-    assert sr.describe_signals([("SIGTERM", "handled")]) == "SIGTERM (handled)"
-    assert sr.describe_signals([("SIGTERM", "handled"), ("SIGTERM", "handled")]) == "SIGTERM x2 (handled)"
-    assert (sr.describe_signals([("SIGINT", "handled"), ("SIGTERM", "default action")])
+    assert describe_signals([]) == "none directly"
+    assert describe_signals([("SIGTERM", "handled")]) == "SIGTERM (handled)"
+    assert describe_signals([("SIGTERM", "handled"), ("SIGTERM", "handled")]) == "SIGTERM x2 (handled)"
+    assert (describe_signals([("SIGINT", "handled"), ("SIGTERM", "default action")])
             == "SIGINT (handled), SIGTERM (default action)")
 
 
@@ -189,16 +187,16 @@ def test_signals_are_described_with_counts_and_dispositions() -> None:
     ([], "?"),
 ])
 def test_commands_are_shortened(argv: list[str], expected: str) -> None:
-    assert sr.short_command(argv, 200) == expected
+    assert short_command(argv, 200) == expected
 
 
 def test_long_commands_are_cut_to_the_limit() -> None:
-    text = sr.short_command(["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()", "--x"], 20)
+    text = short_command(["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()", "--x"], 20)
     assert len(text) == 20 and text.endswith("...") and text.startswith("gunicorn --config")
 
 
 def test_table_aligns_columns() -> None:
-    table = sr.format_table(["entry", "pid", "exit"], [["web", "12", "0"], ["worker", "12345", "SIGKILL"]],
+    table = format_table(["entry", "pid", "exit"], [["web", "12", "0"], ["worker", "12345", "SIGKILL"]],
                             right=[1])
     lines = table.splitlines()
     assert lines == [
@@ -211,21 +209,21 @@ def test_table_aligns_columns() -> None:
 
 def test_sigkilled_column() -> None:
     row = {"killed_by_report": False, "killed_by_honcho": False, "sigkilled": False}
-    assert sr.sigkilled_by(row) == "no"
-    assert sr.sigkilled_by({**row, "sigkilled": True}) == "yes"
-    assert sr.sigkilled_by({**row, "sigkilled": True, "killed_by_honcho": True}) == "by honcho"
-    assert sr.sigkilled_by({**row, "killed_by_report": True}) == "by report"
+    assert sigkilled_by(row) == "no"
+    assert sigkilled_by({**row, "sigkilled": True}) == "yes"
+    assert sigkilled_by({**row, "sigkilled": True, "killed_by_honcho": True}) == "by honcho"
+    assert sigkilled_by({**row, "killed_by_report": True}) == "by report"
 
 
 def test_arguments() -> None:
-    args = sr.parse_args(["some/dir", "--signal", "term", "--broadcast"])
+    args = parse_args(["some/dir", "--signal", "term", "--broadcast"])
     assert (args.dir, args.signal, args.broadcast, args.up, args.timeout, args.settle) == (
         "some/dir", "TERM", True, 3.0, 30, 2)
-    assert sr.parse_args(["d", "--url", "http://x/"]).up == 0.0  # a URL alone decides readiness
-    assert sr.parse_args(["d", "--url", "http://x/", "--up", "2"]).up == 2.0
+    assert parse_args(["d", "--url", "http://x/"]).up == 0.0  # a URL alone decides readiness
+    assert parse_args(["d", "--url", "http://x/", "--up", "2"]).up == 2.0
     for bad in (["d", "--signal", "KILL"], ["d", "--up", "-1"], []):
         with pytest.raises(SystemExit) as e:
-            sr.parse_args(bad)
+            parse_args(bad)
         assert e.value.code == 2
 
 
@@ -233,4 +231,4 @@ def test_arguments() -> None:
     (0, (0, None)), (130, (130, None)), (-9, (None, 9)), (-15, (None, 15)),
 ])
 def test_popen_return_codes_become_wait_statuses(rc: int, expected: tuple[int | None, int | None]) -> None:
-    assert sr.decode_wait_status(sr.rc_to_wait_status(rc)) == expected
+    assert decode_wait_status(rc_to_wait_status(rc)) == expected
