@@ -52,10 +52,13 @@ from stopright.listener import hand_over, holds
 #: What this module relies on that gunicorn does not promise (checked by tests/unit/test_upstream_shapes.py).
 REACHES = {
     "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / handle_alrm":
-        "replaced on the instance",
+        "replaced on the instance (handle_alrm added): the loop looks each up by name; handle_term's "
+        "StopIteration is the graceful stop",
     "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers",
-    "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi":
-        "overridden or read",
+    "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit":
+        "stopright/gunicorn_hooks.py worker_exit takes the exit code from the SystemExit on its way out",
+    "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi / "
+    "cfg / pid": "overridden or read",
     "gunicorn.workers.gthread.ThreadWorker.set_accept_enabled / _keepalive_after / finish_request / "
     "_cap_keepalive / handle_request / enqueue_req / keepalived_conns / nr_conns": "overridden or read",
     "gunicorn.workers.gthread.TConn(cfg, sock, client, server)": "built for connections we accept",
