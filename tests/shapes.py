@@ -25,10 +25,11 @@ from stopright.upstream import source_digest
 
 
 class ShapeChanged(AssertionError):
-    """An upstream shape stopright relies on is not what it was: the message says which and what to re-read."""
+    """An upstream shape stopright relies on changed; the message says which and what to re-read."""
 
 
-def _fail(reach: str, what: str, then: str) -> None:
+def fail(reach: str, what: str, then: str) -> None:
+    """Raise :class:`ShapeChanged`: ``what`` changed upstream, ``then`` what to re-read, naming the reach."""
     raise ShapeChanged(f"{what}: {then}  [reach: {reach!r}]")
 
 
@@ -57,7 +58,7 @@ def check_digest(reach: str, upstream: Any, pinned: str, copy_in: str) -> None:
     """The installed ``upstream``'s source has the ``pinned`` digest (the version the copy follows)."""
     actual = source_digest(upstream)
     if actual != pinned:
-        _fail(reach, f"{_library(upstream)} changed {_name(upstream)} (digest {actual}, pinned {pinned})",
+        fail(reach, f"{_library(upstream)} changed {_name(upstream)} (digest {actual}, pinned {pinned})",
               f"re-read it and update the copy in {copy_in}, then the pin")
 
 
@@ -67,6 +68,13 @@ def check_digest(reach: str, upstream: Any, pinned: str, copy_in: str) -> None:
 def _shape(fn: Any) -> list[tuple[str, Any, Any]]:
     """Parameter names, kinds and defaults; annotations left out (ours have them, upstream's not)."""
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def _plain(fn: Any) -> str:
+    """``fn``'s signature as text, without annotations: ``(self, deadline)``."""
+    sig = inspect.signature(fn)
+    return str(sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                           return_annotation=sig.empty))
 
 
 def upstream_definition(ours: type, name: str) -> tuple[type, Any]:
@@ -83,14 +91,14 @@ def check_override(reach: str, ours: type, name: str) -> None:
         klass, upstream = upstream_definition(ours, name)
     except LookupError:
         bases = [b.__qualname__ for b in ours.__mro__ if not b.__module__.startswith("stopright")]
-        _fail(reach, f"no upstream class of {ours.__qualname__} ({', '.join(bases)}) defines {name} any more",
+        fail(reach, f"no upstream class of {ours.__qualname__} ({', '.join(bases)}) defines {name} any more",
               f"re-read the upgrade's {bases[0] if bases else '?'}: {ours.__module__}.{ours.__qualname__}."
               f"{name} overrides a hook that is never called now")
         return
     ours_fn = inspect.getattr_static(ours, name)
     if _shape(upstream) != _shape(ours_fn):
-        _fail(reach, f"{_library(klass)} changed {klass.__qualname__}.{name}{inspect.signature(upstream)}",
-              f"{ours.__module__} overrides it as {name}{inspect.signature(ours_fn)}; re-read the upstream "
+        fail(reach, f"{_library(klass)} changed {klass.__qualname__}.{name}{_plain(upstream)}",
+              f"{ours.__module__} overrides it as {name}{_plain(ours_fn)}; re-read the upstream "
               f"method and its callers, and update the override")
 
 
@@ -99,7 +107,7 @@ def check_signature(reach: str, upstream: Any, params: str) -> None:
     fn = upstream.__init__ if inspect.isclass(upstream) else upstream
     names = [p.name for p in inspect.signature(fn).parameters.values()]
     if names != [p.strip() for p in params.split(",") if p.strip()]:
-        _fail(reach, f"{_library(upstream)} changed {_name(upstream)}: ({', '.join(names)}), we call it "
+        fail(reach, f"{_library(upstream)} changed {_name(upstream)}: ({', '.join(names)}), we call it "
               f"with ({params})", "re-read it and update the calls in stopright/upstream/")
 
 
@@ -139,7 +147,7 @@ def check_calls(reach: str, upstream: Any, expected: Iterable[str], relied_on: s
     for want in expected:
         at = next((i for i in range(position, len(seen)) if seen[i].startswith(want)), None)
         if at is None:
-            _fail(reach, f"{_library(upstream)} changed {_name(upstream)}: no call {want!r}"
+            fail(reach, f"{_library(upstream)} changed {_name(upstream)}: no call {want!r}"
                   f"{' after ' + repr(seen[position - 1]) if position else ''}",
                   f"stopright relies on it ({relied_on}); re-read {_name(upstream)} and what stopright "
                   f"does there")
@@ -150,7 +158,7 @@ def check_no_call(reach: str, upstream: Any, containing: str, relied_on: str) ->
     """``upstream``'s source makes no call whose text contains ``containing``."""
     bad = [c for c in calls(upstream) if containing in c]
     if bad:
-        _fail(reach, f"{_library(upstream)} changed {_name(upstream)}: it now calls {bad[0]!r}",
+        fail(reach, f"{_library(upstream)} changed {_name(upstream)}: it now calls {bad[0]!r}",
               f"stopright relies on it not doing so ({relied_on}); re-read it")
 
 
@@ -166,7 +174,7 @@ def check_text(reach: str, upstream: Any, snippets: Iterable[str], relied_on: st
     for want in snippets:
         at = text.find(want, position)
         if at < 0:
-            _fail(reach, f"{_library(upstream)} changed {_name(upstream)}: no {want!r} in its source"
+            fail(reach, f"{_library(upstream)} changed {_name(upstream)}: no {want!r} in its source"
                   f"{' after the previous one' if position else ''}",
                   f"stopright relies on it ({relied_on}); re-read {_name(upstream)} and what stopright "
                   f"does there")
@@ -181,15 +189,16 @@ def check_attributes(reach: str, obj: Any, names: Iterable[str], what: str = "")
     missing = [n for n in names if not hasattr(obj, n)]
     if missing:
         if not what:
-            what = obj.__name__ if inspect.ismodule(obj) else _name(obj if inspect.isclass(obj) else type(obj))
-        _fail(reach, f"{_library(obj)} changed {what}: no {', '.join(missing)}",
+            holder = obj if inspect.isclass(obj) else type(obj)
+            what = obj.__name__ if inspect.ismodule(obj) else _name(holder)
+        fail(reach, f"{_library(obj)} changed {what}: no {', '.join(missing)}",
               "re-read where stopright/upstream/ uses it and what replaced it")
 
 
 def self_attributes(fn: Any) -> set[str]:
     """The names ``fn`` reads or sets on ``self``."""
-    return {node.attr for node in ast.walk(function_tree(fn))
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    return {node.attr for node in ast.walk(function_tree(fn)) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "self"}
 
 
 def check_self_attributes(reach: str, copy: Any, upstream_cls: type) -> None:
@@ -199,7 +208,7 @@ def check_self_attributes(reach: str, copy: Any, upstream_cls: type) -> None:
     missing = sorted(n for n in self_attributes(copy)
                      if not hasattr(upstream_cls, n) and f"self.{n}" not in sources)
     if missing:
-        _fail(reach, f"{_library(upstream_cls)} changed {upstream_cls.__qualname__}: no "
+        fail(reach, f"{_library(upstream_cls)} changed {upstream_cls.__qualname__}: no "
               f"{', '.join('self.' + n for n in missing)}",
               f"the copy {_name(copy)} uses them; re-read the class and update the copy, then the pin")
 
@@ -222,3 +231,30 @@ def unchecked_reaches(reaches: Mapping[str, str], checks: Mapping[str, Callable[
     return ([f"no shape check for the reach {key!r}" for key in reaches if key not in checks]
             + [f"a shape check for {key!r}, which is no reach (renamed?)" for key in checks
                if key not in reaches])
+
+
+class Checks(dict[str, dict[str, Callable[[], None]]]):
+    """The shape checks of a test module: upstream module name -> {REACHES key: check}."""
+
+    def __call__(self, module: Any, key: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+        """Decorator: the function is the check of ``module.REACHES[key]``."""
+        def register(check: Callable[[], None]) -> Callable[[], None]:
+            self.setdefault(module.__name__, {})[key] = check
+            return check
+        return register
+
+    def cases(self) -> list[tuple[str, str]]:
+        return [(module, key) for module, checks in self.items() for key in checks]
+
+    def run(self, module: str, key: str) -> None:
+        self[module][key]()
+
+    def problems(self, modules: Iterable[str]) -> list[str]:
+        """What is wrong with the coverage of these upstream modules' reaches (empty: each has a check)."""
+        found = upstream_modules()
+        out = [f"{name}: no such module with REACHES in stopright/upstream/" for name in modules
+               if name not in found]
+        for name in modules:
+            if name in found:
+                out += [f"{name}: {p}" for p in unchecked_reaches(found[name].REACHES, self.get(name, {}))]
+        return out + [f"{name}: checks for a module not covered here" for name in self if name not in modules]

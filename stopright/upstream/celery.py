@@ -56,7 +56,8 @@ REACHES = {
     "celery.concurrency.prefork._run_ready_callbacks": "called by the on_stop copy",
     "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker": "class attributes we replace",
     "celery.concurrency.prefork.TaskPool.Pool": "the pool class on_start builds (ours, with the event loop)",
-    "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking": "used by the copies",
+    "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking":
+        "used by the copies",
     "celery.concurrency.asynpool.iterate_file_descriptors_safely": "called by the copy",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
     "celery.worker.state.active_requests": "the requests a pool child is running",

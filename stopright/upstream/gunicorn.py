@@ -49,7 +49,7 @@ from gunicorn.workers import gthread, sync
 
 from stopright.listener import hand_over, holds
 
-#: What this module relies on that gunicorn does not promise (checked by tests/unit/test_upstream_shapes.py).
+#: What this module relies on that gunicorn does not promise (tests/unit/test_upstream_shapes_gunicorn.py).
 REACHES = {
     "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / handle_alrm":
         "replaced on the instance (handle_alrm added): the loop looks each up by name; handle_term's "

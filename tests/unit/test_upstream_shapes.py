@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import weakref
-from collections.abc import Callable
 
 import billiard.compat
 import billiard.pool
@@ -24,7 +23,8 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import WorkerShutdown
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Connection, pidbox as kombu_pidbox, pools
+from kombu import Connection, pools
+from kombu import pidbox as kombu_pidbox
 from kombu.asynchronous import Hub
 from kombu.connection import ConnectionPool
 from kombu.resource import Resource
@@ -36,17 +36,12 @@ from stopright.upstream import cpython as cpython_internals
 from stopright.upstream import kombu as kombu_internals
 from tests import shapes
 
-CHECKS: dict[str, dict[str, Callable[[], None]]] = {}
-#: The upstream modules whose reaches another file checks (it runs the same coverage test for them).
-CHECKED_ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py"}
-
-
-def shape(module, key: str):
-    """Register the decorated function as the check of ``module.REACHES[key]``."""
-    def register(check: Callable[[], None]) -> Callable[[], None]:
-        CHECKS.setdefault(module.__name__, {})[key] = check
-        return check
-    return register
+CHECKS = shapes.Checks()
+shape = CHECKS
+#: The upstream modules whose reaches this file checks; every other one is checked in:
+HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu",
+        "stopright.upstream.cpython"}
+ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py"}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
@@ -113,8 +108,8 @@ def _() -> None:
     # The copies compare the pool's state with billiard's constants, as Celery's own code does.
     for name in ("RUN", "TERMINATE", "WorkersJoined"):
         if getattr(asynpool, name, None) is not getattr(billiard.pool, name):
-            raise shapes.ShapeChanged(f"celery.concurrency.asynpool.{name} is no longer billiard.pool.{name}: "
-                                f"re-read the copies in {COPY_IN}  [reach: {key!r}]")
+            shapes.fail(key, f"celery.concurrency.asynpool.{name} is no longer billiard.pool.{name}",
+                        f"re-read the copies in {COPY_IN}")
 
 
 @shape(C, "celery.concurrency.asynpool.iterate_file_descriptors_safely")
@@ -220,7 +215,8 @@ def _() -> None:
 @shape(C, "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)")
 def _() -> None:
     key = "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)"
-    shapes.check_text(key, trace.build_tracer, ["fun = task if task_has_custom(task, '__call__') else task.run"],
+    shapes.check_text(key, trace.build_tracer,
+                      ["fun = task if task_has_custom(task, '__call__') else task.run"],
                       "HandBackTask.__call__ runs around each task (else Celery calls run() directly)")
     app = Celery("shapes", broker="memory://", set_as_current=False, task_cls=handback.HandBackTask)
     try:
@@ -241,12 +237,13 @@ B = billiard_internals
 @shape(B, "billiard.pool.Worker._do_exit")
 def _() -> None:
     key = "billiard.pool.Worker._do_exit"
-    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST, "stopright/upstream/billiard.py")
+    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
+                        "stopright/upstream/billiard.py")
     shapes.check_override(key, C.Worker, "_do_exit")
     shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
     if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
-        raise shapes.ShapeChanged(f"Celery's asynpool.Worker now has a _do_exit of its own: the copy "
-                                  f"follows billiard's; re-read both  [reach: {key!r}]")
+        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
+                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
     shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
                        "the child leaves through _do_exit once its work loop ends")
 
@@ -354,27 +351,21 @@ def _() -> None:
     doc = atexit._run_exitfuncs.__doc__ or ""
     if not (callable(atexit._run_exitfuncs) and doc.startswith("_run_exitfuncs()")
             and "Run all registered exit functions" in doc):
-        raise shapes.ShapeChanged(f"CPython changed atexit._run_exitfuncs ({doc!r}): re-read it and "
-                                  f"stopright/upstream/cpython.py run_atexit_handlers  [reach: {key!r}]")
+        shapes.fail(key, f"CPython changed atexit._run_exitfuncs ({doc!r})",
+                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
 
 
 # -- the tests -------------------------------------------------------------------------------------
 
-ALL = [(module, key) for module, checks in CHECKS.items() for key in checks]
 
-
-@pytest.mark.parametrize(("module", "key"), ALL, ids=[key for _, key in ALL])
+@pytest.mark.parametrize(("module", "key"), CHECKS.cases(), ids=[key for _, key in CHECKS.cases()])
 def test_upstream_shape(module: str, key: str) -> None:
-    CHECKS[module][key]()
+    CHECKS.run(module, key)
 
 
 def test_every_reach_has_a_shape_check() -> None:
-    """A new reach cannot land without its check; a check cannot outlive its reach."""
-    problems = []
-    for name, module in shapes.upstream_modules().items():
-        if name in CHECKED_ELSEWHERE:
-            continue
-        problems += [f"{name}: {p}" for p in shapes.unchecked_reaches(module.REACHES, CHECKS.get(name, {}))]
-    problems += [f"{name}: checks for a module with no REACHES" for name in CHECKS
-                 if name not in shapes.upstream_modules()]
+    """A new reach cannot land without its check, nor a new upstream module without a file checking it."""
+    problems = CHECKS.problems(HERE)
+    problems += [f"{name}: no test file checks its reaches (add it to HERE or ELSEWHERE)"
+                 for name in shapes.upstream_modules() if name not in HERE and name not in ELSEWHERE]
     assert not problems, "\n".join(problems)
