@@ -29,7 +29,7 @@ celery_app.conf.update(
     broker_connection_retry_on_startup=True,
     # An outage of any length must not end the worker (Celery's default: give up after 100
     # reconnection attempts and exit, which stops the whole set under honcho; at the pace of
-    # tasks/consumer.py, 100 attempts are about 3 minutes) ...
+    # stopright/upstream/celery.py, 100 attempts are about 3 minutes) ...
     broker_connection_max_retries=None,
     # (and a broker that is back is found again within 2 s: stopright's consumer).
     # Publishing (POST /jobs, the sweeper) tries the broker once instead of retrying for about

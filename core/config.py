@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in var/")
     shutdown_grace_seconds: float = Field(default=DEFAULT_GRACE_SECONDS, gt=0, le=3600)
     # After a stop signal, how long web serves on (/readyz 503) before it stops
-    # accepting: a load balancer's time to stop routing here (app/budget.py).
+    # accepting: a load balancer's time to stop routing here (stopright/budget.py).
     shutdown_drain_seconds: float = Field(default=0.0, ge=0, le=3600)
     port: int = Field(default=5000, ge=1, le=65535)
     bind_host: str = "127.0.0.1"  # 0.0.0.0 where a platform routes traffic to you

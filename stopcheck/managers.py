@@ -81,7 +81,7 @@ def plan(manager: str, directory: Path, entries: Sequence[tuple[str, str]], opts
     if manager == "heroku":
         policy = Policy(signal_to=TREE, timeout=t, kill_to=TREE, on_main_exit=WAIT)
         units = tuple(Unit(name, ("/bin/bash", "-c", cmd), policy, name, env={"DYNO": f"{name}.1"})
-                      for name, cmd in entries)  # Heroku sets DYNO; app/budget.py reads it
+                      for name, cmd in entries)  # Heroku sets DYNO; stopright/budget.py reads it
         return Plan(manager, units, f"each entry in its own dyno (bash -c); SIGTERM to every process of "
                     f"every dyno at once; SIGKILL to what is left {t:g} s later")
     if manager == "systemd":

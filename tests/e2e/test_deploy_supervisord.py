@@ -118,7 +118,7 @@ def test_busy_stop_and_restart(tmp_path: Path, how: str, grace: float, drain: fl
 def test_stock_honcho_export_leaves_nothing_running_and_loses_nothing(tmp_path: Path) -> None:
     """`honcho export supervisord` as it is, the trap users fall into: `sh -c '<line>'` per
     program and `stopsignal=QUIT` to that shell alone. The shell dies; each program follows
-    its shell's death (PR_SET_PDEATHSIG, app/shutdown.py) with its graceful stop, instead of
+    its shell's death (PR_SET_PDEATHSIG, stopright/signals.py) with its graceful stop, instead of
     running on unseen by supervisord."""
     import getpass
     import subprocess

@@ -18,7 +18,7 @@ from stopcheck.text import parse_procfile
 from tests.procset import ROOT
 
 PROCFILE = dict(parse_procfile((ROOT / "Procfile").read_text()))
-HAND_BACK_SECONDS = 2  # the worker's hand-back and closes after the grace (tasks/lifecycle.py)
+HAND_BACK_SECONDS = 2  # the worker's hand-back and closes after the grace (stopright/worker_stop.py)
 
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""app/web_worker.py's listener hand-over, on real sockets: queued connections served, new ones refused.
+"""stopright/listener.py on real sockets: queued connections served, new ones refused.
 
 The worker classes themselves are exercised end to end (tests/e2e/test_load_stop.py).
 """
