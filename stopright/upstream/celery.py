@@ -94,8 +94,10 @@ class ResultHandler(asynpool.ResultHandler):
         the result it sent: under load, 4 stops in 5 ended with a child stuck
         there and the MainProcess in ``Pool.join`` (measured). Reading until
         the children have exited lets them go at once. The result of such a
-        dropped job is harmless: its message was never acknowledged, so the
-        broker delivers it again and the ledger's claim drops it.
+        dropped job is not lost: its message was never acknowledged, so the
+        broker delivers it again. The task may then run twice (at least once,
+        as with every ``acks_late`` task: make tasks idempotent; the demo's
+        ledger claim drops the second run).
         """
         check_timeouts = self.check_timeouts
         fileno_to_outq = self.fileno_to_outq

@@ -11,7 +11,7 @@ reset (17 POST + 15 GET per run). Stock gthread also keeps each kept-alive
 connection open for up to 2 s at stop, in case a request is on its way.
 
 What a stopping worker does here, on gunicorn's SIGTERM (or our graceful
-SIGINT, gunicorn.conf.py), in its main thread:
+SIGINT), in its main thread:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
@@ -79,7 +79,7 @@ class _ClosingApp:
 
     alive: bool
     wsgi: Callable[..., object]
-    #: Serve on this long after the first stop signal (set by gunicorn.conf.py's ``post_fork``).
+    #: Serve on this long after the first stop signal (set by stopright's ``post_fork`` hook).
     drain_seconds = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
