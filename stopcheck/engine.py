@@ -29,10 +29,10 @@ from stopcheck.connector import open_proc_connector
 from stopcheck.plans import Plan, Unit
 from stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
 from stopcheck.proctrack import (
-    FULL_SCAN_EVERY,
     POLL_INTERVAL,
     Proc,
     Tracker,
+    poll_until,
     read_masks,
     read_stat,
     set_child_subreaper,
@@ -96,12 +96,7 @@ class Engine:
         self._threads.append(t)
 
     def _poller(self) -> None:
-        every = FULL_SCAN_EVERY if self.connector else 1
-        n = 0
-        while not self._stop_threads.is_set():
-            self.tracker.poll(full=n % every == 0 or self.tracker.connector_lost_events)
-            n += 1
-            self._stop_threads.wait(POLL_INTERVAL)
+        poll_until(self.tracker, self._stop_threads, connector=bool(self.connector))
 
     # -- start -----------------------------------------------------------------
     def start(self, names: Iterable[str] | None = None, *, as_name: str | None = None) -> None:

@@ -269,3 +269,17 @@ class Tracker:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(proc.pid, signal.SIGKILL)
                         proc.killed_by_report = True
+
+
+def poll_until(tracker: Tracker, stop: threading.Event, *, connector: bool) -> None:
+    """Poll ``tracker`` every :data:`POLL_INTERVAL` until ``stop`` is set (a thread's loop).
+
+    With the proc connector, a full /proc scan every :data:`FULL_SCAN_EVERY`th
+    poll (or as soon as it lost events); without it, every poll.
+    """
+    every = FULL_SCAN_EVERY if connector else 1
+    n = 0
+    while not stop.is_set():
+        tracker.poll(full=n % every == 0 or tracker.connector_lost_events)
+        n += 1
+        stop.wait(POLL_INTERVAL)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stopcheck.connector import ProcConnector, open_proc_connector
 from stopcheck.honcho import Honcho
-from stopcheck.proctrack import FULL_SCAN_EVERY, POLL_INTERVAL, Proc, Tracker, set_child_subreaper
+from stopcheck.proctrack import POLL_INTERVAL, Proc, Tracker, poll_until, set_child_subreaper
 from stopcheck.text import signal_name
 from stopcheck.traffic import url_answers
 
@@ -109,12 +109,7 @@ class Run:
 
     # -- threads ---------------------------------------------------------------
     def _poller(self) -> None:
-        every = FULL_SCAN_EVERY if self.connector else 1
-        n = 0
-        while not self.stop_threads.is_set():
-            self.tracker.poll(full=n % every == 0 or self.tracker.connector_lost_events)
-            n += 1
-            self.stop_threads.wait(POLL_INTERVAL)
+        poll_until(self.tracker, self.stop_threads, connector=bool(self.connector))
 
     def start(self) -> None:
         if self.connector:
