@@ -14,7 +14,8 @@ nothing: under honcho a second SIGTERM comes when the ``sh -c`` wrapper
 dies) this program waits until the server has no established client TCP
 connection left (psutil, over the server's process tree: Redis, RabbitMQ,
 PostgreSQL alike) or the stop budget is spent (stopright.budget: the grace
-plus WORKER_AFTER_GRACE, the longest a stopping worker takes), then SIGTERMs
+plus WORKER_AFTER_GRACE, the longest a stopping worker takes; under honcho
+1 s less than its SIGKILL's 5 s, for the server's own stop), then SIGTERMs
 the server, waits for it (bounded) and exits with its code. If this program
 is SIGKILLed, the kernel SIGTERMs the server (``PR_SET_PDEATHSIG``): never
 an orphan. If the manager dies, it stops as on a signal (``stop_with_parent``).
@@ -38,6 +39,8 @@ log = logging.getLogger("shutdown")
 
 #: After its SIGTERM, how long the server has to exit (Redis saves first) before we leave without it.
 STOP_WAIT_SECONDS = 5.0
+#: Under a manager whose SIGKILL is certain (honcho: 5 s), what the lingering leaves for the server's stop.
+SERVER_STOP_MARGIN = 1.0
 POLL_SECONDS = 0.05
 FORMAT = "%(asctime)s.%(msecs)03d outlive[%(process)d] %(levelname)s %(name)s: %(message)s"
 
@@ -66,6 +69,19 @@ def client_connections(server: psutil.Process) -> int:
                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening
                and c.raddr and tuple(c.raddr) not in own}
     return len(clients)
+
+
+def linger_seconds(stop_budget: budget.StopBudget) -> float:
+    """How long to wait for clients: as long as the slowest client's stop (a worker's grace + hand-back).
+
+    Cut where the manager's SIGKILL is certain (honcho: 5 s from the first
+    exit, which comes at once) to leave the server its own stop in it.
+    """
+    seconds = stop_budget.stop_timeout
+    manager = stop_budget.manager
+    if manager is not None and manager.enforce:
+        seconds = min(seconds, manager.kill_after - SERVER_STOP_MARGIN)
+    return seconds
 
 
 def linger(child: subprocess.Popen[bytes], server: psutil.Process, seconds: float) -> int:
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in signals.STOP_SIGNALS:
         signal.signal(signum, on_signal)
     stop_budget = budget.announce()
-    linger_seconds = stop_budget.stop_timeout if args.linger is None else args.linger
+    wait_for_clients = linger_seconds(stop_budget) if args.linger is None else args.linger
     name = os.path.basename(command[0])
     child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
     server = psutil.Process(child.pid)
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s exited with %s", name, child.returncode)
         return exit_code(child.returncode)
     reg.begin()  # "signal received", "graceful shutdown started"
-    linger(child, server, max(0.0, linger_seconds - reg.elapsed_ms / 1000))
+    linger(child, server, max(0.0, wait_for_clients - reg.elapsed_ms / 1000))
     reg.close_all()
     return exit_code(child.returncode)
 
