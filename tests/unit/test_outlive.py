@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from stopright import outlive
+from stopright import budget, outlive
 from tests.procset import ROOT
 
 #: A stand-in server: listens, accepts and holds every connection, and opens one of its own elsewhere.
@@ -105,3 +105,13 @@ def test_a_server_that_ends_on_its_own_ends_the_entry_with_its_code() -> None:
     assert done.returncode == 7, done.stderr
     assert "exited with 7" in done.stderr
     assert "graceful shutdown started" not in done.stderr
+
+
+@pytest.mark.parametrize(("environ", "command", "seconds"), [
+    ({}, "", 5.0),  # no known manager: the worker's whole stop (grace 3 + 2)
+    ({"HONCHO_PROCESS_NAME": "redis.1"}, "honcho start", 4.0),  # honcho's SIGKILL at 5 s: 1 s for Redis
+    ({"DYNO": "web.1"}, "", 5.0),  # Heroku's 30 s hold the worker's whole stop
+])
+def test_the_wait_for_clients_fits_the_managers_sigkill(environ: dict[str, str], command: str,
+                                                       seconds: float) -> None:
+    assert outlive.linger_seconds(budget.fit(3.0, 0.0, environ, command)) == seconds
