@@ -21,7 +21,6 @@ Stop signals and what they do then (every one is graceful):
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import sys
 from stopright import budget, registry
 from stopright import signals as stop_signals
 from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.cpython import run_atexit_handlers
 from stopright.upstream.gunicorn import graceful_master
 
 __all__ = ["graceful_timeout", "on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
@@ -144,15 +144,6 @@ def worker_exit(server, worker) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(code)
-
-
-def run_atexit_handlers() -> None:
-    """What a normal exit runs first: every ``atexit`` handler, newest first (logging's flush among them).
-
-    ``atexit._run_exitfuncs`` is CPython's own (the interpreter calls it at
-    exit); tests/unit/test_upstream_shapes.py checks it is still there.
-    """
-    atexit._run_exitfuncs()
 
 
 def on_exit(server) -> None:

@@ -110,7 +110,7 @@ def exit_on_stop_signals() -> None:
     """Until the program installs its own stop handlers, a stop signal exits at once (code 0).
 
     For the first seconds of a Celery worker or beat (imports, banner:
-    1 to 5 s on a loaded machine), before Celery and tasks/ install their
+    1 to 5 s on a loaded machine), before Celery and stopright install their
     handlers. Nothing is open yet to close or hand back. Without this, a
     stop then (a crash-looping deploy, a fast rollout) meets the default
     action: death by signal, or, as PID 1 of a container, nothing at all

@@ -119,7 +119,7 @@ class WorkerStop:
             self.begin()
 
     def begin(self) -> None:
-        """Start Celery's warm shutdown and wake the watchdog that bounds it (once).
+        """Phase 1, quiet: Celery's warm shutdown (no more fetching); wake the watchdog that bounds it.
 
         Safe in a signal handler: two assignments and one ``write(2)``.
         """
@@ -136,9 +136,12 @@ class WorkerStop:
         while not self._started:
             self._wakeup.wait()
         try:
-            # The log lines the handler could not write: "signal received", "graceful shutdown started".
+            # Quiet began in the handler (begin): the consumer fetches nothing more. The log
+            # lines the handler could not write: "signal received", "graceful shutdown started".
             registry.current().begin(self._plan())
-            self._finish_or_hand_back()
+            running = self._stop_within_grace()
+            if running:
+                self._hand_back(running)
             if not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
                 _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
                 _kill_pool_children()
@@ -154,15 +157,20 @@ class WorkerStop:
             log.exception("stop watchdog failed; exiting now")
             _exit_now(1)
 
-    def _finish_or_hand_back(self) -> None:
+    def _stop_within_grace(self) -> list:
+        """Phase 2, stop: running tasks finish within the grace (a second SIGINT/SIGQUIT ends it).
+
+        Returns the requests still running when it ends.
+        """
         deadline = time.monotonic() + self.grace
         while _running() and time.monotonic() < deadline and self._again is None:
             self._wakeup.wait(min(_POLL, max(0.0, deadline - time.monotonic())))
         if self._again is not None:
             log.warning("%s again: handing back running tasks now", signal.Signals(self._again).name)
-        running = _running()
-        if not running:
-            return
+        return _running()
+
+    def _hand_back(self, running: list) -> None:
+        """Phase 3, hand back: each busy child hands its task back (requeued), or is killed."""
         log.warning("grace of %.1f s used up: handing back %d running task(s)", self.grace, len(running))
         for request in running:
             _kill(request.worker_pid, HANDBACK_SIGNAL)

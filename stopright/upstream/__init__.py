@@ -1,12 +1,14 @@
-"""Every reach into Celery's, billiard's, kombu's and gunicorn's internals: one module per library.
+"""Every reach into Celery's, billiard's, kombu's, gunicorn's and CPython's internals: one module per library.
 
 Each module lists, at its top (``REACHES``), what it relies on that the
 library does not promise: a private attribute, a method it overrides by
 copying upstream code, a name it replaces. tests/unit/test_upstream_shapes.py
-checks each against the installed library (the source of every copied
-method, by its digest; every private attribute) and fails loudly, naming
-the reach, when an upgrade changes it. Nothing outside this package touches
-those internals.
+and test_upstream_shapes_gunicorn.py check each against the installed
+library (the source of every copied method, by its digest; the signature of
+every hook; the call sites whose behaviour is relied on; every private
+attribute) and fail loudly, naming the reach, when an upgrade changes it; a
+reach without a check fails too. Nothing outside this package touches those
+internals.
 """
 
 from __future__ import annotations

@@ -55,14 +55,19 @@ REACHES = {
     "celery.concurrency.prefork.TaskPool.on_stop": "copied, the timer thread waits on an event",
     "celery.concurrency.prefork._run_ready_callbacks": "called by the on_stop copy",
     "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker": "class attributes we replace",
+    "celery.concurrency.prefork.TaskPool.Pool": "the pool class on_start builds (ours, with the event loop)",
+    "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking":
+        "used by the copies",
     "celery.concurrency.asynpool.iterate_file_descriptors_safely": "called by the copy",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
     "celery.worker.state.active_requests": "the requests a pool child is running",
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
-    "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name)",
+    "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
     "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
     "celery._state._get_active_apps / _tls.current_app / Celery._after_fork":
         "each app's pools reset after os.fork",
+    "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
+        "stopright/handback.py HandBackTask.__call__ wraps each run (Celery calls run() directly otherwise)",
 }
 #: Digests (stopright.upstream.source_digest) of the Celery 5.7.0 methods copied here.
 DIGESTS = {
@@ -89,8 +94,10 @@ class ResultHandler(asynpool.ResultHandler):
         the result it sent: under load, 4 stops in 5 ended with a child stuck
         there and the MainProcess in ``Pool.join`` (measured). Reading until
         the children have exited lets them go at once. The result of such a
-        dropped job is harmless: its message was never acknowledged, so the
-        broker delivers it again and the ledger's claim drops it.
+        dropped job is not lost: its message was never acknowledged, so the
+        broker delivers it again. The task may then run twice (at least once,
+        as with every ``acks_late`` task: make tasks idempotent; the demo's
+        ledger claim drops the second run).
         """
         check_timeouts = self.check_timeouts
         fileno_to_outq = self.fileno_to_outq

@@ -11,7 +11,7 @@ reset (17 POST + 15 GET per run). Stock gthread also keeps each kept-alive
 connection open for up to 2 s at stop, in case a request is on its way.
 
 What a stopping worker does here, on gunicorn's SIGTERM (or our graceful
-SIGINT, gunicorn.conf.py), in its main thread:
+SIGINT), in its main thread:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
@@ -49,13 +49,16 @@ from gunicorn.workers import gthread, sync
 
 from stopright.listener import hand_over, holds
 
-#: What this module relies on that gunicorn does not promise (checked by tests/unit/test_upstream_shapes.py).
+#: What this module relies on that gunicorn does not promise (tests/unit/test_upstream_shapes_gunicorn.py).
 REACHES = {
     "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / handle_alrm":
-        "replaced on the instance",
+        "replaced on the instance (handle_alrm added): the loop looks each up by name; handle_term's "
+        "StopIteration is the graceful stop",
     "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers",
-    "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi":
-        "overridden or read",
+    "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit":
+        "stopright/gunicorn_hooks.py worker_exit takes the exit code from the SystemExit on its way out",
+    "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi / "
+    "cfg / pid": "overridden or read",
     "gunicorn.workers.gthread.ThreadWorker.set_accept_enabled / _keepalive_after / finish_request / "
     "_cap_keepalive / handle_request / enqueue_req / keepalived_conns / nr_conns": "overridden or read",
     "gunicorn.workers.gthread.TConn(cfg, sock, client, server)": "built for connections we accept",
@@ -76,7 +79,7 @@ class _ClosingApp:
 
     alive: bool
     wsgi: Callable[..., object]
-    #: Serve on this long after the first stop signal (set by gunicorn.conf.py's ``post_fork``).
+    #: Serve on this long after the first stop signal (set by stopright's ``post_fork`` hook).
     drain_seconds = 0.0
 
     def __init__(self, *args, **kwargs) -> None:

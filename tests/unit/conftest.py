@@ -6,6 +6,7 @@ and the broker ping are replaced. The real broker is covered by tests/e2e.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import core.config
 import core.db
 import stopright.registry
+from tests.unit.shutdown_helpers import LOGGER, FakeClock
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +117,23 @@ def broker_down(monkeypatch) -> None:
     import core.broker
 
     monkeypatch.setattr(core.broker, "ping", lambda: False)
+
+
+# -- for test_shutdown_registry.py, test_shutdown_log.py, test_stopright_signals.py --------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock) -> stopright.registry.ShutdownRegistry:
+    """A registry of its own (not the process's ``current()``), on a clock the test moves."""
+    return stopright.registry.ShutdownRegistry(clock=clock)
+
+
+@pytest.fixture
+def shutdown_logs(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    return caplog

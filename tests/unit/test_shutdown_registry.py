@@ -1,54 +1,21 @@
-"""ShutdownRegistry (app/stop_signals.py): once, newest first, isolated, bounded, logged."""
+"""ShutdownRegistry (stopright/registry.py): once, newest first, isolated, bounded, one per process.
+
+Its log lines: test_shutdown_log.py; stopright/signals.py: test_stopright_signals.py. The fixtures
+``clock``, ``registry`` and ``shutdown_logs`` are in tests/unit/conftest.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 
 import pytest
 
 from stopright import registry as shutdown_registry
-from stopright import signals as stop_signals
 from stopright.registry import Outcome, ShutdownRegistry
-
-LOGGER = "shutdown"
-
-
-class FakeClock:
-    """A monotonic clock that only moves when a test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def messages(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def registry(clock) -> ShutdownRegistry:
-    return ShutdownRegistry(clock=clock)
-
-
-@pytest.fixture
-def shutdown_logs(caplog):
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
-    return caplog
-
+from tests.unit.shutdown_helpers import LOGGER, messages
 
 # -- running the handlers -------------------------------------------------------
 
@@ -212,78 +179,6 @@ def test_registering_after_begin_but_before_close_all_is_still_queued(registry):
     assert closed == ["client"]
 
 
-# -- the log sequence -------------------------------------------------------------
-
-
-def test_the_log_tells_the_shutdown_story_in_order(registry, clock, shutdown_logs):
-    registry.register("database", lambda: clock.advance(0.5))
-    registry.register("redis client", lambda: clock.advance(1.0))
-
-    registry.signal_received(signal.SIGTERM)
-    registry.close_all()
-
-    assert messages(shutdown_logs) == [
-        "signal received: SIGTERM",
-        "graceful shutdown started",
-        "closing redis client",
-        "closed redis client in 1000 ms",
-        "closing database",
-        "closed database in 500 ms",
-        "shutdown complete in 1500 ms",
-    ]
-
-
-def test_shutdown_complete_counts_from_the_signal_not_from_close_all(registry, clock, shutdown_logs):
-    registry.signal_received(signal.SIGINT)
-    clock.advance(1.5)  # e.g. the grace period for running work
-
-    registry.close_all()
-
-    assert messages(shutdown_logs)[-1] == "shutdown complete in 1500 ms"
-
-
-def test_close_all_without_a_signal_still_logs_the_start(registry, shutdown_logs):
-    registry.close_all()
-
-    assert messages(shutdown_logs) == ["graceful shutdown started", "shutdown complete in 0 ms"]
-
-
-def test_a_second_signal_is_not_logged_again(registry, shutdown_logs):
-    registry.signal_received(signal.SIGTERM)
-    registry.signal_received(signal.SIGINT)
-
-    infos = [r.getMessage() for r in shutdown_logs.records if r.levelno >= logging.INFO]
-    assert infos == ["signal received: SIGTERM", "graceful shutdown started"]
-    assert registry.recorded_signal == signal.SIGTERM
-
-
-def test_begin_with_detail_names_it_in_the_log(registry, shutdown_logs):
-    registry.begin("grace 3.0 s for 2 running task(s)")
-
-    assert messages(shutdown_logs) == ["graceful shutdown started (grace 3.0 s for 2 running task(s))"]
-
-
-def test_begin_is_true_the_first_time_only_and_logs_once(registry, shutdown_logs):
-    assert registry.begin() is True
-    assert registry.begin("again") is False
-    assert registry.begin() is False
-
-    assert messages(shutdown_logs) == ["graceful shutdown started"]
-
-
-def test_begin_after_signal_received_is_a_no_op(registry, shutdown_logs):
-    registry.signal_received(signal.SIGTERM)
-
-    assert registry.begin("something else") is False
-    assert not any("something else" in m for m in messages(shutdown_logs))
-
-
-def test_signal_received_passes_its_detail_to_the_start_line(registry, shutdown_logs):
-    registry.signal_received(signal.SIGTERM, "grace 3.0 s for 1 running task(s)")
-
-    assert "graceful shutdown started (grace 3.0 s for 1 running task(s))" in messages(shutdown_logs)
-
-
 # -- state --------------------------------------------------------------------------
 
 
@@ -357,81 +252,6 @@ def test_current_in_a_forked_child_is_a_fresh_empty_registry():
     assert parent.names() == ["parent database"]
 
 
-# -- chain_signal ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sigusr1():
-    original = signal.getsignal(signal.SIGUSR1)
-    try:
-        yield signal.SIGUSR1
-    finally:
-        signal.signal(signal.SIGUSR1, original)
-
-
-def test_chain_signal_runs_before_then_the_previous_handler(sigusr1):
-    calls = []
-    signal.signal(sigusr1, lambda sig, frame: calls.append(("previous", sig)))
-
-    stop_signals.chain_signal(sigusr1, lambda sig: calls.append(("before", sig)))
-    os.kill(os.getpid(), sigusr1)
-
-    assert calls == [("before", sigusr1), ("previous", sigusr1)]
-
-
-def test_chain_signal_with_an_ignored_previous_handler_runs_before_only(sigusr1):
-    calls = []
-    signal.signal(sigusr1, signal.SIG_IGN)
-
-    stop_signals.chain_signal(sigusr1, lambda sig: calls.append(sig))
-    os.kill(os.getpid(), sigusr1)
-
-    assert calls == [sigusr1]
-
-
-def test_chain_signal_with_report_signals_logs_the_signal_from_a_thread(sigusr1, registry, shutdown_logs):
-    previous = []
-    signal.signal(sigusr1, lambda sig, frame: previous.append(sig))
-
-    stop_signals.chain_signal(sigusr1, stop_signals.report_signals(registry))
-    os.kill(os.getpid(), sigusr1)
-
-    assert registry.shutting_down.wait(10)  # set by the reporting thread, after its two lines
-    assert messages(shutdown_logs)[:2] == ["signal received: SIGUSR1", "graceful shutdown started"]
-    assert previous == [sigusr1]
-
-
-def test_closed_log_line_reports_whole_milliseconds(registry, clock, shutdown_logs):
-    registry.register("db", lambda: clock.advance(0.0126))
-
-    registry.close_all()
-
-    closed = [m for m in messages(shutdown_logs) if m.startswith("closed db")]
-    assert closed == ["closed db in 13 ms"]
-    assert re.fullmatch(r"shutdown complete in \d+ ms", messages(shutdown_logs)[-1])
-
-
-def test_chain_signal_keeps_the_default_action_of_an_unhandled_signal():
-    # SIG_DFL for SIGUSR1 is "terminate": after the chained callback, the process still dies by it.
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(read_fd)
-            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-            stop_signals.chain_signal(signal.SIGUSR1, lambda sig: os.write(write_fd, b"before"))
-            os.kill(os.getpid(), signal.SIGUSR1)
-            os.write(write_fd, b"+survived")
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_fd, "rb") as pipe:
-        written = pipe.read()
-    assert written == b"before"
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR1
-
-
 # -- a budget for the whole sequence (a stop running late) -----------------------
 
 
@@ -449,72 +269,3 @@ def test_a_budget_bounds_the_whole_sequence_and_every_handler_still_runs(shutdow
     assert ran == ["first"]  # still run once the budget was spent, with the minimum time
     assert outcomes[0].elapsed < 1.0  # cut at the budget, not at its own 5 s
     assert "closing hangs timed out after 0.2 s; abandoned" in messages(shutdown_logs)
-
-
-def test_log_stacks_logs_every_thread_by_name(shutdown_logs):
-    parked = threading.Event()
-    thread = threading.Thread(target=parked.wait, name="parked-for-the-test", daemon=True)
-    thread.start()
-    try:
-        stop_signals.log_stacks("phase overran")
-    finally:
-        parked.set()
-        thread.join()
-    logged = messages(shutdown_logs)
-    assert any(m.startswith("phase overran: stack of thread parked-for-the-test:") and "wait" in m
-               for m in logged), logged
-    assert any(m.startswith("phase overran: stack of thread MainThread:") for m in logged), logged
-
-
-# -- the manager a program follows (stop_with_parent) --------------------------------
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_PRINT_MANAGER = ("import os; from stopright import signals as stop_signals; "
-                  "print(os.getppid(), stop_signals._manager_pid())")
-
-
-@pytest.mark.parametrize(("line", "wrapped"), [
-    ("{python} -c '{code}'", True),  # honcho: dash forks the program and waits
-    ("{python} -c '{code}'; true", True),
-    ("exec {python} -c '{code}'", False),  # the shell is replaced: our parent is the manager
-])
-def test_the_manager_is_the_shells_parent_when_a_sh_c_stands_between(line, wrapped):
-    import subprocess
-    import sys
-
-    command = line.format(python=sys.executable, code=_PRINT_MANAGER)
-    shell = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, text=True,
-                             cwd=ROOT)
-    out, _ = shell.communicate(timeout=30)
-    parent, manager = map(int, out.split())
-    assert manager == os.getpid()
-    assert parent == (shell.pid if wrapped else os.getpid())
-
-
-def test_a_program_stops_when_the_manager_behind_its_sh_c_dies(tmp_path):
-    # honcho SIGKILLed: its helper (the manager here) dies, the `sh -c` lives on.
-    import subprocess
-    import sys
-    import time
-
-    program = ("import signal, sys, time; from stopright import signals as stop_signals\n"
-               "signal.signal(signal.SIGTERM, lambda *_: (print('stopping', flush=True), sys.exit(0)))\n"
-               "stop_signals.stop_with_parent(); print('up', flush=True); time.sleep(60)")
-    script = tmp_path / "program.py"
-    script.write_text(program)
-    out = tmp_path / "out"
-    manager = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time\n"
-        f"subprocess.Popen(['/bin/sh', '-c', '{sys.executable} {script} > {out}'])\n"
-        "time.sleep(60)")], env={**os.environ, "PYTHONPATH": ROOT})
-    try:
-        deadline = time.monotonic() + 20
-        while "up" not in (out.read_text() if out.exists() else "") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        manager.kill()
-        manager.wait()
-        while "stopping" not in out.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert out.read_text().split() == ["up", "stopping"]
-    finally:
-        manager.kill()

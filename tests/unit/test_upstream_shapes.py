@@ -1,0 +1,371 @@
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard, kombu and CPython.
+
+One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py),
+against the installed library, with real objects where they are cheap (a kombu pool on
+``memory://``, a Celery app, a kombu hub): the digest of every copied method, the signature
+of every hook, the call sites whose behaviour is relied on, every private attribute. A
+failure names the reach and what to re-read (tests/shapes.py). A reach with no check fails
+too, and the checks are shown to fail on a changed shape.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import weakref
+
+import billiard.compat
+import billiard.pool
+import pytest
+from celery import Celery, _state
+from celery.app import trace
+from celery.concurrency import asynpool, prefork
+from celery.exceptions import WorkerShutdown
+from celery.worker import control, loops, pidbox, request, state
+from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu import Connection, pools
+from kombu import pidbox as kombu_pidbox
+from kombu.asynchronous import Hub
+from kombu.connection import ConnectionPool
+from kombu.resource import Resource
+
+from stopright import handback
+from stopright.upstream import billiard as billiard_internals
+from stopright.upstream import celery as celery_internals
+from stopright.upstream import cpython as cpython_internals
+from stopright.upstream import kombu as kombu_internals
+from tests import shapes
+
+CHECKS = shapes.Checks()
+shape = CHECKS
+#: The upstream modules whose reaches this file checks; every other one is checked in:
+HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu",
+        "stopright.upstream.cpython"}
+ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py"}
+
+
+# -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
+
+C = celery_internals
+COPY_IN = "stopright/upstream/celery.py"
+
+
+def _copied(key: str, upstream_cls: type, ours: type, name: str) -> None:
+    shapes.check_digest(key, getattr(upstream_cls, name), C.DIGESTS[key], COPY_IN)
+    shapes.check_override(key, ours, name)
+    shapes.check_self_attributes(key, getattr(ours, name), upstream_cls)
+
+
+@shape(C, "celery.concurrency.asynpool.ResultHandler.on_stop_not_started")
+def _() -> None:
+    _copied("celery.concurrency.asynpool.ResultHandler.on_stop_not_started",
+            asynpool.ResultHandler, C.ResultHandler, "on_stop_not_started")
+
+
+@shape(C, "celery.concurrency.asynpool.ResultHandler._flush_outqueue")
+def _() -> None:
+    _copied("celery.concurrency.asynpool.ResultHandler._flush_outqueue",
+            asynpool.ResultHandler, C.ResultHandler, "_flush_outqueue")
+
+
+@shape(C, "celery.concurrency.prefork.TaskPool.on_stop")
+def _() -> None:
+    _copied("celery.concurrency.prefork.TaskPool.on_stop", prefork.TaskPool, C.TaskPool, "on_stop")
+
+
+@shape(C, "celery.concurrency.prefork._run_ready_callbacks")
+def _() -> None:
+    key = "celery.concurrency.prefork._run_ready_callbacks"
+    shapes.check_signature(key, prefork._run_ready_callbacks, "hub")
+    shapes.check_calls(key, prefork.TaskPool.on_stop, ["_run_ready_callbacks(hub)"], "the on_stop copy")
+
+
+@shape(C, "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker")
+def _() -> None:
+    key = "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker"
+    shapes.check_attributes(key, asynpool.AsynPool, ["ResultHandler", "Worker"])
+    shapes.check_calls(key, billiard.pool.Pool.create_result_handler, ["self.ResultHandler("],
+                       "the pool builds its result handler from its class attribute")
+    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
+                       "the pool builds each child from its class attribute")
+    assert issubclass(C.AsynPool.ResultHandler, asynpool.AsynPool.ResultHandler), key
+    assert issubclass(C.AsynPool.Worker, asynpool.AsynPool.Worker), key
+
+
+@shape(C, "celery.concurrency.prefork.TaskPool.Pool")
+def _() -> None:
+    key = "celery.concurrency.prefork.TaskPool.Pool"
+    shapes.check_attributes(key, prefork.TaskPool, ["Pool"])
+    shapes.check_text(key, prefork.TaskPool.on_start, ["else self.Pool", "Pool(processes="],
+                      "on_start builds the pool of the class attribute Pool, ours")
+
+
+@shape(C, "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking")
+def _() -> None:
+    key = "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking"
+    shapes.check_attributes(key, billiard.pool, ["CLOSE", "RUN", "TERMINATE", "WorkersJoined"])
+    shapes.check_signature(key, billiard.compat.setblocking, "handle, blocking")
+    # The copies compare the pool's state with billiard's constants, as Celery's own code does.
+    for name in ("RUN", "TERMINATE", "WorkersJoined"):
+        if getattr(asynpool, name, None) is not getattr(billiard.pool, name):
+            shapes.fail(key, f"celery.concurrency.asynpool.{name} is no longer billiard.pool.{name}",
+                        f"re-read the copies in {COPY_IN}")
+
+
+@shape(C, "celery.concurrency.asynpool.iterate_file_descriptors_safely")
+def _() -> None:
+    key = "celery.concurrency.asynpool.iterate_file_descriptors_safely"
+    shapes.check_signature(key, asynpool.iterate_file_descriptors_safely,
+                           "fds_iter, source_data, hub_method, args, kwargs")
+
+
+@shape(C, "celery.worker.state.should_stop")
+def _() -> None:
+    key = "celery.worker.state.should_stop"
+    shapes.check_attributes(key, state, ["should_stop", "maybe_shutdown"])
+    shapes.check_calls(key, loops.asynloop, ["state.maybe_shutdown()"], "the event loop checks the flag")
+    saved = state.should_stop
+    try:
+        C.warm_shutdown()
+        with pytest.raises(WorkerShutdown) as raised:
+            state.maybe_shutdown()
+        assert raised.value.code == 0, f"{key}: warm_shutdown's 0 is not an exit code 0 any more"
+    finally:
+        state.should_stop = saved
+
+
+@shape(C, "celery.worker.state.active_requests")
+def _() -> None:
+    key = "celery.worker.state.active_requests"
+    shapes.check_attributes(key, state, ["active_requests"])
+    assert isinstance(state.active_requests, weakref.WeakSet | set), (key, type(state.active_requests))
+    shapes.check_calls(key, state.task_accepted, ["add_active_request(request)"],
+                       "a request a pool child accepted is in active_requests")
+
+
+@shape(C, "celery.worker.request.Request.worker_pid")
+def _() -> None:
+    key = "celery.worker.request.Request.worker_pid"
+    shapes.check_attributes(key, request.Request, ["worker_pid"])
+    shapes.check_text(key, request.Request.on_accepted, ["self.worker_pid = pid", "task_accepted(self)"],
+                      "the child's pid is set when it accepts the request")
+
+
+@shape(C, "celery.worker.control: the 'shutdown' command")
+def _() -> None:
+    key = "celery.worker.control: the 'shutdown' command"
+    shapes.check_attributes(key, control.Panel, ["data", "meta"])
+    shapes.check_text(key, pidbox.Pidbox.__init__, ["handlers=control.Panel.data"],
+                      "the worker's mailbox dispatches through Panel.data, by name")
+    shapes.check_text(key, kombu_pidbox.Node.handle, ["self.handlers[method](self.state, **arguments)"],
+                      "a command is called with the state first, then its arguments")
+    saved = control.Panel.data["shutdown"], control.Panel.meta["shutdown"]
+    called = []
+    try:
+        C.replace_shutdown_command(lambda: called.append(True))
+        with pytest.raises(WorkerShutdown):
+            control.Panel.data["shutdown"](object())
+    finally:
+        control.Panel.data["shutdown"], control.Panel.meta["shutdown"] = saved
+    assert called, f"{key}: the replaced command is not what Panel.data['shutdown'] runs"
+
+
+@shape(C, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
+def _() -> None:
+    key = "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers"
+    shapes.check_override(key, C.Consumer, "on_ready")
+    shapes.check_override(key, C.Consumer, "ensure_connected")
+    shapes.check_calls(key, loops.asynloop, ["obj.on_ready()"], "on_ready at every start of the loop")
+    shapes.check_calls(key, CeleryConsumer.ensure_connected, ["conn.ensure_connection("],
+                       "the retries go through conn.ensure_connection, which we give our intervals")
+    shapes.check_no_call(key, CeleryConsumer.ensure_connected, "interval_",
+                         "Celery passes no interval of its own, which would override ours")
+    hub = Hub()
+    try:
+        shapes.check_attributes(key, hub, ["readers", "add_reader"])
+        shapes.check_signature(key, hub.add_reader, "fds, callback, args")
+        read_fd, write_fd = os.pipe()
+        try:
+            hub.add_reader(read_fd, lambda: None)
+            assert read_fd in hub.readers, f"{key}: Hub.readers is not keyed by fd any more"
+            hub.remove(read_fd)
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+    finally:
+        hub.close()
+
+
+@shape(C, "celery._state._get_active_apps / _tls.current_app / Celery._after_fork")
+def _() -> None:
+    key = "celery._state._get_active_apps / _tls.current_app / Celery._after_fork"
+    shapes.check_attributes(key, _state, ["_get_active_apps", "_tls"])
+    shapes.check_attributes(key, _state._tls, ["current_app"], what="celery._state._tls")
+    app = Celery("shapes", broker="memory://", set_as_current=False)
+    try:
+        assert app in _state._get_active_apps(), f"{key}: a new app is not among the active apps"
+        shapes.check_signature(key, app._after_fork, "")
+        app.pool  # noqa: B018  (builds the app's connection pool)
+        app._after_fork()
+        assert app._pool is None, f"{key}: Celery._after_fork no longer forgets the app's pool"
+    finally:
+        app.close()
+
+
+@shape(C, "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)")
+def _() -> None:
+    key = "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)"
+    shapes.check_text(key, trace.build_tracer,
+                      ["fun = task if task_has_custom(task, '__call__') else task.run"],
+                      "HandBackTask.__call__ runs around each task (else Celery calls run() directly)")
+    app = Celery("shapes", broker="memory://", set_as_current=False, task_cls=handback.HandBackTask)
+    try:
+        @app.task
+        def inside() -> bool:
+            return handback._run.active  # set only by HandBackTask.__call__
+
+        assert inside.apply().get() is True, f"{key}: Celery ran the task without HandBackTask.__call__"
+    finally:
+        app.close()
+
+
+# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
+
+B = billiard_internals
+
+
+@shape(B, "billiard.pool.Worker._do_exit")
+def _() -> None:
+    key = "billiard.pool.Worker._do_exit"
+    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
+                        "stopright/upstream/billiard.py")
+    shapes.check_override(key, C.Worker, "_do_exit")
+    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
+    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
+        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
+                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
+    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
+                       "the child leaves through _do_exit once its work loop ends")
+
+
+@shape(B, "billiard.pool.Pool.Worker")
+def _() -> None:
+    key = "billiard.pool.Pool.Worker"
+    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
+    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
+    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
+                       "each child is built from the pool's class attribute")
+    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
+
+
+@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
+def _() -> None:
+    key = "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL"
+    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
+    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
+
+
+# -- kombu (stopright/upstream/kombu.py) ---------------------------------------------------------
+
+K = kombu_internals
+
+
+def _pool() -> ConnectionPool:
+    return ConnectionPool(Connection("memory://"), limit=2)
+
+
+@shape(K, "kombu.resource.Resource._dirty")
+def _() -> None:
+    key = "kombu.resource.Resource._dirty"
+    pool = _pool()
+    shapes.check_attributes(key, pool, ["_dirty"])
+    conn = pool.acquire()
+    try:
+        assert pool._dirty == {conn}, f"{key}: an acquired connection is not in Resource._dirty"
+    finally:
+        conn.release()
+    assert not pool._dirty, f"{key}: a released connection is still in Resource._dirty"
+
+
+@shape(K, "kombu.resource.Resource._resource")
+def _() -> None:
+    key = "kombu.resource.Resource._resource"
+    pool = _pool()
+    shapes.check_attributes(key, pool, ["_resource"])
+    shapes.check_attributes(key, pool._resource, ["queue"], what="Resource._resource (a LifoQueue)")
+    assert len(pool._resource.queue) == 2, f"{key}: the free slots are not in Resource._resource.queue"
+    assert not any(isinstance(r, Connection) for r in pool._resource.queue), \
+        f"{key}: an unopened slot is a Connection now (close_pooled_connections would open it to close it)"
+    conn = pool.acquire()
+    conn.release()
+    assert conn in pool._resource.queue, f"{key}: a released connection is not back in _resource.queue"
+
+
+@shape(K, "kombu.resource.Resource._closed")
+def _() -> None:
+    key = "kombu.resource.Resource._closed"
+    shapes.check_text(key, Resource.force_close_all, ["if self._closed:\nreturn"],
+                      "kombu's after-fork reset skips a pool marked closed (forget_inherited)")
+    pool = _pool()
+    conn = pool.acquire()
+    held = K._empty(pool)
+    assert conn in held and not pool._dirty and not pool._resource.queue, key
+    with pytest.raises(RuntimeError):
+        pool.acquire()  # a publish racing the stop fails at once
+    pool._dirty.add(conn)
+    pool.force_close_all()
+    assert conn in pool._dirty, f"{key}: force_close_all no longer returns at once on a closed pool"
+
+
+@shape(K, "kombu.Connection._close")
+def _() -> None:
+    key = "kombu.Connection._close"
+    shapes.check_signature(key, Connection._close, "self")
+    shapes.check_calls(key, Connection.release, ["self._close()"], "release() outside a pool is _close()")
+    conn = Connection("memory://")
+    conn.connect()
+    conn._close()
+    assert not conn.connected, f"{key}: Connection._close() left the connection open"
+
+
+@shape(K, "kombu.pools.connections / kombu.pools.producers")
+def _() -> None:
+    key = "kombu.pools.connections / kombu.pools.producers"
+    shapes.check_attributes(key, pools, ["connections", "producers"])
+    for group in (pools.connections, pools.producers):
+        assert isinstance(group, dict), f"{key}: {type(group).__name__} is no dict of pools any more"
+    assert isinstance(pools.connections.create(Connection("memory://"), 2), Resource), key
+    assert issubclass(pools.ProducerPool, Resource), key
+
+
+# -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
+
+
+@shape(cpython_internals, "atexit._run_exitfuncs")
+def _() -> None:
+    import atexit
+
+    key = "atexit._run_exitfuncs"
+    shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
+    # A builtin without a text signature: its docstring is what says it takes nothing and what it does.
+    doc = atexit._run_exitfuncs.__doc__ or ""
+    if not (callable(atexit._run_exitfuncs) and doc.startswith("_run_exitfuncs()")
+            and "Run all registered exit functions" in doc):
+        shapes.fail(key, f"CPython changed atexit._run_exitfuncs ({doc!r})",
+                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("module", "key"), CHECKS.cases(), ids=[key for _, key in CHECKS.cases()])
+def test_upstream_shape(module: str, key: str) -> None:
+    CHECKS.run(module, key)
+
+
+def test_every_reach_has_a_shape_check() -> None:
+    """A new reach cannot land without its check, nor a new upstream module without a file checking it."""
+    problems = CHECKS.problems(HERE)
+    problems += [f"{name}: no test file checks its reaches (add it to HERE or ELSEWHERE)"
+                 for name in shapes.upstream_modules() if name not in HERE and name not in ELSEWHERE]
+    assert not problems, "\n".join(problems)
