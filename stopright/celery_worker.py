@@ -90,7 +90,7 @@ def install(celery_app: Celery, *, grace: float | None = None,
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
-        logging.getLogger("celery.app.trace").addFilter(QuietHandBack())
+        logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
 
 
 def _program() -> str:
