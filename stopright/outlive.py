@@ -1,24 +1,20 @@
 """Run a server that must outlive its clients at a stop: ``python -m stopright.outlive -- redis-server ...``.
 
-The hazard: a broker (or database) run as an entry of the same Procfile as
-its clients gets the stop with everybody else (honcho: ``killpg(SIGTERM)``
-to every entry; systemd, Heroku, Kubernetes: the whole tree) and exits at
-once, while the Celery worker still needs it to hand its running tasks back.
-A requeue that cannot reach the broker is not made: on Redis the message
-then waits out kombu's visibility timeout (1 h) before any worker gets it.
+The hazard: a broker in the same Procfile as its clients gets the stop with
+everybody else (honcho: ``killpg(SIGTERM)`` to every entry; systemd, Heroku,
+Kubernetes: the whole tree) and exits at once, while the Celery worker still
+needs it to hand its running tasks back: on Redis such a task's message then
+waits out kombu's visibility timeout (1 h) before any worker gets it.
 
-So the server runs as this program's child in a session of its own: a
-signal to this entry's process group (or a terminal's Ctrl+C) does not reach
-it. On the first stop signal (SIGTERM, SIGINT, SIGQUIT; repeats change
-nothing: under honcho a second SIGTERM comes when the ``sh -c`` wrapper
-dies) this program waits until the server has no established client TCP
-connection left (psutil, over the server's process tree: Redis, RabbitMQ,
-PostgreSQL alike) or the stop budget is spent (stopright.budget: the grace
-plus WORKER_AFTER_GRACE, the longest a stopping worker takes; under honcho
-1 s less than its SIGKILL's 5 s, for the server's own stop), then SIGTERMs
-the server, waits for it (bounded) and exits with its code. If this program
-is SIGKILLed, the kernel SIGTERMs the server (``PR_SET_PDEATHSIG``): never
-an orphan. If the manager dies, it stops as on a signal (``stop_with_parent``).
+So the server runs as our child in a session of its own, out of reach of
+the entry's group signal (and a terminal's Ctrl+C). On the first stop signal
+(repeats change nothing: under honcho the ``sh -c`` wrapper's death sends a
+second SIGTERM) we wait until the server has no client TCP connection left
+(psutil, over its process tree: Redis, RabbitMQ, PostgreSQL alike) or the
+stop budget is spent (:func:`linger_seconds`), then SIGTERM it, wait for it
+(bounded) and exit with its code. SIGKILLed, we leave no orphan: the kernel
+SIGTERMs the server (``PR_SET_PDEATHSIG``); the manager's death is a stop
+signal (``stop_with_parent``).
 """
 
 from __future__ import annotations
@@ -48,10 +44,9 @@ FORMAT = "%(asctime)s.%(msecs)03d outlive[%(process)d] %(levelname)s %(name)s: %
 def client_connections(server: psutil.Process) -> int:
     """Established TCP connections of clients to the ports the server's process tree listens on.
 
-    The whole tree: PostgreSQL holds each client in a backend child. One the
-    tree opened to itself is no client; a socket that a forked child shares
-    (Redis's BGSAVE) counts once. A client's close ends ESTABLISHED at once
-    (the server side goes to CLOSE_WAIT), whether or not the server saw it yet.
+    The tree: PostgreSQL holds each client in a backend child. A connection
+    the tree opened to itself is none; one shared with a fork (Redis's BGSAVE)
+    counts once; a client's close ends ESTABLISHED at once (CLOSE_WAIT).
     """
     try:
         tree = [server, *server.children(recursive=True)]
@@ -72,11 +67,7 @@ def client_connections(server: psutil.Process) -> int:
 
 
 def linger_seconds(stop_budget: budget.StopBudget) -> float:
-    """How long to wait for clients: as long as the slowest client's stop (a worker's grace + hand-back).
-
-    Cut where the manager's SIGKILL is certain (honcho: 5 s from the first
-    exit, which comes at once) to leave the server its own stop in it.
-    """
+    """The slowest client's stop (a worker's grace + hand-back), within a certain SIGKILL less 1 s."""
     seconds = stop_budget.stop_timeout
     manager = stop_budget.manager
     if manager is not None and manager.enforce:
@@ -87,8 +78,7 @@ def linger_seconds(stop_budget: budget.StopBudget) -> float:
 def linger(child: subprocess.Popen[bytes], server: psutil.Process, seconds: float) -> int:
     """Wait until no client is connected (or the server is gone) or ``seconds`` are spent; what remains."""
     deadline = time.monotonic() + seconds
-    remaining = client_connections(server) if child.poll() is None else 0
-    waited = bool(remaining)
+    remaining = waited = client_connections(server) if child.poll() is None else 0
     if waited:
         log.info("waiting up to %.1f s for %d client connection(s) to close", seconds, remaining)
     while remaining and time.monotonic() < deadline and child.poll() is None:
@@ -103,11 +93,9 @@ def linger(child: subprocess.Popen[bytes], server: psutil.Process, seconds: floa
 
 
 def stop(server: subprocess.Popen[bytes], wait: float) -> None:
-    """SIGTERM (Redis saves, then exits 0), then wait ``wait`` seconds at most.
+    """SIGTERM (Redis saves, then exits 0), then wait ``wait`` s at most; a slower one is left to finish.
 
-    A server still stopping after that is left to finish (killing it could
-    lose what it has not written yet): it is out of the manager's group, and
-    the kernel repeats the SIGTERM when this program exits.
+    Killing it could lose what it has not written yet; the kernel repeats the SIGTERM when we exit.
     """
     if server.poll() is None:
         server.terminate()
