@@ -7,13 +7,19 @@ Celery (the module ``celery --app`` loads)::
     celery_app = Celery(..., task_cls=stopright.HandBackTask)
     stopright.install(celery_app)      # grace=..., on_hand_back=...
 
-gunicorn (``gunicorn.conf.py``)::
+gunicorn (``gunicorn.conf.py``, or with none: ``gunicorn --config python:stopright.gunicorn_hooks``)::
 
     from stopright.gunicorn_hooks import *  # noqa: F403
 
 Any process, for what it opened::
 
     stopright.register("database pool", engine.dispose)
+
+A broker or database in the same Procfile, kept up until its clients have gone::
+
+    redis: python -m stopright.outlive -- redis-server --port $REDIS_PORT
+
+examples/foreign is the stock reference app (bench/reference) with these lines.
 
 Nothing here imports the demo (app/, core/, jobs/, tasks/, broker/).
 Every reach into Celery's, billiard's, kombu's and gunicorn's internals is

@@ -33,7 +33,7 @@ from celery import Celery, signals
 
 from stopright import budget, registry
 from stopright import signals as stop_signals
-from stopright.handback import HANDBACK_SIGNAL, interrupt
+from stopright.handback import HANDBACK_SIGNAL, QuietHandBack, interrupt
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import kombu as kombu_internals
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
@@ -90,6 +90,7 @@ def install(celery_app: Celery, *, grace: float | None = None,
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
+        logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
 
 
 def _program() -> str:

@@ -55,6 +55,7 @@ def on_starting(server) -> None:
     """Master: follow the manager's death, stack dumps, every stop signal graceful, after the drain."""
     stop_signals.stop_with_parent()
     stop_signals.enable_stack_dumps()
+    log_to_error_log(server)
     stop_budget = budget.announce()
     reg = registry.current()
     drain = stop_budget.drain
@@ -72,6 +73,34 @@ def on_starting(server) -> None:
         return True
 
     graceful_master(server, on_stop)
+
+
+class _ErrorLogHandler(logging.Handler):
+    """stopright's lines to gunicorn's error log, while the app has no root handler of its own."""
+
+    def __init__(self, error_log: logging.Logger) -> None:
+        super().__init__()
+        self.error_log = error_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:  # else the record propagates to the app's handlers
+            self.error_log.handle(record)
+
+
+def log_to_error_log(server) -> None:
+    """Master, at start: where the app configures no logging, the stop's lines go to gunicorn's log.
+
+    Python's last-resort handler prints warnings only, so a stock app would
+    show none of its processes' stop sequence (``signal received`` ...
+    ``shutdown complete``). Workers inherit the handler; it steps aside for
+    an app that sets up root logging later (at import, in a worker).
+    """
+    shutdown_log = logging.getLogger("shutdown")
+    if logging.getLogger().handlers or shutdown_log.handlers:
+        return
+    shutdown_log.addHandler(_ErrorLogHandler(server.log.error_log))
+    if shutdown_log.getEffectiveLevel() > logging.INFO:
+        shutdown_log.setLevel(logging.INFO)
 
 
 def post_fork(server, worker) -> None:

@@ -31,6 +31,8 @@ log = logging.getLogger("shutdown")
 
 #: Sent by the worker's MainProcess to a pool child whose task must hand back now.
 HANDBACK_SIGNAL = signal.SIGUSR2
+#: The reason of the ``Reject`` a hand-back raises.
+HANDED_BACK = "handed back by shutdown"
 
 
 class HandBack(BaseException):
@@ -125,4 +127,20 @@ class HandBackTask(Task):
             except HandBack:
                 log.warning("task %s[%s] handed back to the queue (interrupted by shutdown)",
                             self.name, getattr(self.request, "id", "?"))
-                raise Reject("handed back by shutdown", requeue=True) from None
+                raise Reject(HANDED_BACK, requeue=True) from None
+
+
+class QuietHandBack(logging.Filter):
+    """Drop the traceback Celery logs with a hand-back's ``Reject`` (``celery.app.trace``).
+
+    A hand-back at a stop is expected and already logged in one line above;
+    a traceback per running task would bury the stop's sequence. Installed
+    by ``stopright.install``; other ``Reject``s keep theirs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, Reject) and error.reason == HANDED_BACK:
+            record.exc_info = None
+            record.exc_text = None
+        return True

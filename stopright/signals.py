@@ -141,8 +141,18 @@ def enable_stack_dumps() -> None:
     comes even when the main thread is stuck where no Python signal handler
     can run (a lock, a blocking read). Call in every process of the set;
     a forked child calls it again (some servers reset signals after fork).
+    Where ``sys.stderr`` is no file (Celery's default ``worker_redirect_stdouts``
+    makes it a ``LoggingProxy``), the dump goes to file descriptor 2.
     """
-    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=_stderr_fd(), all_threads=True, chain=False)
+
+
+def _stderr_fd() -> int:
+    """``sys.stderr``'s file descriptor, or 2 where it has none (a logging proxy, a closed stream)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
 
 
 def log_stacks(reason: str) -> None:

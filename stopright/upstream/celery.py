@@ -68,6 +68,8 @@ REACHES = {
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
         "stopright/handback.py HandBackTask.__call__ wraps each run (Celery calls run() directly otherwise)",
+    "celery.app.trace logger: a task's Reject is logged there, with its traceback":
+        "stopright/handback.py QuietHandBack drops a hand-back's traceback there (TRACE_LOGGER)",
 }
 #: Digests (stopright.upstream.source_digest) of the Celery 5.7.0 methods copied here.
 DIGESTS = {
@@ -77,6 +79,8 @@ DIGESTS = {
 }
 
 logger = logging.getLogger("celery.concurrency.prefork")
+#: Where Celery logs a task's outcome, a ``Reject`` with its traceback among them.
+TRACE_LOGGER = "celery.app.trace"
 
 TIMER_PERIOD = 0.5  # Celery's; no longer a floor on the stop
 RESULT_WAIT = 0.02  # per child pipe and pass while draining (Celery: poll, then sleep 0.5)

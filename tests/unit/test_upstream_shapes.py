@@ -10,6 +10,7 @@ too, and the checks are shown to fail on a changed shape.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import weakref
@@ -20,7 +21,7 @@ import pytest
 from celery import Celery, _state
 from celery.app import trace
 from celery.concurrency import asynpool, prefork
-from celery.exceptions import WorkerShutdown
+from celery.exceptions import Reject, WorkerShutdown
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection, pools
@@ -227,6 +228,28 @@ def _() -> None:
         assert inside.apply().get() is True, f"{key}: Celery ran the task without HandBackTask.__call__"
     finally:
         app.close()
+
+
+@shape(C, "celery.app.trace logger: a task's Reject is logged there, with its traceback")
+def _() -> None:
+    key = "celery.app.trace logger: a task's Reject is logged there, with its traceback"
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler()
+    catch.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger(C.TRACE_LOGGER).addHandler(catch)
+    app = Celery("shapes", broker="memory://", set_as_current=False)
+    try:
+        @app.task
+        def rejected() -> None:
+            raise Reject("a shape check", requeue=True)  # not a hand-back: QuietHandBack keeps it
+
+        rejected.apply()
+    finally:
+        logging.getLogger(C.TRACE_LOGGER).removeHandler(catch)
+        app.close()
+    if not any(r.exc_info and isinstance(r.exc_info[1], Reject) for r in records):
+        shapes.fail(key, f"Celery no longer logs a Reject with its traceback on {C.TRACE_LOGGER!r}",
+                    "find where celery/app/trace.py logs it now; point TRACE_LOGGER there")
 
 
 # -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
