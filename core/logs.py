@@ -40,11 +40,13 @@ class RoleFilter(logging.Filter):
         return True
 
 
-class QuietHandBack(logging.Filter):
-    """Drop the traceback Celery attaches to a job's hand-back (``Reject``).
+class QuietRejects(logging.Filter):
+    """Drop the traceback Celery attaches to every ``Reject`` of the job task.
 
-    A hand-back at shutdown is expected, and tasks/jobs.py already logs it in
-    one line; a traceback per running job would bury the shutdown sequence.
+    stopright's own filter quiets its plain hand-backs; the job task rejects
+    in more ways at a stop (not claimed, outcome not stored, no longer this
+    run's), each already logged in one line by tasks/jobs.py: a traceback per
+    running job would bury the shutdown sequence.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -57,14 +59,14 @@ class QuietHandBack(logging.Filter):
 LOGGING: dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"role": {"()": RoleFilter}, "quiet_hand_back": {"()": QuietHandBack}},
+    "filters": {"role": {"()": RoleFilter}, "quiet_rejects": {"()": QuietRejects}},
     "formatters": {"plain": {"format": FORMAT, "datefmt": DATEFMT}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
             "stream": "ext://sys.stdout",
             "formatter": "plain",
-            "filters": ["role", "quiet_hand_back"],
+            "filters": ["role", "quiet_rejects"],
         }
     },
     "root": {"handlers": ["stdout"], "level": "INFO"},  # LOG_LEVEL: logging_config()
