@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import weakref
 
 import billiard.compat
@@ -370,11 +372,14 @@ def _() -> None:
 
     key = "atexit._run_exitfuncs"
     shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
-    # A builtin without a text signature: its docstring is what says it takes nothing and what it does.
-    doc = atexit._run_exitfuncs.__doc__ or ""
-    if not (callable(atexit._run_exitfuncs) and doc.startswith("_run_exitfuncs()")
-            and "Run all registered exit functions" in doc):
-        shapes.fail(key, f"CPython changed atexit._run_exitfuncs ({doc!r})",
+    # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
+    # what it does is checked instead, in a child: it runs the handlers once, newest first.
+    program = ("import atexit; atexit.register(print, 'first'); atexit.register(print, 'second'); "
+               "atexit._run_exitfuncs(); print('after')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or done.stdout.split() != ["second", "first", "after"]:
+        shapes.fail(key, f"CPython changed atexit._run_exitfuncs (it printed {done.stdout.split()}, "
+                         f"rc {done.returncode}: {done.stderr.strip()[-200:]})",
                     "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
 
 
