@@ -85,10 +85,6 @@ def redis_server_binary() -> str:
     raise SystemExit(NO_SERVER)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    signals.parent_death_signal(signal.SIGTERM)
-
-
 def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
     (data_dir / "redis").mkdir(parents=True, exist_ok=True)
     socket.unlink(missing_ok=True)  # left by a killed server; nobody listens on it
@@ -110,7 +106,7 @@ def start(binary: str, data_dir: Path, socket: Path) -> subprocess.Popen[bytes]:
         "--logfile", str(data_dir / "redis" / "redis.log"),
         "--daemonize", "no",
     ]
-    return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=signals.die_with_parent)
 
 
 def client_count(socket: Path) -> int:
@@ -151,19 +147,11 @@ def linger(socket: Path, server: subprocess.Popen[bytes], budget: float) -> int:
 def _stop_server(server: subprocess.Popen[bytes], save_wait: float) -> None:
     """SIGTERM: redis-server writes its data (AOF fsync + RDB save) and exits.
 
-    Waited for ``save_wait`` at most (:func:`save_wait_seconds`: 1 s under honcho, so the
-    launcher still exits inside its 5 s; 5 s elsewhere). A
-    server still saving after that is left to finish: it is in its own
-    session, out of honcho's reach, and it exits once its data is written;
-    killing it would lose what it had not written yet.
+    Waited for ``save_wait`` at most (:func:`save_wait_seconds`: 1 s under
+    honcho, so the launcher still exits inside its 5 s; 5 s elsewhere); a
+    server still saving then is left to finish (stopright.signals).
     """
-    if server.poll() is None:
-        server.terminate()
-    try:
-        server.wait(timeout=save_wait)
-    except subprocess.TimeoutExpired:
-        log.warning("redis-server %d still saving after %.1f s; it exits once its data is written",
-                    server.pid, save_wait)
+    signals.terminate_and_wait(server, save_wait, "redis-server")
 
 
 #: After the grace, how long the broker waits for the worker's hand-back (it has 2 s at most).

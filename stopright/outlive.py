@@ -92,28 +92,11 @@ def linger(child: subprocess.Popen[bytes], server: psutil.Process, seconds: floa
     return remaining
 
 
-def stop(server: subprocess.Popen[bytes], wait: float) -> None:
-    """SIGTERM (Redis saves, then exits 0), then wait ``wait`` s at most; a slower one is left to finish.
-
-    Killing it could lose what it has not written yet; the kernel repeats the SIGTERM when we exit.
-    """
-    if server.poll() is None:
-        server.terminate()
-    try:
-        server.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        log.warning("server %d still stopping after %.1f s: left to finish", server.pid, wait)
-
-
 def exit_code(returncode: int | None) -> int:
     """The shell's convention: 128 + N for a death by signal N; 1 for a server still running."""
     if returncode is None:
         return 1
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    signals.parent_death_signal(signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     stop_budget = budget.announce()
     wait_for_clients = linger_seconds(stop_budget) if args.linger is None else args.linger
     name = os.path.basename(command[0])
-    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=signals.die_with_parent)
     server = psutil.Process(child.pid)
     signals.stop_with_parent()
     signals.enable_stack_dumps()
-    reg.register(name, lambda: stop(child, args.stop_wait), timeout=args.stop_wait + 0.5)
+    reg.register(name, lambda: signals.terminate_and_wait(child, args.stop_wait, name),
+                 timeout=args.stop_wait + 0.5)
     log.info("%s running as pid %d in a session of its own", name, child.pid)
 
     while reg.recorded_signal is None and child.poll() is None:

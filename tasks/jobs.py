@@ -38,7 +38,7 @@ from core.celery_app import celery_app
 from core.config import get_settings
 from jobs import ledger
 from jobs.kinds import KINDS
-from stopright.handback import HANDBACK_SIGNAL, HandBack, interruptible, stop_run
+from stopright.handback import HANDBACK_SIGNAL, HANDED_BACK, HandBack, interruptible, stop_run
 
 log = logging.getLogger("jobs")
 
@@ -200,7 +200,7 @@ def _hand_back(job_id: str, attempt: int) -> None:
         raise Reject("interrupted by shutdown", requeue=True) from None
     if handed:
         log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)", job_id, attempt)
-        raise Reject("handed back by shutdown", requeue=True)
+        raise Reject(HANDED_BACK, requeue=True)  # stopright's own reason: its log filter knows it
     try:
         job = ledger.get(job_id) or {}
     except Exception:  # noqa: BLE001 - only for the log line

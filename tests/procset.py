@@ -178,6 +178,19 @@ class ProcessTree:
                 pass
         return alive
 
+    def cleanup(self) -> None:
+        """Kill, by pid, everything seen in the tree that is still alive, and the manager."""
+        self.snapshot()
+        for p in self.survivors():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc:
+            self.proc.wait(5)
+
 
 class ProcessSet(AppClient, ProcessTree):
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
@@ -267,16 +280,8 @@ class ProcessSet(AppClient, ProcessTree):
         return rc, elapsed
 
     def cleanup(self) -> None:
-        """Kill, by pid, everything this set started that is still alive."""
-        self.snapshot()
-        for p in [*self.survivors()]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        """Kill, by pid, everything this set started that is still alive; close its terminals."""
+        super().cleanup()
         for terminal in self.terminals:
             terminal.close_pty()
 

@@ -226,19 +226,19 @@ def upstream_modules() -> dict[str, Any]:
     return out
 
 
-def unchecked_reaches(reaches: Mapping[str, str], checks: Mapping[str, Callable[[], None]]) -> list[str]:
+def unchecked_reaches(reaches: Mapping[str, str], checks: Mapping[str, Callable[[str], None]]) -> list[str]:
     """Keys of ``reaches`` that no check covers, and checks for keys that no longer exist (stale)."""
     return ([f"no shape check for the reach {key!r}" for key in reaches if key not in checks]
             + [f"a shape check for {key!r}, which is no reach (renamed?)" for key in checks
                if key not in reaches])
 
 
-class Checks(dict[str, dict[str, Callable[[], None]]]):
+class Checks(dict[str, dict[str, Callable[[str], None]]]):
     """The shape checks of a test module: upstream module name -> {REACHES key: check}."""
 
-    def __call__(self, module: Any, key: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-        """Decorator: the function is the check of ``module.REACHES[key]``."""
-        def register(check: Callable[[], None]) -> Callable[[], None]:
+    def __call__(self, module: Any, key: str) -> Callable[[Callable[[str], None]], Callable[[str], None]]:
+        """Decorator: the function is the check of ``module.REACHES[key]``; it is called with ``key``."""
+        def register(check: Callable[[str], None]) -> Callable[[str], None]:
             self.setdefault(module.__name__, {})[key] = check
             return check
         return register
@@ -247,7 +247,7 @@ class Checks(dict[str, dict[str, Callable[[], None]]]):
         return [(module, key) for module, checks in self.items() for key in checks]
 
     def run(self, module: str, key: str) -> None:
-        self[module][key]()
+        self[module][key](key)
 
     def problems(self, modules: Iterable[str]) -> list[str]:
         """What is wrong with the coverage of these upstream modules' reaches (empty: each has a check)."""

@@ -146,15 +146,3 @@ files={include}
     def kills(self) -> list[str]:
         """supervisord's own lines saying a program had to be SIGKILLed."""
         return [line for line in self.log_text().splitlines() if "SIGKILL" in line]
-
-    def cleanup(self) -> None:
-        self.snapshot()
-        for p in self.survivors():
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc:
-            self.proc.wait(5)

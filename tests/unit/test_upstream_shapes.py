@@ -60,32 +60,30 @@ def _copied(key: str, upstream_cls: type, ours: type, name: str) -> None:
 
 
 @shape(C, "celery.concurrency.asynpool.ResultHandler.on_stop_not_started")
-def _() -> None:
+def _(key: str) -> None:
     _copied("celery.concurrency.asynpool.ResultHandler.on_stop_not_started",
             asynpool.ResultHandler, C.ResultHandler, "on_stop_not_started")
 
 
 @shape(C, "celery.concurrency.asynpool.ResultHandler._flush_outqueue")
-def _() -> None:
+def _(key: str) -> None:
     _copied("celery.concurrency.asynpool.ResultHandler._flush_outqueue",
             asynpool.ResultHandler, C.ResultHandler, "_flush_outqueue")
 
 
 @shape(C, "celery.concurrency.prefork.TaskPool.on_stop")
-def _() -> None:
+def _(key: str) -> None:
     _copied("celery.concurrency.prefork.TaskPool.on_stop", prefork.TaskPool, C.TaskPool, "on_stop")
 
 
 @shape(C, "celery.concurrency.prefork._run_ready_callbacks")
-def _() -> None:
-    key = "celery.concurrency.prefork._run_ready_callbacks"
+def _(key: str) -> None:
     shapes.check_signature(key, prefork._run_ready_callbacks, "hub")
     shapes.check_calls(key, prefork.TaskPool.on_stop, ["_run_ready_callbacks(hub)"], "the on_stop copy")
 
 
 @shape(C, "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker")
-def _() -> None:
-    key = "celery.concurrency.asynpool.AsynPool.ResultHandler / .Worker"
+def _(key: str) -> None:
     shapes.check_attributes(key, asynpool.AsynPool, ["ResultHandler", "Worker"])
     shapes.check_calls(key, billiard.pool.Pool.create_result_handler, ["self.ResultHandler("],
                        "the pool builds its result handler from its class attribute")
@@ -96,16 +94,14 @@ def _() -> None:
 
 
 @shape(C, "celery.concurrency.prefork.TaskPool.Pool")
-def _() -> None:
-    key = "celery.concurrency.prefork.TaskPool.Pool"
+def _(key: str) -> None:
     shapes.check_attributes(key, prefork.TaskPool, ["Pool"])
     shapes.check_text(key, prefork.TaskPool.on_start, ["else self.Pool", "Pool(processes="],
                       "on_start builds the pool of the class attribute Pool, ours")
 
 
 @shape(C, "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking")
-def _() -> None:
-    key = "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking"
+def _(key: str) -> None:
     shapes.check_attributes(key, billiard.pool, ["CLOSE", "RUN", "TERMINATE", "WorkersJoined"])
     shapes.check_signature(key, billiard.compat.setblocking, "handle, blocking")
     # The copies compare the pool's state with billiard's constants, as Celery's own code does.
@@ -116,15 +112,13 @@ def _() -> None:
 
 
 @shape(C, "celery.concurrency.asynpool.iterate_file_descriptors_safely")
-def _() -> None:
-    key = "celery.concurrency.asynpool.iterate_file_descriptors_safely"
+def _(key: str) -> None:
     shapes.check_signature(key, asynpool.iterate_file_descriptors_safely,
                            "fds_iter, source_data, hub_method, args, kwargs")
 
 
 @shape(C, "celery.worker.state.should_stop")
-def _() -> None:
-    key = "celery.worker.state.should_stop"
+def _(key: str) -> None:
     shapes.check_attributes(key, state, ["should_stop", "maybe_shutdown"])
     shapes.check_calls(key, loops.asynloop, ["state.maybe_shutdown()"], "the event loop checks the flag")
     saved = state.should_stop
@@ -138,8 +132,7 @@ def _() -> None:
 
 
 @shape(C, "celery.worker.state.active_requests")
-def _() -> None:
-    key = "celery.worker.state.active_requests"
+def _(key: str) -> None:
     shapes.check_attributes(key, state, ["active_requests"])
     assert isinstance(state.active_requests, weakref.WeakSet | set), (key, type(state.active_requests))
     shapes.check_calls(key, state.task_accepted, ["add_active_request(request)"],
@@ -147,16 +140,14 @@ def _() -> None:
 
 
 @shape(C, "celery.worker.request.Request.worker_pid")
-def _() -> None:
-    key = "celery.worker.request.Request.worker_pid"
+def _(key: str) -> None:
     shapes.check_attributes(key, request.Request, ["worker_pid"])
     shapes.check_text(key, request.Request.on_accepted, ["self.worker_pid = pid", "task_accepted(self)"],
                       "the child's pid is set when it accepts the request")
 
 
 @shape(C, "celery.worker.control: the 'shutdown' command")
-def _() -> None:
-    key = "celery.worker.control: the 'shutdown' command"
+def _(key: str) -> None:
     shapes.check_attributes(key, control.Panel, ["data", "meta"])
     shapes.check_text(key, pidbox.Pidbox.__init__, ["handlers=control.Panel.data"],
                       "the worker's mailbox dispatches through Panel.data, by name")
@@ -174,8 +165,7 @@ def _() -> None:
 
 
 @shape(C, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
-def _() -> None:
-    key = "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers"
+def _(key: str) -> None:
     shapes.check_override(key, C.Consumer, "on_ready")
     shapes.check_override(key, C.Consumer, "ensure_connected")
     shapes.check_calls(key, loops.asynloop, ["obj.on_ready()"], "on_ready at every start of the loop")
@@ -200,8 +190,7 @@ def _() -> None:
 
 
 @shape(C, "celery._state._get_active_apps / _tls.current_app / Celery._after_fork")
-def _() -> None:
-    key = "celery._state._get_active_apps / _tls.current_app / Celery._after_fork"
+def _(key: str) -> None:
     shapes.check_attributes(key, _state, ["_get_active_apps", "_tls"])
     shapes.check_attributes(key, _state._tls, ["current_app"], what="celery._state._tls")
     app = Celery("shapes", broker="memory://", set_as_current=False)
@@ -216,8 +205,7 @@ def _() -> None:
 
 
 @shape(C, "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)")
-def _() -> None:
-    key = "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)"
+def _(key: str) -> None:
     shapes.check_text(key, trace.build_tracer,
                       ["fun = task if task_has_custom(task, '__call__') else task.run"],
                       "HandBackTask.__call__ runs around each task (else Celery calls run() directly)")
@@ -233,8 +221,7 @@ def _() -> None:
 
 
 @shape(C, "celery.app.trace logger: a task's Reject is logged there, with its traceback")
-def _() -> None:
-    key = "celery.app.trace logger: a task's Reject is logged there, with its traceback"
+def _(key: str) -> None:
     records: list[logging.LogRecord] = []
     catch = logging.Handler()
     catch.emit = records.append  # type: ignore[method-assign]
@@ -260,8 +247,7 @@ B = billiard_internals
 
 
 @shape(B, "billiard.pool.Worker._do_exit")
-def _() -> None:
-    key = "billiard.pool.Worker._do_exit"
+def _(key: str) -> None:
     shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
                         "stopright/upstream/billiard.py")
     shapes.check_override(key, C.Worker, "_do_exit")
@@ -274,8 +260,7 @@ def _() -> None:
 
 
 @shape(B, "billiard.pool.Pool.Worker")
-def _() -> None:
-    key = "billiard.pool.Pool.Worker"
+def _(key: str) -> None:
     shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
     assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
     shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
@@ -284,8 +269,7 @@ def _() -> None:
 
 
 @shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
-def _() -> None:
-    key = "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL"
+def _(key: str) -> None:
     shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
     assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
 
@@ -300,8 +284,7 @@ def _pool() -> ConnectionPool:
 
 
 @shape(K, "kombu.resource.Resource._dirty")
-def _() -> None:
-    key = "kombu.resource.Resource._dirty"
+def _(key: str) -> None:
     pool = _pool()
     shapes.check_attributes(key, pool, ["_dirty"])
     conn = pool.acquire()
@@ -313,8 +296,7 @@ def _() -> None:
 
 
 @shape(K, "kombu.resource.Resource._resource")
-def _() -> None:
-    key = "kombu.resource.Resource._resource"
+def _(key: str) -> None:
     pool = _pool()
     shapes.check_attributes(key, pool, ["_resource"])
     shapes.check_attributes(key, pool._resource, ["queue"], what="Resource._resource (a LifoQueue)")
@@ -327,8 +309,7 @@ def _() -> None:
 
 
 @shape(K, "kombu.resource.Resource._closed")
-def _() -> None:
-    key = "kombu.resource.Resource._closed"
+def _(key: str) -> None:
     shapes.check_text(key, Resource.force_close_all, ["if self._closed:\nreturn"],
                       "kombu's after-fork reset skips a pool marked closed (forget_inherited)")
     pool = _pool()
@@ -343,8 +324,7 @@ def _() -> None:
 
 
 @shape(K, "kombu.Connection._close")
-def _() -> None:
-    key = "kombu.Connection._close"
+def _(key: str) -> None:
     shapes.check_signature(key, Connection._close, "self")
     shapes.check_calls(key, Connection.release, ["self._close()"], "release() outside a pool is _close()")
     conn = Connection("memory://")
@@ -354,8 +334,7 @@ def _() -> None:
 
 
 @shape(K, "kombu.pools.connections / kombu.pools.producers")
-def _() -> None:
-    key = "kombu.pools.connections / kombu.pools.producers"
+def _(key: str) -> None:
     shapes.check_attributes(key, pools, ["connections", "producers"])
     for group in (pools.connections, pools.producers):
         assert isinstance(group, dict), f"{key}: {type(group).__name__} is no dict of pools any more"
@@ -367,10 +346,9 @@ def _() -> None:
 
 
 @shape(cpython_internals, "atexit._run_exitfuncs")
-def _() -> None:
+def _(key: str) -> None:
     import atexit
 
-    key = "atexit._run_exitfuncs"
     shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
     # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
     # what it does is checked instead, in a child: it runs the handlers once, newest first.

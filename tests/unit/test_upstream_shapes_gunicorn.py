@@ -69,7 +69,7 @@ HANDLERS = "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / ha
 
 
 @shape(G, HANDLERS)
-def _() -> None:
+def _(key: str) -> None:
     for name in ("handle_term", "handle_int", "handle_quit"):
         shapes.check_signature(HANDLERS, getattr(Arbiter, name), "self")
     shapes.check_text(HANDLERS, Arbiter.handle_term, ["raise StopIteration"],
@@ -108,8 +108,7 @@ def _graceful_master_on_a_real_arbiter() -> None:
 
 
 @shape(G, "gunicorn.arbiter.Arbiter.signal / kill_workers")
-def _() -> None:
-    key = "gunicorn.arbiter.Arbiter.signal / kill_workers"
+def _(key: str) -> None:
     shapes.check_signature(key, Arbiter.signal, "self, sig, frame")
     shapes.check_calls(key, Arbiter.signal, ["self.SIG_QUEUE.put_nowait(sig)"], "the handler only queues")
     shapes.check_signature(key, Arbiter.kill_workers, "self, sig")
@@ -118,8 +117,7 @@ def _() -> None:
 
 
 @shape(G, "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit")
-def _() -> None:
-    key = "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit"
+def _(key: str) -> None:
     shapes.check_text(key, Arbiter.spawn_worker, ["worker.pid = os.getpid()"], "worker_exit compares pids")
     tree = shapes.function_tree(Arbiter.spawn_worker)
     tries = [node for node in ast.walk(tree) if isinstance(node, ast.Try)]
@@ -143,7 +141,7 @@ BASE = ("gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / a
 
 
 @shape(G, BASE)
-def _() -> None:
+def _(key: str) -> None:
     for ours in (G.ThreadWorker, G.SyncWorker):
         for name in ("init_signals", "handle_exit", "load_wsgi"):
             shapes.check_override(BASE, ours, name)
@@ -169,7 +167,7 @@ GTHREAD = ("gunicorn.workers.gthread.ThreadWorker.set_accept_enabled / _keepaliv
 
 
 @shape(G, GTHREAD)
-def _() -> None:
+def _(key: str) -> None:
     for name in ("set_accept_enabled", "_keepalive_after", "finish_request", "_cap_keepalive",
                  "handle_request"):
         shapes.check_override(GTHREAD, G.ThreadWorker, name)
@@ -202,8 +200,7 @@ def _() -> None:
 
 
 @shape(G, "gunicorn.workers.gthread.TConn(cfg, sock, client, server)")
-def _() -> None:
-    key = "gunicorn.workers.gthread.TConn(cfg, sock, client, server)"
+def _(key: str) -> None:
     shapes.check_signature(key, gthread.TConn, "self, cfg, sock, client, server")
     ours, theirs = socket.socketpair()
     try:
@@ -219,8 +216,7 @@ def _() -> None:
 
 
 @shape(G, "gunicorn.workers.sync.SyncWorker.run / handle / handle_request")
-def _() -> None:
-    key = "gunicorn.workers.sync.SyncWorker.run / handle / handle_request"
+def _(key: str) -> None:
     shapes.check_override(key, G.SyncWorker, "run")
     shapes.check_override(key, G.SyncWorker, "handle_request")
     shapes.check_signature(key, sync.SyncWorker.handle, "self, listener, client, addr")
@@ -237,8 +233,7 @@ def _() -> None:
 
 
 @shape(G, "gunicorn.http.message.Request.force_close")
-def _() -> None:
-    key = "gunicorn.http.message.Request.force_close"
+def _(key: str) -> None:
     shapes.check_attributes(key, message.Request, ["force_close", "should_close"])
     shapes.check_calls(key, wsgi.Response.should_close, ["self.req.should_close()"],
                        "the answer's Connection header follows its request, read when the headers go out")
