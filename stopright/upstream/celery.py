@@ -59,6 +59,8 @@ REACHES = {
     "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking":
         "used by the copies",
     "celery.concurrency.asynpool.iterate_file_descriptors_safely": "called by the copy",
+    "celery.beat.Service.start / sync":
+        "beat's loop ends on SystemExit and calls scheduler.close() (stopright/celery_beat.py)",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
     "celery.worker.state.active_requests": "the requests a pool child is running",
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",

@@ -117,6 +117,17 @@ def _(key: str) -> None:
                            "fds_iter, source_data, hub_method, args, kwargs")
 
 
+@shape(C, "celery.beat.Service.start / sync")
+def _(key: str) -> None:
+    from celery import beat
+
+    shapes.check_text(key, beat.Service.start, ["except (KeyboardInterrupt, SystemExit):", "finally:",
+                                                "self.sync()"],
+                      "beat's loop ends on our handler's SystemExit and syncs on its way out")
+    shapes.check_calls(key, beat.Service.sync, ["self.scheduler.close()"],
+                       "the sync closes the scheduler: StopRightBeat.close runs the registry")
+
+
 @shape(C, "celery.worker.state.should_stop")
 def _(key: str) -> None:
     shapes.check_attributes(key, state, ["should_stop", "maybe_shutdown"])
