@@ -33,7 +33,6 @@ import logging
 import os
 import signal
 import threading
-import time
 
 from billiard.compat import setblocking
 from billiard.pool import CLOSE, RUN, TERMINATE, WorkersJoined
@@ -47,6 +46,7 @@ from celery.worker.control import control_command
 from kombu.asynchronous import get_event_loop
 
 from stopright.upstream.billiard import QuickExit
+from stopright.upstream.cpython import weakset_snapshot
 
 #: What this module relies on that Celery does not promise (checked by tests/unit/test_upstream_shapes.py).
 REACHES = {
@@ -62,7 +62,7 @@ REACHES = {
     "celery.beat.Service.start / sync":
         "beat's loop ends on SystemExit and calls scheduler.close() (stopright/celery_beat.py)",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
-    "celery.worker.state.active_requests": "the requests a pool child is running",
+    "celery.worker.state.active_requests": "the requests a pool child is running (a WeakSet)",
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
     "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
     "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
@@ -286,13 +286,13 @@ def warm_shutdown() -> None:
 
 
 def running_requests() -> list:
-    """Requests being executed by a pool child right now (MainProcess view)."""
-    for _ in range(10):  # the event loop may change the set while we copy it
-        try:
-            return [r for r in list(state.active_requests) if r.worker_pid]
-        except RuntimeError:
-            time.sleep(0.001)
-    return []
+    """Requests being executed by a pool child (or thread, or greenlet) right now (MainProcess view).
+
+    Read in one step (:func:`stopright.upstream.cpython.weakset_snapshot`):
+    iterating the set while another thread adds to it raised, and an answer
+    of "nothing" ends the grace (issue 14).
+    """
+    return [r for r in weakset_snapshot(state.active_requests) if r.worker_pid]
 
 
 def replace_shutdown_command(on_shutdown) -> None:
