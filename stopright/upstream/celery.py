@@ -66,6 +66,8 @@ REACHES = {
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
     "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
     "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
+    "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args":
+        "under gevent and eventlet each wait is capped (notice_stops_soon)",
     "celery._state._get_active_apps / _tls.current_app / Celery._after_fork":
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
@@ -255,6 +257,32 @@ def _drain(fd: int) -> None:
         pass
 
 
+#: Under gevent and eventlet (Celery's ``synloop``): how long one wait for the broker may last, so
+#: that the loop notices a stop that soon (Celery: 2 s, then one more wait after it noticed).
+STOP_CHECK_SECONDS = 0.25
+
+
+def notice_stops_soon(connection) -> None:
+    """Cap every ``drain_events`` wait of ``connection`` at :data:`STOP_CHECK_SECONDS`.
+
+    ``synloop`` checks ``state.should_stop`` only between two waits of 2 s,
+    and waits once more after seeing it: a stop under gevent began Celery's
+    own shutdown up to 4 s late, after the grace and the hand-back, and the
+    close overran its deadline (measured). Called at each start of the loop
+    (a reconnection brings a new connection).
+    """
+    drain = connection.drain_events
+    if getattr(drain, "capped", False):
+        return
+
+    def drain_events(timeout=None, **kwargs):
+        capped = STOP_CHECK_SECONDS if timeout is None else min(timeout, STOP_CHECK_SECONDS)
+        return drain(timeout=capped, **kwargs)
+
+    drain_events.capped = True  # type: ignore[attr-defined]
+    connection.drain_events = drain_events
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer: reconnects every 0.5 to 2 s (Celery: 2 to 30 s), woken by stop signals.
 
@@ -268,6 +296,12 @@ class Consumer(CeleryConsumer):
         """Each start of the event loop, the first and after every reconnection."""
         wake_on_signals(self.hub)
         super().on_ready()
+
+    def loop_args(self):
+        """Each start of the event loop: under gevent and eventlet (no hub), notice a stop soon."""
+        if self.hub is None and self.connection is not None:
+            notice_stops_soon(self.connection)
+        return super().loop_args()
 
     def ensure_connected(self, conn):
         conn.ensure_connection = functools.partial(
