@@ -29,7 +29,7 @@ REACHES = {
     "billiard.pool.Worker._do_exit": "copied below without its time.sleep(1); digest pinned",
     "billiard.pool.Pool.Worker": "the class the pool instantiates per child (a class attribute)",
     "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL": "the constants the copy uses",
-    "billiard.pool.Worker.after_fork: the initializer, then reset_signals (SIG_IGN kept, others replaced)":
+    "billiard.pool.Worker.after_fork: the initializer, then reset_signals (keeps SIG_IGN)":
         "our after_fork sets the child's stop handlers after billiard's",
 }
 #: Called in each pool child once billiard has reset its signals (after ``worker_process_init``).

@@ -53,8 +53,8 @@ class ThreadTaskPool(thread.TaskPool):
         self._futures: set = set()
         self._abandoned = threading.Event()
 
-    def on_apply(self, *args, **kwargs):
-        result = super().on_apply(*args, **kwargs)
+    def on_apply(self, target, args=None, kwargs=None, callback=None, accept_callback=None, **_):
+        result = super().on_apply(target, args, kwargs, callback, accept_callback, **_)
         self._futures.add(result.f)
         result.f.add_done_callback(self._futures.discard)
         return result

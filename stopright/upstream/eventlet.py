@@ -10,13 +10,11 @@ with ``posix.write``.
 
 from __future__ import annotations
 
+import importlib
 import threading
 
-import eventlet
-import eventlet.hubs
-import eventlet.patcher
 from celery import signals
-from celery.concurrency import eventlet as celery_eventlet
+from celery.concurrency import eventlet as celery_eventlet  # imports no eventlet until a pool is built
 
 #: What this module relies on that eventlet and Celery do not promise (test_upstream_shapes_pools.py).
 REACHES = {
@@ -40,17 +38,24 @@ class TaskPool(celery_eventlet.TaskPool):
 
     def on_stop(self) -> None:
         signals.eventlet_pool_preshutdown.send(sender=self)
+        sleep = _eventlet("eventlet").sleep
         while self._pool is not None and self._pool.running() and not self._abandoned.is_set():
-            eventlet.sleep(0.05)
+            sleep(0.05)
         signals.eventlet_pool_postshutdown.send(sender=self)
 
 
 def call_in_hub(fn, *args) -> None:
     """Run ``fn(*args)`` in eventlet's hub, soon, with every green thread paused at a switch point."""
-    eventlet.hubs.get_hub().schedule_call_global(0, fn, *args)
+    _eventlet("eventlet.hubs").get_hub().schedule_call_global(0, fn, *args)
 
 
 def real_thread(target) -> None:
     """Run ``target(sleep)`` in an OS thread with a sleep that is not eventlet's (the hub may be stuck)."""
-    start = eventlet.patcher.original("_thread").start_new_thread
-    start(target, (eventlet.patcher.original("time").sleep,))
+    original = _eventlet("eventlet.patcher").original
+    original("_thread").start_new_thread(target, (original("time").sleep,))
+
+
+def _eventlet(module: str):
+    """An eventlet module, imported when first used: importing eventlet warns that it is deprecated,
+    and makes every later fork of the process warn (a test process that never runs the pool)."""
+    return importlib.import_module(module)

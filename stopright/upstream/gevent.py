@@ -11,11 +11,10 @@ point. A task that never yields holds up the hub and the watchdog with it:
 
 from __future__ import annotations
 
+import importlib
 import threading
 
-import gevent
-import gevent.monkey
-from celery.concurrency import gevent as celery_gevent
+from celery.concurrency import gevent as celery_gevent  # imports no gevent until a pool is built
 
 #: What this module relies on that gevent and Celery do not promise (test_upstream_shapes_pools.py).
 REACHES = {
@@ -46,10 +45,10 @@ class TaskPool(celery_gevent.TaskPool):
 
 def call_in_hub(fn, *args) -> None:
     """Run ``fn(*args)`` in gevent's hub, soon, with every greenlet paused at a switch point."""
-    gevent.get_hub().loop.run_callback(fn, *args)
+    importlib.import_module("gevent").get_hub().loop.run_callback(fn, *args)
 
 
 def real_thread(target) -> None:
     """Run ``target(sleep)`` in an OS thread with a sleep that is not gevent's (the hub may be stuck)."""
-    start = gevent.monkey.get_original("_thread", "start_new_thread")
-    start(target, (gevent.monkey.get_original("time", "sleep"),))
+    original = importlib.import_module("gevent.monkey").get_original
+    original("_thread", "start_new_thread")(target, (original("time", "sleep"),))

@@ -1,4 +1,4 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard, kombu and CPython.
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard and kombu.
 
 One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py),
 against the installed library, with real objects where they are cheap (a kombu pool on
@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
+import socket
+import time
 import weakref
 
+import billiard.common
 import billiard.compat
 import billiard.pool
 import pytest
@@ -35,16 +36,17 @@ from kombu.resource import Resource
 from stopright import handback
 from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
-from stopright.upstream import cpython as cpython_internals
 from stopright.upstream import kombu as kombu_internals
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu",
-        "stopright.upstream.cpython"}
-ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu"}
+POOLS = "tests/unit/test_upstream_shapes_pools.py"
+ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
+             "stopright.upstream.cpython": POOLS, "stopright.upstream.celery_pools": POOLS,
+             "stopright.upstream.gevent": POOLS, "stopright.upstream.eventlet": POOLS}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
@@ -145,7 +147,7 @@ def _(key: str) -> None:
 @shape(C, "celery.worker.state.active_requests")
 def _(key: str) -> None:
     shapes.check_attributes(key, state, ["active_requests"])
-    assert isinstance(state.active_requests, weakref.WeakSet | set), (key, type(state.active_requests))
+    assert isinstance(state.active_requests, weakref.WeakSet), (key, type(state.active_requests))
     shapes.check_calls(key, state.task_accepted, ["add_active_request(request)"],
                        "a request a pool child accepted is in active_requests")
 
@@ -198,6 +200,22 @@ def _(key: str) -> None:
             os.close(write_fd)
     finally:
         hub.close()
+
+
+@shape(C, "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args")
+def _(key: str) -> None:
+    shapes.check_text(key, loops.synloop, ["connection.drain_events(timeout=2.0)", "state.maybe_shutdown()"],
+                      "gevent's and eventlet's loop waits for the broker between two checks of a stop")
+    shapes.check_override(key, C.Consumer, "loop_args")
+    shapes.check_text(key, CeleryConsumer.__init__, ["loops.asynloop if hub else loops.synloop"],
+                      "synloop runs where the consumer has no hub")
+    with Connection("memory://") as conn:
+        C.notice_stops_soon(conn)
+        C.notice_stops_soon(conn)  # at each start of the loop: capped once
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=30)
+        assert time.monotonic() - started < 10, f"{key}: the cap did not shorten the wait"
 
 
 @shape(C, "celery._state._get_active_apps / _tls.current_app / Celery._after_fork")
@@ -268,6 +286,17 @@ def _(key: str) -> None:
                     "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
     shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
                        "the child leaves through _do_exit once its work loop ends")
+
+
+@shape(B, "billiard.pool.Worker.after_fork: the initializer, then reset_signals (keeps SIG_IGN)")
+def _(key: str) -> None:
+    shapes.check_override(key, C.Worker, "after_fork")
+    shapes.check_text(key, billiard.pool.Worker.after_fork, ["self.initializer(*", "reset_signals("],
+                      "worker_process_init runs before billiard sets the child's signal handlers")
+    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.after_fork()", "self.workloop("],
+                       "the child's handlers are set before its work loop")
+    shapes.check_text(key, billiard.common._should_override_term_signal, ["current != signal.SIG_IGN"],
+                      "an ignored stop signal is left ignored (the child's protection until ours is set)")
 
 
 @shape(B, "billiard.pool.Pool.Worker")
@@ -351,25 +380,6 @@ def _(key: str) -> None:
         assert isinstance(group, dict), f"{key}: {type(group).__name__} is no dict of pools any more"
     assert isinstance(pools.connections.create(Connection("memory://"), 2), Resource), key
     assert issubclass(pools.ProducerPool, Resource), key
-
-
-# -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
-
-
-@shape(cpython_internals, "atexit._run_exitfuncs")
-def _(key: str) -> None:
-    import atexit
-
-    shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
-    # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
-    # what it does is checked instead, in a child: it runs the handlers once, newest first.
-    program = ("import atexit; atexit.register(print, 'first'); atexit.register(print, 'second'); "
-               "atexit._run_exitfuncs(); print('after')")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0 or done.stdout.split() != ["second", "first", "after"]:
-        shapes.fail(key, f"CPython changed atexit._run_exitfuncs (it printed {done.stdout.split()}, "
-                         f"rc {done.returncode}: {done.stderr.strip()[-200:]})",
-                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
 
 
 # -- the tests -------------------------------------------------------------------------------------
