@@ -206,10 +206,9 @@ def interrupt_green(task_id: str, reason: type[BaseException] = HandBack) -> boo
     return True
 
 
-def running_here(task_id: str) -> bool:
-    """A run of ``task_id`` is in progress in this process (it started under HandBackTask)."""
-    run = _by_task.get(task_id)
-    return run is not None and run.active
+def abandoned_threads() -> list[int]:
+    """The threads of the runs still in progress here (at the stop's end: those it gave up on)."""
+    return [run.ident for run in list(_by_task.values()) if run.active]
 
 
 def stop_run(reason: type[BaseException]) -> bool:

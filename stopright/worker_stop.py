@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from stopright import registry, signals
+from stopright import handback, registry, signals
 from stopright.budget import WORKER_AFTER_GRACE
 from stopright.pools import Pool
 from stopright.upstream import celery as celery_internals
@@ -280,28 +280,48 @@ def _kill_pool_children() -> None:
 
 
 def _exit_now(code: int, deadline: float) -> None:
-    """Close what is left, run the ``atexit`` handlers until ``deadline`` (at least
-    :data:`EXIT_SECONDS`), then leave without waiting for anything else.
+    """Close what is left, then end the process as the interpreter would, within ``deadline``.
 
-    The handlers run in a thread of their own: one that hangs is logged with
-    its stack, and the process exits anyway.
+    The interpreter's exit first joins every non-daemon thread, then runs the
+    ``atexit`` handlers (an error reporter's or a tracer's flush), neither
+    with a time limit. Here both get what is left of the stop budget (the
+    handlers at least :data:`EXIT_SECONDS`), each overrun is logged with the
+    stacks, and the process leaves. A task thread the stop gave up on
+    (threads pool) is not waited for.
     """
     registry.current().close_all(budget=EXIT_CLOSE_SECONDS)
-    if code:
-        log.error("worker exits now (exit code %d)", code)
+    overran = False
+    stuck = _join_threads(deadline)
+    if stuck:
+        overran = True
+        _overran(f"the process did not exit after closing its connections: non-daemon thread(s) "
+                 f"{', '.join(stuck)} still running")
     runner = threading.Thread(target=run_atexit_handlers, name="atexit", daemon=True)
     started = time.monotonic()
     runner.start()
     runner.join(max(EXIT_SECONDS, deadline - started))
     if runner.is_alive():
+        overran = True
         _overran(f"the atexit handlers were still running after {time.monotonic() - started:.1f} s, "
                  f"the rest of the stop budget")
+    if code or overran:
+        log.error("worker exits now (exit code %d)", code)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001, S110 - leaving anyway
             pass
     os._exit(code)
+
+
+def _join_threads(deadline: float) -> list[str]:
+    """Wait until ``deadline`` for the non-daemon threads (not the main one, nor an abandoned task's);
+    the names of those still running."""
+    skip = {threading.main_thread().ident, threading.get_ident(), *handback.abandoned_threads()}
+    waiting = [t for t in threading.enumerate() if not t.daemon and t.ident not in skip]
+    for thread in waiting:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in waiting if t.is_alive()]
 
 
 _running = celery_internals.running_requests
