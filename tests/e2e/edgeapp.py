@@ -9,6 +9,9 @@ environment variable turns on one thing a real app may do:
   loop, a library's), read by a thread that prints each signal it reports;
 * ``EDGE_ATEXIT=S``: an ``atexit`` handler (an error reporter's or a tracer's
   flush) that takes S seconds, then writes ``EDGE_MARK``;
+* ``EDGE_NO_PDEATHSIG=1``: pool children lose the parent-death signal Celery
+  gives them (as a library resetting it would): orphaned when the
+  MainProcess is killed;
 * ``EDGE_BROKER``: the broker URL; ``EDGE_LEDGER``: where each run notes its
   start and end (no job ledger here: the file only lets the test count runs).
 """
@@ -21,7 +24,7 @@ import sys
 import threading
 import time
 
-from celery import Celery
+from celery import Celery, signals
 
 import stopright
 
@@ -48,6 +51,13 @@ if os.environ.get("EDGE_WAKEUP"):
                 os.write(2, f"user wakeup fd: signal {signum}\n".encode())
 
     threading.Thread(target=_report, name="user-wakeup", daemon=True).start()
+
+if os.environ.get("EDGE_NO_PDEATHSIG"):
+    @signals.worker_process_init.connect
+    def _lose_pdeathsig(**_: object) -> None:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG, none
 
 if os.environ.get("EDGE_ATEXIT"):
     def _flush() -> None:

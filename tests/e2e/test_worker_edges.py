@@ -8,13 +8,18 @@ Redis; the stop comes while a task runs longer than the grace.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from tests.procset import ROOT, ProcessSet, free_port, redis_server_dir
-from tests.servers import RedisServer
 
 APP = "tests.e2e.edgeapp"
 LONG_SECONDS = 15  # longer than the 3 s grace: only a hand-back ends it in time
@@ -104,3 +109,67 @@ def test_an_atexit_flush_of_a_second_runs_to_completion_under_honcho(tmp_path: P
     assert mark.read_text() == "flushed"
     assert not ps.survivors()
     print(f"busy stop with a 1 s atexit flush: {stop_seconds:.2f} s, 0 SIGKILL")
+
+
+@contextlib.contextmanager
+def _busy_child(tmp_path: Path, redis_url: str, **env: str) -> Iterator[tuple[psutil.Process, ...]]:
+    """A worker whose one pool child runs a long task: (MainProcess, child); both killed by pid at the end.
+
+    Started without a terminal (a service, a container): a session leader's death in a terminal
+    sends SIGHUP to its group, which would stop an orphan for a reason of the test's own.
+    """
+    ps = worker(tmp_path, redis_url, **env)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(ps.command, cwd=ROOT, env=ps.env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    main = psutil.Process(proc.pid)
+    seen = [main]
+    try:
+        _wait_for(log, r"\bready\.$")
+        task_id = send(redis_url, 60)
+        _wait_for(log, rf"edgeapp task {task_id} started")
+        seen += main.children()
+        assert len(seen) == 2, seen
+        yield main, seen[1]
+    finally:
+        for p in seen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        proc.wait(10)
+
+
+def _wait_for(log: Path, pattern: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text(errors="replace"), re.MULTILINE):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.05)
+
+
+def _gone(process: psutil.Process, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_pool_child_does_not_outlive_its_killed_main_process(tmp_path: Path, redis_url: str) -> None:
+    # billiard sets no parent-death signal; Celery's process_initializer sets SIGKILL.
+    with _busy_child(tmp_path, redis_url) as (main, child):
+        main.kill()
+        assert _gone(child), f"pool child {child.pid} outlived its MainProcess: {child.cmdline()}"
+
+
+def test_an_orphaned_pool_child_stops_on_a_stop_signal(tmp_path: Path, redis_url: str) -> None:
+    # A child that lost that signal ignored SIGTERM for ever: `kill <pid>` could not stop it.
+    with _busy_child(tmp_path, redis_url, EDGE_NO_PDEATHSIG="1") as (main, child):
+        main.kill()
+        assert _gone(main)
+        assert not _gone(child, timeout=1) and child.ppid() != main.pid  # an orphan now, still running
+        child.terminate()
+        assert _gone(child), f"orphaned pool child {child.pid} ignored SIGTERM"
