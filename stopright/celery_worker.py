@@ -113,6 +113,7 @@ def _connect() -> None:
     signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
     billiard_internals.after_signal_reset.append(_child_signals)
+    celery_internals.connection_lost_hooks.append(_hand_back_on_connection_loss)
     celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
@@ -142,6 +143,31 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, stop.on_signal)
     # The consumer's event loop wakes on these signals at once (upstream/celery.py wake_on_signals).
+
+
+def _hand_back_on_connection_loss(_connection: Any, running: list) -> None:
+    """MainProcess, broker connection lost: hand back the running late-ack tasks; forget their deliveries.
+
+    RabbitMQ requeues a lost connection's unacknowledged messages at once, and
+    kombu's Redis channel restores them when Celery closes it (a Redis that
+    still answers): a task still running here would run again beside itself,
+    on this worker once it has reconnected, or on another. Celery's own answer
+    (``worker_cancel_long_running_tasks_on_connection_loss``) SIGTERMs the
+    child, which ignores it, and marks the task RETRY in the result backend;
+    the hand-back stops the run and stores nothing. The delivery is forgotten:
+    a reject would requeue it a second time, and an ack or reject on the dead
+    channel fails (Redis: Celery 5.7 then exits, ``AttributeError: ...
+    'hostname'``). A Redis that was down keeps the message until its
+    visibility timeout.
+    """
+    pool = _installed.get("pool")
+    if not running or pool is None:
+        return
+    log.warning("broker connection lost: handing back %d running task(s); the broker gives them out again",
+                len(running))
+    for request in running:
+        celery_internals.forget_delivery(request)
+        pool.hand_back(request)
 
 
 def _remote_shutdown() -> None:

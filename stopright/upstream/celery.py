@@ -66,6 +66,8 @@ REACHES = {
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
     "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
     "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
+    "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection":
+        "the running late-ack tasks are handed back first (Request.task.acks_late, .acknowledged)",
     "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args":
         "under gevent and eventlet each wait is capped (notice_stops_soon)",
     "celery._state._get_active_apps / _tls.current_app / Celery._after_fork":
@@ -294,6 +296,20 @@ def notice_stops_soon(connection) -> None:
     connection.drain_events = drain_events
 
 
+#: Called with (the lost connection, the running late-ack requests) when the consumer loses its broker.
+connection_lost_hooks: list = []
+
+
+def forget_delivery(request) -> None:
+    """The broker took this delivery back (its connection is gone): Celery must neither ack nor reject it.
+
+    Either would go to the dead channel and log ``Couldn't reject ...`` at
+    CRITICAL with a traceback; ``Request.reject`` and ``acknowledge`` do
+    nothing for a request already marked acknowledged.
+    """
+    request.acknowledged = True
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer: reconnects every 0.5 to 2 s (Celery: 2 to 30 s), woken by stop signals.
 
@@ -307,6 +323,17 @@ class Consumer(CeleryConsumer):
         """Each start of the event loop, the first and after every reconnection."""
         wake_on_signals(self.hub)
         super().on_ready()
+
+    def on_connection_error_after_connected(self, exc):
+        """The broker connection is lost: first :data:`connection_lost_hooks` (the running late-ack
+        tasks are handed back, stopright/celery_worker.py), then Celery's reconnection."""
+        running = [r for r in running_requests() if r.task.acks_late and not r.acknowledged]
+        for hook in connection_lost_hooks:
+            try:
+                hook(self.connection, running)
+            except Exception:  # noqa: BLE001 - the reconnection must go on
+                logger.exception("hand-back on connection loss failed")
+        return super().on_connection_error_after_connected(exc)
 
     def loop_args(self):
         """Each start of the event loop: under gevent and eventlet (no hub), notice a stop soon."""

@@ -81,3 +81,4 @@ def forget_inherited() -> None:
 
 
 os.register_at_fork(after_in_child=forget_inherited)
+

@@ -25,9 +25,10 @@ APP = "tests.e2e.edgeapp"
 LONG_SECONDS = 15  # longer than the 3 s grace: only a hand-back ends it in time
 
 
-def worker(tmp_path: Path, broker: str, *, pool: str = "prefork", **env: str) -> ProcessSet:
+def worker(tmp_path: Path, broker: str, *, pool: str = "prefork", concurrency: int = 1,
+           **env: str) -> ProcessSet:
     command = [sys.executable, "-m", "celery", "--app", APP, "worker", "--loglevel", "INFO",
-               "--concurrency", "1", "--pool", pool, "--without-mingle", "--without-gossip"]
+               "--concurrency", str(concurrency), "--pool", pool, "--without-mingle", "--without-gossip"]
     return ProcessSet(tmp_path, command=command, env={"EDGE_BROKER": broker, "PYTHONPATH": str(ROOT), **env})
 
 
