@@ -25,6 +25,7 @@ import threading
 import time
 
 from celery import Celery, signals
+from celery.concurrency import prefork
 
 import stopright
 
@@ -66,6 +67,10 @@ if os.environ.get("EDGE_ATEXIT"):
             f.write("flushed")
 
     atexit.register(_flush)
+
+
+class CustomPool(prefork.TaskPool):
+    """An app's own pool (``-P custom``, ``CELERY_CUSTOM_WORKER_POOL``), built on Celery's prefork."""
 
 
 @app.task

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.procset import ROOT, ProcessSet, free_port, redis_server_dir
 
@@ -59,6 +60,48 @@ def test_descriptors_above_1024_leave_the_stop_its_deadlines(tmp_path: Path, red
     assert f"task {APP}.sleep[{task_id}] handed back to the queue" in out, out
     assert rc == 0, out
     assert not ps.survivors()
+
+
+def test_a_thread_running_python_code_is_handed_back_under_the_threads_pool(tmp_path: Path,
+                                                                            redis_url: str) -> None:
+    # The worker sent SIGUSR2 to itself (Request.worker_pid is the MainProcess under threads) and died.
+    ps = worker(tmp_path, redis_url, pool="threads")
+    try:
+        ps.start()
+        ps.wait_for_line(r"\bready\.$", timeout=60)
+        task_id = send(redis_url, LONG_SECONDS)
+        ps.wait_for_line(rf"edgeapp task {task_id} started", timeout=30)
+        rc, _ = ps.stop_and_wait("sigterm", timeout=LONG_SECONDS + 30)
+    finally:
+        ps.cleanup()
+    out = ps.output
+    assert f"task {APP}.sleep[{task_id}] handed back to the queue" in out, out  # raised in its thread
+    assert "did not hand back" not in out and "Traceback" not in out, out
+    assert rc == 0, out
+    assert not ps.survivors()
+
+
+@pytest.mark.parametrize(("pool", "runs"), [("processes", "(celery)"), ("custom", None)])
+def test_a_pool_named_on_the_command_line_is_stopright_s_or_refused(tmp_path: Path, redis_url: str,
+                                                                    pool: str, runs: str | None) -> None:
+    # -P processes (Celery's alias of prefork) and a pool of the app's own silently replaced
+    # stopright's pool: the stop's fixes were gone. prefork's banner names the pool's module.
+    ps = worker(tmp_path, redis_url, pool=pool, CELERY_CUSTOM_WORKER_POOL=f"{APP}:CustomPool")
+    try:
+        ps.start()
+        if runs is None:
+            rc = ps.wait(60)
+        else:
+            ps.wait_for_line(r"\bready\.$", timeout=60)
+            rc, _ = ps.stop_and_wait("sigterm", timeout=30)
+    finally:
+        ps.cleanup()
+    out = ps.output
+    if runs is None:
+        assert rc != 0 and f"the worker's pool {APP}:CustomPool is not one stopright can stop" in out, out
+        assert "ready." not in out, out
+    else:
+        assert f"concurrency: 1 {runs}" in out and rc == 0, out
 
 
 def test_a_signal_wakeup_descriptor_of_the_app_keeps_working(tmp_path: Path, redis_url: str) -> None:

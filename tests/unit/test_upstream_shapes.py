@@ -1,4 +1,4 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard and kombu.
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery and kombu.
 
 One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py),
 against the installed library, with real objects where they are cheap (a kombu pool on
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 import weakref
 
-import billiard.common
 import billiard.compat
 import billiard.pool
 import pytest
@@ -34,7 +32,6 @@ from kombu.connection import ConnectionPool
 from kombu.resource import Resource
 
 from stopright import handback
-from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import kombu as kombu_internals
 from tests import shapes
@@ -42,11 +39,11 @@ from tests import shapes
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.kombu"}
 POOLS = "tests/unit/test_upstream_shapes_pools.py"
 ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
-             "stopright.upstream.cpython": POOLS, "stopright.upstream.celery_pools": POOLS,
-             "stopright.upstream.gevent": POOLS, "stopright.upstream.eventlet": POOLS}
+             **{f"stopright.upstream.{name}": POOLS
+                for name in ("billiard", "cpython", "celery_pools", "gevent", "eventlet")}}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
@@ -202,6 +199,19 @@ def _(key: str) -> None:
         hub.close()
 
 
+@shape(C, "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection")
+def _(key: str) -> None:
+    shapes.check_override(key, C.Consumer, "on_connection_error_after_connected")
+    shapes.check_text(key, CeleryConsumer.on_connection_error_after_connected,
+                      ["self.connection.collect(", "if self.app.conf.worker_cancel_long_running_tasks_on_"
+                       "connection_loss:", "request.task.acks_late", "request.acknowledged"],
+                      "it closes the lost connection (restoring Redis's unacked messages), then cancels")
+    shapes.check_text(key, request.Request.reject, ["if not self.acknowledged:"],
+                      "forget_delivery: a request marked acknowledged is not rejected on the dead channel")
+    shapes.check_text(key, request.Request.acknowledge, ["if not self.acknowledged:"],
+                      "forget_delivery: nor acknowledged")
+
+
 @shape(C, "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args")
 def _(key: str) -> None:
     shapes.check_text(key, loops.synloop, ["connection.drain_events(timeout=2.0)", "state.maybe_shutdown()"],
@@ -268,50 +278,6 @@ def _(key: str) -> None:
     if not any(r.exc_info and isinstance(r.exc_info[1], Reject) for r in records):
         shapes.fail(key, f"Celery no longer logs a Reject with its traceback on {C.TRACE_LOGGER!r}",
                     "find where celery/app/trace.py logs it now; point TRACE_LOGGER there")
-
-
-# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
-
-B = billiard_internals
-
-
-@shape(B, "billiard.pool.Worker._do_exit")
-def _(key: str) -> None:
-    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
-                        "stopright/upstream/billiard.py")
-    shapes.check_override(key, C.Worker, "_do_exit")
-    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
-    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
-        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
-                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
-    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
-                       "the child leaves through _do_exit once its work loop ends")
-
-
-@shape(B, "billiard.pool.Worker.after_fork: the initializer, then reset_signals (keeps SIG_IGN)")
-def _(key: str) -> None:
-    shapes.check_override(key, C.Worker, "after_fork")
-    shapes.check_text(key, billiard.pool.Worker.after_fork, ["self.initializer(*", "reset_signals("],
-                      "worker_process_init runs before billiard sets the child's signal handlers")
-    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.after_fork()", "self.workloop("],
-                       "the child's handlers are set before its work loop")
-    shapes.check_text(key, billiard.common._should_override_term_signal, ["current != signal.SIG_IGN"],
-                      "an ignored stop signal is left ignored (the child's protection until ours is set)")
-
-
-@shape(B, "billiard.pool.Pool.Worker")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
-    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
-    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
-                       "each child is built from the pool's class attribute")
-    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
-
-
-@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
-    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
 
 
 # -- kombu (stopright/upstream/kombu.py) ---------------------------------------------------------

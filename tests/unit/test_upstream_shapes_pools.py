@@ -1,5 +1,5 @@
 """Upgrade-shape tests: the reaches behind every pool (stopright/upstream/celery_pools.py, gevent.py,
-eventlet.py) and into CPython (cpython.py).
+eventlet.py), into billiard's pool child (billiard.py) and into CPython (cpython.py).
 
 One check per key of each module's ``REACHES``, against the installed libraries. gevent's
 and eventlet's hubs run in a child interpreter of their own (a hub started here would stay
@@ -8,6 +8,7 @@ in pytest's process).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,11 +16,14 @@ import threading
 import time
 import weakref
 
+import billiard.common
+import billiard.pool
 import pytest
 from celery import concurrency
-from celery.concurrency import base, solo, thread
+from celery.concurrency import asynpool, base, solo, thread
 from celery.worker import worker as celery_worker
 
+from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import celery_pools
 from stopright.upstream import cpython as cpython_internals
@@ -30,7 +34,8 @@ from tests import shapes
 CHECKS = shapes.Checks()
 shape = CHECKS
 HERE = {"stopright.upstream.cpython", "stopright.upstream.celery_pools", "stopright.upstream.gevent",
-        "stopright.upstream.eventlet"}
+        "stopright.upstream.eventlet", "stopright.upstream.billiard"}
+C = celery_internals
 
 
 def _in_child(key: str, program: str, expected: str) -> None:
@@ -176,6 +181,50 @@ def _(key: str) -> None:
                    "from eventlet.patcher import original as o; "
                    "print(o('_thread').start_new_thread is not _thread.start_new_thread "
                    "and o('time').sleep is not time.sleep)", "True")
+
+
+# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
+
+B = billiard_internals
+
+
+@shape(B, "billiard.pool.Worker._do_exit")
+def _(key: str) -> None:
+    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
+                        "stopright/upstream/billiard.py")
+    shapes.check_override(key, C.Worker, "_do_exit")
+    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
+    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
+        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
+                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
+    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
+                       "the child leaves through _do_exit once its work loop ends")
+
+
+@shape(B, "billiard.pool.Worker.after_fork: the initializer, then reset_signals (keeps SIG_IGN)")
+def _(key: str) -> None:
+    shapes.check_override(key, C.Worker, "after_fork")
+    shapes.check_text(key, billiard.pool.Worker.after_fork, ["self.initializer(*", "reset_signals("],
+                      "worker_process_init runs before billiard sets the child's signal handlers")
+    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.after_fork()", "self.workloop("],
+                       "the child's handlers are set before its work loop")
+    shapes.check_text(key, billiard.common._should_override_term_signal, ["current != signal.SIG_IGN"],
+                      "an ignored stop signal is left ignored (the child's protection until ours is set)")
+
+
+@shape(B, "billiard.pool.Pool.Worker")
+def _(key: str) -> None:
+    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
+    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
+    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
+                       "each child is built from the pool's class attribute")
+    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
+
+
+@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
+def _(key: str) -> None:
+    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
+    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
 
 
 # -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
