@@ -64,6 +64,7 @@ class _Run:
         self.interruptible = False
         self.reason: type[BaseException] = HandBack
         self.pending: type[BaseException] | None = None
+        self.delivered = False  # from another thread or the hub: once per run
         self.lock = threading.Lock()
 
 
@@ -100,13 +101,14 @@ class _Runs:
     """``_run``: the current thread's (or greenlet's) run, as HandBackTask and the shape tests use it."""
 
     @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
+    def handling(self, task_id: str | None = None) -> Iterator[None]:
+        """Around one run of a task (``task_id``: default, the task Celery is running here)."""
         key = _here()
         outer = _runs.get(key)
         if outer is not None and outer.active:  # a task called inside a task: part of the same run
             yield
             return
-        run = _Run(_task_id())
+        run = _Run(task_id or _task_id())
         run.active = True
         _runs[key] = run
         if run.task_id is not None:
@@ -181,7 +183,9 @@ def interrupt_run(task_id: str, reason: type[BaseException] = HandBack) -> bool:
     with run.lock:
         if not run.active:
             return False
-        run.reason = reason
+        if run.delivered:  # once: a second exception could land after the task caught the first
+            return True
+        run.delivered, run.reason = True, reason
         if run.interruptible:
             cpython_internals.raise_in_thread(run.ident, reason)
         else:
@@ -198,7 +202,9 @@ def interrupt_green(task_id: str, reason: type[BaseException] = HandBack) -> boo
     run = _by_task.get(task_id)
     if run is None or not run.active or run.greenlet is None:
         return False
-    run.reason = reason
+    if run.delivered:
+        return True
+    run.delivered, run.reason = True, reason
     if run.interruptible:
         run.greenlet.throw(reason)
     else:
