@@ -1,9 +1,10 @@
-"""CPython's own exit path, run by hand where a process leaves with ``os._exit``.
+"""CPython's internals stopright relies on: its exit path, raising in another thread, WeakSet's refs.
 
-A gunicorn worker that leaves with ``os._exit`` (stopright/gunicorn_hooks.py
-``worker_exit``, to skip the interpreter's teardown) would skip every
-``atexit`` handler too: an error reporter's or a tracer's flush, logging's.
-:func:`run_atexit_handlers` runs them first, as a normal exit does.
+A process that leaves with ``os._exit`` (a gunicorn worker's ``worker_exit``,
+the Celery worker's stop) would skip every ``atexit`` handler too: an error
+reporter's or a tracer's flush, logging's. :func:`run_atexit_handlers` runs
+them first, as a normal exit does. :func:`raise_in_thread` is the threads
+pool's hand-back; :func:`weakset_snapshot` reads Celery's running requests.
 """
 
 from __future__ import annotations
