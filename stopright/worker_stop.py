@@ -46,7 +46,9 @@ log = logging.getLogger("shutdown")
 HANDBACK_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
-#: Then how long the MainProcess has to close the consumer and its connections.
+#: Then how long the MainProcess has to close the consumer and its connections: at least this, or
+#: what is left of the stop budget (grace + :data:`stopright.budget.WORKER_AFTER_GRACE`) but
+#: :data:`EXIT_SECONDS`.
 CLOSE_SECONDS = 1.0
 #: Then the ``atexit`` handlers (an error reporter's or a tracer's flush) get what is left of the
 #: stop budget (grace + :data:`stopright.budget.WORKER_AFTER_GRACE` from the signal), at least this.
@@ -75,7 +77,7 @@ class WorkerStop:
     2. the pool's children (prefork) exit, within :data:`POOL_EXIT_SECONDS`
        of no task running;
     3. Celery closes the consumer, ``worker_shutdown`` runs the registry,
-       within :data:`CLOSE_SECONDS`;
+       within what is left of the budget (at least :data:`CLOSE_SECONDS`);
     4. the ``atexit`` handlers run, in what is left of the budget (at least
        :data:`EXIT_SECONDS`), and the watchdog ends the process.
 
@@ -172,14 +174,21 @@ class WorkerStop:
             if self.pool.has_children and not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
                 _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
                 _kill_pool_children()
-            if not self.closed.wait(CLOSE_SECONDS):
-                _overran(f"closing the consumer and connections took more than {CLOSE_SECONDS} s")
+            # At least CLOSE_SECONDS, else what the earlier phases left (kombu's Redis consumer waits
+            # for its pending BRPOP, a second by default, and a loaded machine adds to it).
+            close_by = max(time.monotonic() + CLOSE_SECONDS, self.deadline - EXIT_SECONDS)
+            if not self.closed.wait(close_by - time.monotonic()):
+                _overran(f"closing the consumer and connections was not done {self._since():.1f} s "
+                         f"into the stop")
                 _exit_now(1, self.deadline)
             # Everything is closed; Celery's main thread waits in worker_shutdown (:meth:`park`).
             _exit_now(self.exit_code, self.deadline)
         except BaseException:  # noqa: BLE001 - this thread must never die silently
             log.exception("stop watchdog failed; exiting now")
             _exit_now(1, self.deadline)
+
+    def _since(self) -> float:
+        return time.monotonic() - self._begun_at
 
     def park(self) -> None:
         """Celery's main thread, after ``worker_shutdown``: wait here while the watchdog ends the process.
@@ -317,8 +326,11 @@ def _exit_now(code: int, deadline: float) -> None:
 def _join_threads(deadline: float) -> list[str]:
     """Wait until ``deadline`` for the non-daemon threads (not the main one, nor an abandoned task's);
     the names of those still running."""
-    skip = {threading.main_thread().ident, threading.get_ident(), *handback.abandoned_threads()}
-    waiting = [t for t in threading.enumerate() if not t.daemon and t.ident not in skip]
+    main = threading.main_thread()
+    skip = {main.ident, threading.get_ident(), *handback.abandoned_threads()}
+    # eventlet lists the main thread twice, as its own and as the interpreter's (another ident)
+    waiting = [t for t in threading.enumerate()
+               if not t.daemon and t.ident not in skip and t.name != main.name]
     for thread in waiting:
         thread.join(max(0.0, deadline - time.monotonic()))
     return [t.name for t in waiting if t.is_alive()]
