@@ -46,7 +46,8 @@ class StopRightBeat:
             signal.signal(signum, functools.partial(_stop, reg))
 
     def close(self) -> None:
-        registry.current().close_all(budget=self.close_budget)
+        """Beat's last act (its loop ends: a stop signal, Celery's own handler among them, or an error)."""
+        registry.current().close_all(budget=self.close_budget, exiting=True)
 
 
 class Scheduler(StopRightBeat, PersistentScheduler):
@@ -60,11 +61,13 @@ def _stop(reg: registry.ShutdownRegistry, signum: int, _frame: object) -> None:
     raises SystemExit as Celery's own handler does (beat's loop sleeps in
     ``time.sleep``, which only an exception ends early); beat's loop catches
     it and calls ``close()``: the registry then logs "signal received" and
-    closes, out of the handler. Repeats are ignored: a second SystemExit
+    closes, out of the handler. Repeats, and a signal once the close has begun (the first
+    came through Celery's own handler, in the moment before this one is installed), are
+    ignored: a second SystemExit
     (the parent-death signal comes once per thread of the dying parent; an
     impatient Ctrl+C) would land in the middle of that close.
     """
-    if reg.recorded_signal is not None:
+    if reg.recorded_signal is not None or reg.shutting_down.is_set():  # a repeat, or closing already
         return
     reg.record_signal(signum)
     raise SystemExit(0)

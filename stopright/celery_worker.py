@@ -81,6 +81,8 @@ def install(celery_app: Celery, *, grace: float | None = None,
     """
     if _program() in ("worker", "beat"):
         stop_signals.exit_on_stop_signals()  # until the handlers below are in place
+    if _program() == "beat":
+        celery_internals.beat_without_sync_handler(celery_app)
     if grace is not None:
         budget.configure(grace=grace)
     celery_app.conf.update(SETTINGS)

@@ -135,8 +135,11 @@ class ShutdownRegistry:
         started = self._started_at
         return 0 if started is None else round((self._clock() - started) * 1000)
 
-    def close_all(self, budget: float | None = None) -> list[Outcome]:
+    def close_all(self, budget: float | None = None, *, exiting: bool | None = None) -> list[Outcome]:
         """Run every handler once, newest first; later calls do nothing.
+
+        ``exiting``: the process leaves right after (default: when a stop signal
+        was recorded); repeated stop signals are then ignored (:func:`_ignore_stop_signals`).
 
         ``budget`` bounds the whole sequence: each handler gets its own
         timeout or what is left of the budget, whichever is less (but at
@@ -157,6 +160,8 @@ class ShutdownRegistry:
             left = None if deadline is None else max(MIN_HANDLER_SECONDS, deadline - self._clock())
             outcomes.append(self._run(handler, left))
         log.info("shutdown complete in %d ms", self.elapsed_ms)
+        if exiting or (exiting is None and self.recorded_signal is not None):
+            _ignore_stop_signals()
         return outcomes
 
     def _run(self, handler: _Handler, left: float | None = None) -> Outcome:
@@ -188,6 +193,23 @@ class ShutdownRegistry:
             return Outcome(handler.name, "failed", elapsed)
         log.info("closed %s in %d ms", handler.name, round(elapsed * 1000))
         return Outcome(handler.name, "closed", elapsed)
+
+
+#: Every signal a manager stops with (SIGQUIT: supervisord's and `honcho export`'s): all graceful.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _ignore_stop_signals() -> None:
+    """Once everything is closed, a repeated stop signal must not turn the exit into a death by signal.
+
+    CPython's finalization puts the default action back on every signal with a
+    Python handler (not on an ignored one), and managers repeat the stop: foreman
+    (SIGINT, then SIGTERM), honcho (the group's SIGTERM, then the ``sh -c``
+    wrapper's death). Only the main thread may set handlers; elsewhere it stays as it was.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 _registry: ShutdownRegistry | None = None

@@ -21,7 +21,8 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from stopright.registry import ShutdownRegistry
+from stopright import registry
+from stopright.registry import STOP_SIGNALS, ShutdownRegistry
 
 log = logging.getLogger("shutdown")
 
@@ -103,8 +104,6 @@ def report_signals(registry: ShutdownRegistry) -> Callable[[int], None]:
     return record
 
 
-#: Every signal a manager stops with (SIGQUIT: supervisord's and `honcho export`'s): all graceful.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def exit_on_stop_signals() -> None:
@@ -121,6 +120,7 @@ def exit_on_stop_signals() -> None:
 
     def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
         os.write(2, f"{signal.Signals(signum).name} before start-up finished: exiting\n".encode())
+        registry.current().record_signal(signum)  # a close on the way out then ignores repeats
         raise SystemExit(0)
 
     for signum in STOP_SIGNALS:

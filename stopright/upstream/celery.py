@@ -59,6 +59,8 @@ REACHES = {
     "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking":
         "used by the copies",
     "celery.concurrency.asynpool.iterate_file_descriptors_safely": "called by the copy",
+    "celery.apps.beat.Beat.install_sync_handler / Celery.Beat (a cached property)":
+        "replaced by a no-op for the app's beat (beat_without_sync_handler)",
     "celery.beat.Service.start / sync":
         "beat's loop ends on SystemExit and calls scheduler.close() (stopright/celery_beat.py)",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
@@ -318,3 +320,21 @@ def reset_apps_after_fork() -> None:
         apps.add(current)
     for app in apps:
         app._after_fork()
+
+
+def beat_without_sync_handler(app) -> None:
+    """``celery beat``: no SIGTERM/SIGINT handler of Celery's between its banner and the scheduler's.
+
+    Celery's handler syncs the schedule in signal context: a signal in the
+    moment before the scheduler exists builds a second one inside the handler
+    (in the middle of the first one's imports: a traceback and exit 1). The
+    start-up handlers (stopright.signals.exit_on_stop_signals) stay until the
+    scheduler installs its own (stopright/celery_beat.py).
+    """
+    base = app.Beat
+
+    class Beat(base):  # type: ignore[misc, valid-type]
+        def install_sync_handler(self, service) -> None:
+            return None
+
+    app.Beat = Beat
