@@ -1,0 +1,215 @@
+"""Frozen servers, not only gone ones (issue 14): PostgreSQL up but not answering, a broker down at a stop.
+
+A frozen PostgreSQL (every process SIGSTOPped: a stuck disk, a paused VM, a
+network black hole) still completes TCP handshakes and acknowledges data, so
+no TCP-level timeout ever fires; only a deadline in the client ends a wait
+(core/db.py). What counts, each checked while the server stays frozen:
+
+* every request, readiness check and stop ends (503, never a hang): the
+  server is thawed only once every client thread has its answer, so a request
+  that waited on it would show as a client timeout, not as a slow answer;
+* no connection is left half-open: at a clean stop after the thaw, PostgreSQL
+  logs no reset and no unexpected EOF;
+* a stop during the freeze is clean (no SIGKILL) and hands the running jobs
+  back; after a restart they run again (attempt 1: handed back, not taken
+  back by the sweeper, whose lease here outlasts the test).
+
+And a Redis broker that is down at the stop: the hand-back's requeue fails,
+and the message runs once the broker is back (stopright/requeue.py), not after
+kombu's visibility timeout or the ledger's queued lease.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tests.e2e.checks import assert_clean_stop
+from tests.procset import ProcessSet
+from tests.servers import PostgresServer, RedisServer
+
+#: How long the clients keep asking while PostgreSQL is frozen.
+FROZEN_LOAD_SECONDS = 6.0
+CLIENTS = 8
+#: A client gives up on an answer after this long: a request that waits on the frozen server.
+CLIENT_TIMEOUT = 20.0
+#: Longer than the test: only a hand-back can make a job runnable again, never the sweeper.
+NO_SWEEP = {"JOB_LEASE_SECONDS": "600", "JOB_QUEUED_LEASE_SECONDS": "600"}
+
+
+@dataclass
+class Answer:
+    what: str
+    status: int  # 0: no answer (the client's timeout, a reset)
+    seconds: float
+    body: Any
+
+
+def _ask(ps: ProcessSet, what: str, method: str, path: str, body: Any = None) -> Answer:
+    started = time.monotonic()
+    response = ps.http(method, path, body, timeout=CLIENT_TIMEOUT)
+    return Answer(what, response.status, time.monotonic() - started, response.body)
+
+
+def _frozen_load(ps: ProcessSet, job_id: str) -> list[Answer]:
+    """``CLIENTS`` threads posting jobs, long-polling one and asking /readyz for ``FROZEN_LOAD_SECONDS``."""
+    answers: list[Answer] = []
+    lock = threading.Lock()
+    until = time.monotonic() + FROZEN_LOAD_SECONDS
+
+    def client() -> None:
+        while time.monotonic() < until:
+            for what, method, path, body in (
+                    ("POST /jobs", "POST", "/jobs", {"task": "echo", "args": {"value": 1}}),
+                    ("long poll", "GET", f"/jobs/{job_id}?wait=5", None),
+                    ("GET /readyz", "GET", "/readyz", None)):
+                answer = _ask(ps, what, method, path, body)
+                with lock:
+                    answers.append(answer)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(FROZEN_LOAD_SECONDS + 3 * CLIENT_TIMEOUT + 10)
+    assert not any(t.is_alive() for t in threads), "a client thread never ended"
+    return answers
+
+
+def _summary(answers: list[Answer]) -> str:
+    by_kind: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    longest: dict[str, float] = collections.defaultdict(float)
+    for answer in answers:
+        by_kind[answer.what][answer.status] += 1
+        longest[answer.what] = max(longest[answer.what], answer.seconds)
+    return "; ".join(f"{what}: {dict(counts)} (longest {longest[what]:.1f} s)"
+                     for what, counts in by_kind.items())
+
+
+def _unclean_ends(log: str) -> list[str]:
+    return [line for line in log.splitlines()
+            if "could not receive data from client" in line or "unexpected EOF" in line
+            or "could not send data to client" in line]
+
+
+def test_a_frozen_postgres_answers_503_and_leaves_no_connection_half_open(
+        procset: ProcessSet, postgres: PostgresServer) -> None:
+    ps = procset.make(DATABASE_URL=postgres.url)
+    ps.start()
+    ps.wait_ready()
+    waiting = ps.submit("sleep", seconds=0)
+    assert ps.job(waiting, wait=20)["status"] == "succeeded"
+
+    postgres.freeze()
+    try:
+        answers = _frozen_load(ps, waiting)
+    finally:
+        postgres.thaw()
+    thawed = time.monotonic()
+    print(f"\nPostgreSQL frozen {FROZEN_LOAD_SECONDS:.0f} s under {CLIENTS} clients: {_summary(answers)}")
+
+    # Every request was answered while the server stayed frozen, none with a 5xx other than 503.
+    assert answers and {a.status for a in answers} == {503}, _summary(answers)
+    for answer in answers:
+        if answer.what == "GET /readyz":
+            assert any(r.startswith("database") for r in answer.body["reasons"]), answer
+        else:
+            assert answer.body["error"]["status"] == 503 and "database" in answer.body["error"]["message"], answer
+
+    ps.wait_ready()
+    print(f"ready {time.monotonic() - thawed:.1f} s after the thaw")
+    after = ps.submit("echo", value="after the thaw")
+    assert ps.job(after, wait=20)["result"] == "after the thaw"
+    rc, _ = ps.stop_and_wait("ctrl_c")
+    assert_clean_stop(ps, rc, 130)
+
+    # No connection left half-open: each session ended properly (a Terminate), and no connection
+    # attempt abandoned during the freeze lingered until its process exited (a reset).
+    log = postgres.log_text()
+    assert not _unclean_ends(log), "\n".join(_unclean_ends(log))
+
+
+def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
+        procset: ProcessSet, postgres: PostgresServer) -> None:
+    ps = procset.make(DATABASE_URL=postgres.url, **NO_SWEEP)
+    ps.start()
+    ps.wait_ready()
+    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
+    for job_id in jobs:
+        ps.wait_status(job_id, "running")
+
+    postgres.freeze()
+    try:
+        rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
+        out = ps.output
+        killed = out.count("sending SIGKILL") + len(re.findall(r"did not hand back .*: SIGKILL", out))
+        print(f"\nCtrl+C during a PostgreSQL freeze: stopped in {stop_seconds:.1f} s, {killed} SIGKILL(s)")
+        assert_clean_stop(ps, rc, 130)  # no SIGKILL from honcho, every process's own stop complete
+        assert "did not hand back" not in out, out
+        assert "stop phase overran" not in out, out
+    finally:
+        postgres.thaw()
+    thawed = time.monotonic()
+    # What the server logs at the thaw for the connections that were waiting on it when their
+    # process had to exit (the stop cannot wait for a frozen server).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "database system is ready" not in postgres.log_text():
+        time.sleep(0.1)
+    time.sleep(1)  # settle: the server reads what the clients left in its sockets
+    unclean = _unclean_ends(postgres.log_text())
+    print(f"PostgreSQL logged at the thaw: {len(unclean)} unclean end(s)" + "".join(f"\n  {u}" for u in unclean))
+
+    again = procset.make(DATABASE_URL=postgres.url, **NO_SWEEP)
+    again.start()
+    again.wait_ready()
+    ready = time.monotonic()
+    for job_id in jobs:
+        job = again.wait_status(job_id, ("running", "succeeded"), timeout=60)
+        assert job["attempts"] == 1, job  # handed back (attempt not counted), then claimed once
+    print(f"the {len(jobs)} handed-back jobs ran again {time.monotonic() - ready:.1f} s after the restart "
+          f"was ready ({ready - thawed:.1f} s after the thaw); 0 lost")
+    rc, _ = again.stop_and_wait("ctrl_c")
+    assert rc == 130
+
+
+def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet,
+                                                             external_redis: RedisServer) -> None:
+    ps = procset.make(REDIS_URL=external_redis.url, **NO_SWEEP)
+    ps.start()
+    ps.wait_ready()
+    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
+    for job_id in jobs:
+        ps.wait_status(job_id, "running")
+
+    external_redis.stop()
+    ps.wait_for_line(r"(?i)connection to broker lost|Cannot connect to redis", timeout=30, name="worker")
+    rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
+    out = ps.output
+    print(f"\nCtrl+C with Redis down: stopped in {stop_seconds:.1f} s, "
+          f"{out.count('sending SIGKILL')} SIGKILL(s)")
+    assert_clean_stop(ps, rc, 130, nothing_to_close=("broker",))
+    assert "Couldn't reject" not in out and "CRITICAL" not in out, out
+    stored = ps.stored_jobs()
+    assert [stored[j]["status"] for j in jobs] == ["queued", "queued"], stored  # handed back in the ledger
+    assert out.count("requeue refused") == len(jobs), out  # one line each, saying what happens next
+
+    # The set starts again while Redis is still down; the jobs run once it is back.
+    again = procset.make(REDIS_URL=external_redis.url, **NO_SWEEP)
+    again.start()
+    deadline = time.monotonic() + 60
+    while again.http("GET", "/healthz").status != 200:  # up; the worker waits for its broker
+        assert time.monotonic() < deadline, again.output
+        time.sleep(0.1)
+    external_redis.start()
+    back = time.monotonic()
+    for job_id in jobs:
+        job = again.wait_status(job_id, ("running", "succeeded"), timeout=60)
+        assert job["attempts"] == 1, job
+    print(f"the {len(jobs)} handed-back jobs ran again {time.monotonic() - back:.1f} s after Redis was back; "
+          f"0 lost")
+    rc, _ = again.stop_and_wait("ctrl_c")
+    assert rc == 130
