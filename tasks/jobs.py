@@ -33,12 +33,13 @@ from typing import TypeVar
 
 from celery.exceptions import Reject
 
-from core import outages
+from core import db, outages
 from core.celery_app import celery_app
 from core.config import get_settings
 from jobs import ledger
 from jobs.kinds import KINDS
 from stopright.handback import HANDBACK_SIGNAL, HANDED_BACK, HandBack, interruptible, stop_run
+from stopright.worker_stop import HANDBACK_SECONDS
 
 log = logging.getLogger("jobs")
 
@@ -52,6 +53,8 @@ STORE_RETRY_FIRST_SECONDS = 0.1
 STORE_RETRY_MAX_SECONDS = 2.0
 #: After a failed renewal, the lease keeper tries again this soon (at most half a renewal period).
 RENEW_RETRY_SECONDS = 0.5
+#: A hand-back's ledger write at a stop: done well before the MainProcess's SIGKILL, or given up.
+HAND_BACK_DB_SECONDS = HANDBACK_SECONDS * 0.6
 
 
 class TakenOver(BaseException):
@@ -189,9 +192,15 @@ def _record(job_id: str, attempt: int, what: str, write: Callable[[], bool]) -> 
 
 
 def _hand_back(job_id: str, attempt: int) -> None:
-    """A shutdown interrupted the run: queue the job again, and say what really happened."""
+    """A shutdown interrupted the run: queue the job again, and say what really happened.
+
+    The write must end before the MainProcess's SIGKILL (HANDBACK_SECONDS after
+    its signal): a frozen database fails it in time (core/db.py deadline), the
+    child returns, and its connection is closed with a Terminate.
+    """
     try:
-        handed = ledger.hand_back(job_id, attempt)
+        with db.deadline(HAND_BACK_DB_SECONDS):
+            handed = ledger.hand_back(job_id, attempt)
     except Exception as exc:
         if outages.database_outage(exc) is None:
             raise

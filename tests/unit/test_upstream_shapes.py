@@ -1,6 +1,7 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard, kombu and CPython.
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard and CPython.
 
-One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py),
+One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py,
+kombu's: test_upstream_shapes_kombu.py),
 against the installed library, with real objects where they are cheap (a kombu pool on
 ``memory://``, a Celery app, a kombu hub): the digest of every copied method, the signature
 of every hook, the call sites whose behaviour is relied on, every private attribute. A
@@ -26,25 +27,21 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import Reject, WorkerShutdown
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Connection, pools
 from kombu import pidbox as kombu_pidbox
 from kombu.asynchronous import Hub
-from kombu.connection import ConnectionPool
-from kombu.resource import Resource
 
 from stopright import handback
 from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import cpython as cpython_internals
-from stopright.upstream import kombu as kombu_internals
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.kombu",
-        "stopright.upstream.cpython"}
-ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.cpython"}
+ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
+             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py"}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
@@ -283,74 +280,6 @@ def _(key: str) -> None:
 def _(key: str) -> None:
     shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
     assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
-
-
-# -- kombu (stopright/upstream/kombu.py) ---------------------------------------------------------
-
-K = kombu_internals
-
-
-def _pool() -> ConnectionPool:
-    return ConnectionPool(Connection("memory://"), limit=2)
-
-
-@shape(K, "kombu.resource.Resource._dirty")
-def _(key: str) -> None:
-    pool = _pool()
-    shapes.check_attributes(key, pool, ["_dirty"])
-    conn = pool.acquire()
-    try:
-        assert pool._dirty == {conn}, f"{key}: an acquired connection is not in Resource._dirty"
-    finally:
-        conn.release()
-    assert not pool._dirty, f"{key}: a released connection is still in Resource._dirty"
-
-
-@shape(K, "kombu.resource.Resource._resource")
-def _(key: str) -> None:
-    pool = _pool()
-    shapes.check_attributes(key, pool, ["_resource"])
-    shapes.check_attributes(key, pool._resource, ["queue"], what="Resource._resource (a LifoQueue)")
-    assert len(pool._resource.queue) == 2, f"{key}: the free slots are not in Resource._resource.queue"
-    assert not any(isinstance(r, Connection) for r in pool._resource.queue), \
-        f"{key}: an unopened slot is a Connection now (close_pooled_connections would open it to close it)"
-    conn = pool.acquire()
-    conn.release()
-    assert conn in pool._resource.queue, f"{key}: a released connection is not back in _resource.queue"
-
-
-@shape(K, "kombu.resource.Resource._closed")
-def _(key: str) -> None:
-    shapes.check_text(key, Resource.force_close_all, ["if self._closed:\nreturn"],
-                      "kombu's after-fork reset skips a pool marked closed (forget_inherited)")
-    pool = _pool()
-    conn = pool.acquire()
-    held = K._empty(pool)
-    assert conn in held and not pool._dirty and not pool._resource.queue, key
-    with pytest.raises(RuntimeError):
-        pool.acquire()  # a publish racing the stop fails at once
-    pool._dirty.add(conn)
-    pool.force_close_all()
-    assert conn in pool._dirty, f"{key}: force_close_all no longer returns at once on a closed pool"
-
-
-@shape(K, "kombu.Connection._close")
-def _(key: str) -> None:
-    shapes.check_signature(key, Connection._close, "self")
-    shapes.check_calls(key, Connection.release, ["self._close()"], "release() outside a pool is _close()")
-    conn = Connection("memory://")
-    conn.connect()
-    conn._close()
-    assert not conn.connected, f"{key}: Connection._close() left the connection open"
-
-
-@shape(K, "kombu.pools.connections / kombu.pools.producers")
-def _(key: str) -> None:
-    shapes.check_attributes(key, pools, ["connections", "producers"])
-    for group in (pools.connections, pools.producers):
-        assert isinstance(group, dict), f"{key}: {type(group).__name__} is no dict of pools any more"
-    assert isinstance(pools.connections.create(Connection("memory://"), 2), Resource), key
-    assert issubclass(pools.ProducerPool, Resource), key
 
 
 # -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
