@@ -102,7 +102,7 @@ class _RefusedRequeue:
         except Exception as exc:  # noqa: BLE001 - a report must never fail the stop
             then = (f"it could not be spooled ({type(exc).__name__}: {exc}): it comes back only after "
                     "the broker's visibility timeout")
-        log.warning("task %s handed back, but its requeue refused by the broker (%s: %s); %s",
+        log.warning("task %s: requeue refused by the broker (%s: %s); %s",
                     self._task, type(error).__name__, error, then)
 
     def __getattr__(self, name: str) -> Any:  # any other report: as Celery would log it
@@ -118,30 +118,39 @@ def _broker(app: Any) -> tuple[str, str]:
         conn.release()
 
 
-@contextlib.contextmanager
-def _locked_spool() -> Iterator[tuple[list[dict[str, Any]], Path]]:
-    """The spool's entries under an exclusive lock; the list as left by the caller is written back."""
-    path = spool_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as spool:
-        fcntl.flock(spool, fcntl.LOCK_EX)
-        spool.seek(0)
-        entries = [json.loads(line) for line in spool if line.strip()]
-        before = list(entries)
-        try:
-            yield entries, path
-        finally:
-            if entries != before:
-                spool.seek(0)
-                spool.truncate()
-                spool.writelines(json.dumps(entry) + "\n" for entry in entries)
-                spool.flush()
+class Spool:
+    """A small JSON-lines file shared by processes: its entries read and changed under an exclusive lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, entry: dict[str, Any]) -> None:
+        with self.locked() as entries:
+            entries.append(entry)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[list[dict[str, Any]]]:
+        """The entries, locked; the list as the caller leaves it is written back (also on an error)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as spool:
+            fcntl.flock(spool, fcntl.LOCK_EX)
+            spool.seek(0)
+            entries = [json.loads(line) for line in spool if line.strip()]
+            before = list(entries)
+            try:
+                yield entries
+            finally:
+                if entries != before:
+                    spool.seek(0)
+                    spool.truncate()
+                    spool.writelines(json.dumps(entry) + "\n" for entry in entries)
+                    spool.flush()
 
 
 def _spool(broker: str, tag: str, task: str) -> Path:
-    with _locked_spool() as (entries, path):
-        entries.append({"broker": broker, "tag": tag, "task": task, "at": time.time()})
-    return path
+    spool = Spool(spool_path())
+    spool.add({"broker": broker, "tag": tag, "task": task, "at": time.time()})
+    return spool.path
 
 
 def restore(app: Any) -> int:
@@ -158,7 +167,7 @@ def restore(app: Any) -> int:
         if conn.transport.driver_type != "redis":
             return 0
         broker = conn.as_uri()
-        with _locked_spool() as (entries, _path):
+        with Spool(spool_path()).locked() as entries:
             mine = [entry for entry in entries if entry.get("broker") == broker]
             if not mine:
                 return 0

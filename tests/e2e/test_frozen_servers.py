@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.e2e.checks import assert_clean_stop
+from tests.e2e.checks import assert_clean_stop, ran_again
 from tests.procset import ProcessSet
 from tests.servers import PostgresServer, RedisServer
 
@@ -88,18 +88,6 @@ def _summary(answers: list[Answer]) -> str:
         longest[answer.what] = max(longest[answer.what], answer.seconds)
     return "; ".join(f"{what}: {dict(counts)} (longest {longest[what]:.1f} s)"
                      for what, counts in by_kind.items())
-
-
-def _ran_again(ps: ProcessSet, job_id: str, first_start: str, timeout: float = 60) -> dict[str, Any]:
-    """The job once a new run of it started (or finished) after the one that began at ``first_start``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = ps.http("GET", f"/jobs/{job_id}")
-        job = answer.body if answer.status == 200 else {}
-        if job.get("started_at") not in (None, first_start):
-            return job
-        assert time.monotonic() < deadline, (job_id, answer)
-        time.sleep(0.05)
 
 
 def _unclean_ends(log: str) -> list[str]:
@@ -180,7 +168,7 @@ def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
     again.wait_ready()
     ready = time.monotonic()
     for job_id, first_start in zip(jobs, first_starts, strict=True):
-        job = _ran_again(again, job_id, first_start)
+        job = ran_again(again, job_id, first_start)
         assert job["attempts"] == 1, job  # handed back (attempt not counted), then claimed once
     print(f"the {len(jobs)} handed-back jobs ran again {time.monotonic() - ready:.1f} s after the restart "
           f"was ready ({ready - thawed:.1f} s after the thaw); 0 lost")
@@ -206,7 +194,9 @@ def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet
     assert "Couldn't reject" not in out and "CRITICAL" not in out, out
     stored = ps.stored_jobs()
     assert [stored[j]["status"] for j in jobs] == ["queued", "queued"], stored  # handed back in the ledger
-    assert out.count("requeue refused") == len(jobs), out  # one line each, saying what happens next
+    refused = [line for line in ps.lines("worker") if "requeue refused" in line]
+    assert len(refused) == len(jobs), out  # one line each, saying what happens next
+    print(*refused, sep="\n")
 
     # The set starts again while Redis is still down; the jobs run once it is back.
     again = procset.make(REDIS_URL=external_redis.url, **NO_SWEEP)
@@ -218,9 +208,9 @@ def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet
     external_redis.start()
     back = time.monotonic()
     for job_id, first_start in zip(jobs, first_starts, strict=True):
-        job = _ran_again(again, job_id, first_start)
+        job = ran_again(again, job_id, first_start)
         assert job["attempts"] == 1, job
     print(f"the {len(jobs)} handed-back jobs ran again {time.monotonic() - back:.1f} s after Redis was back; "
-          f"0 lost")
+          f"0 lost", *(line for line in again.lines("worker") if "requeued task" in line), sep="\n")
     rc, _ = again.stop_and_wait("ctrl_c")
     assert rc == 130
