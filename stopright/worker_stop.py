@@ -39,7 +39,7 @@ log = logging.getLogger("shutdown")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
-#: Then how long the user's ``on_hand_back`` may take, for every killed child's task together.
+#: How long the user's ``on_hand_back`` may take at the close, for every killed child's task together.
 ON_HAND_BACK_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
@@ -189,8 +189,10 @@ class WorkerStop:
 
         Its message is requeued anyway (``task_reject_on_worker_lost``); this
         is for what the task kept elsewhere (the demo: its ledger row). It runs
-        in a thread of its own for :data:`ON_HAND_BACK_SECONDS` at most: the
-        demo's writes to a frozen database held the kill back, and the stop
+        with this process's close handlers (newest first: before a database it
+        uses is closed), within :data:`ON_HAND_BACK_SECONDS` and the close
+        phase's budget, its stack logged if it overruns: the demo's writes to a
+        frozen database ran before the kill, with no limit, and held the stop
         past honcho's SIGKILL (issue 14).
         """
         if self.on_hand_back is None or not requests:
@@ -203,13 +205,8 @@ class WorkerStop:
                 except Exception:  # noqa: BLE001 - the others still get theirs
                     log.exception("on_hand_back failed for task %s[%s]", request.name, request.id)
 
-        thread = threading.Thread(target=call_each, name="on-hand-back", daemon=True)
-        thread.start()
-        thread.join(ON_HAND_BACK_SECONDS)
-        if thread.is_alive():
-            log.error("on_hand_back did not return within %.1f s; the stop goes on without it (the "
-                      "messages of %s are requeued anyway)", ON_HAND_BACK_SECONDS,
-                      ", ".join(f"{r.name}[{r.id}]" for r in requests))
+        registry.current().register(f"on_hand_back for {len(requests)} killed task(s)", call_each,
+                                    timeout=ON_HAND_BACK_SECONDS)
 
 
 _POLL = 0.01
