@@ -96,7 +96,7 @@ class _RefusedRequeue:
                 path = _spool(broker, str(tag), self._task)
                 then = f"it is requeued when the worker next connects to the broker (spooled in {path})"
             elif kind == "amqp":
-                then = "RabbitMQ requeues it itself once it sees the connection is gone"
+                then = "RabbitMQ requeues the unacked messages of a closed connection itself"
             else:
                 then = "the broker keeps it as unacknowledged"
         except Exception as exc:  # noqa: BLE001 - a report must never fail the stop

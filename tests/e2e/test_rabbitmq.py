@@ -264,6 +264,8 @@ def test_a_stop_while_rabbitmq_is_down_leaves_the_requeue_to_rabbitmq(procset: P
     assert "Couldn't reject" not in ps.output and "CRITICAL" not in ps.output, ps.output
     assert not list(ps.var.glob("refused-requeues*")), "nothing to spool on RabbitMQ"
     assert [ps.stored_jobs()[j]["status"] for j in jobs] == ["queued", "queued"]
+    refused = [line for line in ps.lines("worker") if "requeue refused" in line]
+    assert len(refused) == len(jobs) and all("RabbitMQ requeues" in line for line in refused), refused
 
     again = procset.make(BROKER_URL=rabbitmq.url, **no_sweep)
     again.start()
@@ -271,8 +273,8 @@ def test_a_stop_while_rabbitmq_is_down_leaves_the_requeue_to_rabbitmq(procset: P
     ready = time.monotonic()
     for job_id, first_start in zip(jobs, first_starts, strict=True):
         assert ran_again(again, job_id, first_start)["attempts"] == 1
-    print(f"\nCtrl+C with RabbitMQ down: stopped in {stop_seconds:.1f} s; "
-          f"{[line for line in ps.lines('worker') if 'requeue' in line]}; the {len(jobs)} handed-back "
-          f"jobs ran again {time.monotonic() - ready:.1f} s after the restart was ready")
+    print(f"\nCtrl+C with RabbitMQ down: stopped in {stop_seconds:.1f} s, 0 SIGKILL; the {len(jobs)} "
+          f"handed-back jobs ran again {time.monotonic() - ready:.1f} s after the restart was ready",
+          *refused, sep="\n")
     rc, _ = again.stop_and_wait("ctrl_c")
     assert rc == 130

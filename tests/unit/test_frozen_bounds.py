@@ -200,7 +200,7 @@ def test_a_refused_requeue_on_rabbitmq_is_left_to_rabbitmq(tmp_path, monkeypatch
     with caplog.at_level(logging.WARNING, logger="requeue"):
         reporter.critical("Couldn't reject %r, reason: %r", 7, ConnectionError("down"), exc_info=True)
     assert not (tmp_path / requeue.SPOOL_NAME).exists()
-    assert "RabbitMQ requeues it itself" in caplog.text and "secret" not in caplog.text
+    assert "RabbitMQ requeues the unacked messages" in caplog.text and "secret" not in caplog.text
 
 
 def test_the_spool_has_a_place_that_outlives_the_worker(monkeypatch, tmp_path) -> None:
