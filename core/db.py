@@ -179,6 +179,8 @@ def _connect(_dialect: Any, _record: Any, cargs: tuple, cparams: dict[str, Any])
     """SQLAlchemy's ``do_connect``: a bounded connection, opened within this thread's budget."""
     not_answering, bounded = _psycopg()
     budget = _wait_budget()
+    if budget <= 0:  # this thread's deadline has passed: no attempt left to wait for
+        raise not_answering("no time left to connect to PostgreSQL (the caller's deadline has passed)")
     timeout = max(MIN_CONNECT_TIMEOUT_SECONDS, math.ceil(get_settings().database_timeout_seconds))
     params = {"connect_timeout": timeout, **cparams}  # a connect_timeout in DATABASE_URL wins
     attempt = _Attempt(lambda: bounded.connect(*cargs, **params))

@@ -150,7 +150,7 @@ def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
         print(f"\nCtrl+C during a PostgreSQL freeze: stopped in {stop_seconds:.1f} s, {killed} SIGKILL(s)")
         assert_clean_stop(ps, rc, 130)  # no SIGKILL from honcho, every process's own stop complete
         assert "did not hand back" not in out, out
-        assert "stop phase overran" not in out, out
+        assert "stop phase overran" not in out and "timed out" not in out, out  # no phase, no close hung
     finally:
         postgres.thaw()
     thawed = time.monotonic()
