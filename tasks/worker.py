@@ -17,7 +17,7 @@ import os  # noqa: E402
 from celery import signals  # noqa: E402
 
 import stopright  # noqa: E402
-from core import broker, db, forks, logs  # noqa: E402
+from core import broker, db, forks, logs, outages  # noqa: E402
 from core.celery_app import celery_app  # noqa: E402
 from core.config import get_settings  # noqa: E402
 from jobs import ledger  # noqa: E402
@@ -45,8 +45,11 @@ def _hand_back_ledger_row(request) -> None:
             if job is not None and ledger.hand_back(job_id, job["attempts"]):
                 log.warning("job %s handed back to the queue for its killed pool child", job_id)
     except Exception as exc:  # noqa: BLE001 - the sweeper requeues it after its lease
-        log.warning("could not hand back job %s (%s: %s); the sweeper takes it back once its lease "
-                    "lapses", job_id, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200])
+        if outages.database_outage(exc) is None:
+            log.exception("could not hand back job %s; the sweeper will requeue it", job_id)
+            return
+        log.warning("could not hand back job %s (database %s: %s); the sweeper takes it back once its "
+                    "lease lapses", job_id, outages.database_outage(exc), type(exc).__name__)
 
 
 # A requeue the broker refused at a stop is spooled with the set's other state, and done once it is back.
