@@ -109,7 +109,10 @@ class PostgresServer:
             process.suspend()
 
     def thaw(self) -> None:
-        for process in self._frozen:
+        # As root, runuser stands between us and the postmaster and stops itself when its child
+        # stops (su's job control): it is continued too, or it never reaps the postmaster.
+        wrapper = [psutil.Process(self.proc.pid)] if self._frozen and self.proc and self.user else []
+        for process in [*self._frozen, *wrapper]:
             try:
                 process.resume()
             except psutil.NoSuchProcess:
