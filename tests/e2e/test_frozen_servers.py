@@ -10,9 +10,10 @@ no TCP-level timeout ever fires; only a deadline in the client ends a wait
   that waited on it would show as a client timeout, not as a slow answer;
 * no connection is left half-open: at a clean stop after the thaw, PostgreSQL
   logs no reset and no unexpected EOF;
-* a stop during the freeze is clean (no SIGKILL) and hands the running jobs
-  back; after a restart they run again (attempt 1: handed back, not taken
-  back by the sweeper, whose lease here outlasts the test).
+* a stop during the freeze is clean (no SIGKILL) with requests waiting on the
+  server, each answered 503 or refused once the listener is closed, and hands
+  the running jobs back; after a restart they run again (attempt 1: handed
+  back, not taken back by the sweeper, whose lease here outlasts the test).
 
 And a Redis broker that is down at the stop: the hand-back's requeue fails,
 and the message runs once the broker is back (stopright/requeue.py), not after
@@ -31,6 +32,7 @@ from typing import Any
 from tests.e2e.checks import assert_clean_stop, ran_again
 from tests.procset import ProcessSet
 from tests.servers import PostgresServer, RedisServer
+from tests.workload import _request as request_once
 
 #: How long the clients keep asking while PostgreSQL is frozen.
 FROZEN_LOAD_SECONDS = 6.0
@@ -44,50 +46,67 @@ NO_SWEEP = {"JOB_LEASE_SECONDS": "600", "JOB_QUEUED_LEASE_SECONDS": "600"}
 @dataclass
 class Answer:
     what: str
-    status: int  # 0: no answer (the client's timeout, a reset)
+    outcome: str  # the HTTP status, or "refused", "reset", "timeout" (tests/workload.py)
     seconds: float
     body: Any
 
 
-def _ask(ps: ProcessSet, what: str, method: str, path: str, body: Any = None) -> Answer:
-    started = time.monotonic()
-    response = ps.http(method, path, body, timeout=CLIENT_TIMEOUT)
-    return Answer(what, response.status, time.monotonic() - started, response.body)
+class Clients:
+    """``CLIENTS`` threads posting a job, long-polling one and asking /readyz, in a loop, until stopped.
 
+    Each request on a new connection, given ``CLIENT_TIMEOUT`` to be answered: a request that waits
+    on a frozen server ends as "timeout". A refused connection (the set stopped) pauses the thread.
+    """
 
-def _frozen_load(ps: ProcessSet, job_id: str) -> list[Answer]:
-    """``CLIENTS`` threads posting jobs, long-polling one and asking /readyz for ``FROZEN_LOAD_SECONDS``."""
-    answers: list[Answer] = []
-    lock = threading.Lock()
-    until = time.monotonic() + FROZEN_LOAD_SECONDS
+    def __init__(self, ps: ProcessSet, job_id: str) -> None:
+        self.port = ps.port
+        self.job_id = job_id
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
 
-    def client() -> None:
-        while time.monotonic() < until:
+    def start(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wait_for(self, count: int) -> None:
+        """Until ``count`` answers came back (the load is in flow)."""
+        deadline = time.monotonic() + 3 * CLIENT_TIMEOUT
+        while len(self.answers) < count:
+            assert time.monotonic() < deadline, self.summary()
+            time.sleep(0.05)
+
+    def stop(self) -> list[Answer]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(3 * CLIENT_TIMEOUT + 10)
+        assert not any(t.is_alive() for t in self._threads), "a client thread never ended"
+        return self.answers
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
             for what, method, path, body in (
                     ("POST /jobs", "POST", "/jobs", {"task": "echo", "args": {"value": 1}}),
-                    ("long poll", "GET", f"/jobs/{job_id}?wait=5", None),
+                    ("long poll", "GET", f"/jobs/{self.job_id}?wait=5", None),
                     ("GET /readyz", "GET", "/readyz", None)):
-                answer = _ask(ps, what, method, path, body)
-                with lock:
-                    answers.append(answer)
+                started = time.monotonic()
+                outcome, parsed = request_once(self.port, method, path, body, timeout=CLIENT_TIMEOUT)
+                with self._lock:
+                    self.answers.append(Answer(what, outcome, time.monotonic() - started, parsed))
+                if outcome == "refused":
+                    self._stop.wait(0.05)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(FROZEN_LOAD_SECONDS + 3 * CLIENT_TIMEOUT + 10)
-    assert not any(t.is_alive() for t in threads), "a client thread never ended"
-    return answers
-
-
-def _summary(answers: list[Answer]) -> str:
-    by_kind: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-    longest: dict[str, float] = collections.defaultdict(float)
-    for answer in answers:
-        by_kind[answer.what][answer.status] += 1
-        longest[answer.what] = max(longest[answer.what], answer.seconds)
-    return "; ".join(f"{what}: {dict(counts)} (longest {longest[what]:.1f} s)"
-                     for what, counts in by_kind.items())
+    def summary(self) -> str:
+        """Requests by kind and outcome, with the longest wait of each kind."""
+        by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        longest: dict[str, float] = collections.defaultdict(float)
+        for answer in self.answers:
+            by_kind[answer.what][answer.outcome] += 1
+            longest[answer.what] = max(longest[answer.what], answer.seconds)
+        return "; ".join(f"{what}: {dict(counts)} (longest {longest[what]:.1f} s)"
+                         for what, counts in by_kind.items())
 
 
 def _unclean_ends(log: str) -> list[str]:
@@ -106,14 +125,16 @@ def test_a_frozen_postgres_answers_503_and_leaves_no_connection_half_open(
 
     postgres.freeze()
     try:
-        answers = _frozen_load(ps, waiting)
+        clients = Clients(ps, waiting).start()
+        time.sleep(FROZEN_LOAD_SECONDS)  # the load's length, not a proof
+        answers = clients.stop()  # every request has its answer before the server thaws
     finally:
         postgres.thaw()
     thawed = time.monotonic()
-    print(f"\nPostgreSQL frozen {FROZEN_LOAD_SECONDS:.0f} s under {CLIENTS} clients: {_summary(answers)}")
+    print(f"\nPostgreSQL frozen {FROZEN_LOAD_SECONDS:.0f} s under {CLIENTS} clients: {clients.summary()}")
 
     # Every request was answered while the server stayed frozen, none with a 5xx other than 503.
-    assert answers and {a.status for a in answers} == {503}, _summary(answers)
+    assert answers and {a.outcome for a in answers} == {"503"}, clients.summary()
     for answer in answers:
         if answer.what == "GET /readyz":
             assert any(r.startswith("database") for r in answer.body["reasons"]), answer
@@ -144,11 +165,16 @@ def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
 
     postgres.freeze()
     try:
+        clients = Clients(ps, jobs[0]).start()
+        clients.wait_for(CLIENTS)  # requests are waiting on the frozen server when the stop comes
         rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
+        answers = clients.stop()
         out = ps.output
         killed = out.count("sending SIGKILL") + len(re.findall(r"did not hand back .*: SIGKILL", out))
-        print(f"\nCtrl+C during a PostgreSQL freeze: stopped in {stop_seconds:.1f} s, {killed} SIGKILL(s)")
+        print(f"\nCtrl+C during a PostgreSQL freeze: stopped in {stop_seconds:.1f} s, {killed} SIGKILL(s); "
+              f"requests: {clients.summary()}")
         assert_clean_stop(ps, rc, 130)  # no SIGKILL from honcho, every process's own stop complete
+        assert {a.outcome for a in answers} <= {"503", "refused"}, clients.summary()  # none hung or reset
         assert "did not hand back" not in out, out
         assert "stop phase overran" not in out and "timed out" not in out, out  # no phase, no close hung
     finally:
@@ -186,11 +212,15 @@ def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet
 
     external_redis.stop()
     ps.wait_for_line(r"(?i)connection to broker lost|Cannot connect to redis", timeout=30, name="worker")
+    clients = Clients(ps, jobs[0]).start()
+    clients.wait_for(CLIENTS)
     rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
+    answers = clients.stop()
     out = ps.output
     print(f"\nCtrl+C with Redis down: stopped in {stop_seconds:.1f} s, "
-          f"{out.count('sending SIGKILL')} SIGKILL(s)")
+          f"{out.count('sending SIGKILL')} SIGKILL(s); requests: {clients.summary()}")
     assert_clean_stop(ps, rc, 130, nothing_to_close=("broker",))
+    assert {a.outcome for a in answers} <= {"200", "202", "503", "refused"}, clients.summary()
     assert "Couldn't reject" not in out and "CRITICAL" not in out, out
     stored = ps.stored_jobs()
     assert [stored[j]["status"] for j in jobs] == ["queued", "queued"], stored  # handed back in the ledger
