@@ -27,7 +27,7 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
-from core import broker, outages
+from core import broker, db, outages
 from core.config import get_settings
 from core.db import get_engine
 from jobs import ledger, outbox
@@ -41,6 +41,8 @@ POLL_SECONDS = 0.05
 MAX_JSON_DEPTH = 64
 #: Retry-After of a 503 or 507 for a database outage, in seconds.
 RETRY_AFTER_SECONDS = 5
+#: How long /readyz waits for the database (the broker's check has its own: core/broker.py).
+READY_CHECK_SECONDS = 1.0
 
 
 class JobRequest(BaseModel):
@@ -127,7 +129,7 @@ def readyz() -> tuple[dict[str, Any], int]:
     if registry.current().shutting_down.is_set():
         reasons.append("shutting down")
     try:
-        with get_engine().connect() as conn:
+        with db.deadline(READY_CHECK_SECONDS), get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         kind = outages.database_outage(exc)

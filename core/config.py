@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("BROKER_URL", "CELERY_BROKER_URL"),
         validate_default=True, description="redis://, unix:// or amqp:// URL; unset = the Redis above")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in var/")
+    # How long one wait on PostgreSQL may take (a connection attempt, one statement's answer)
+    # before it fails as an outage (503): a frozen server answers nothing, ever (core/db.py).
+    database_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     shutdown_grace_seconds: float = Field(default=DEFAULT_GRACE_SECONDS, gt=0, le=3600)
     # After a stop signal, how long web serves on (/readyz 503) before it stops
     # accepting: a load balancer's time to stop routing here (stopright/budget.py).

@@ -93,6 +93,7 @@ def install(celery_app: Celery, *, grace: float | None = None,
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
+    celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
 
 
 def _program() -> str:

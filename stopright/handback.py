@@ -116,6 +116,8 @@ class HandBackTask(Task):
 
     #: The whole task may be cut short; False: only inside :func:`interruptible` sections.
     interrupt_anywhere = True
+    #: A requeue the broker refuses (down at the stop) is done once it is back (stopright/requeue.py).
+    Request = "stopright.requeue:Request"
 
     def __call__(self, *args, **kwargs):
         with _run.handling():

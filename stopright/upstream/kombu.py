@@ -33,6 +33,14 @@ REACHES = {
     "kombu.resource.Resource._closed": "a pool marked closed: acquire fails, force_close_all returns",
     "kombu.Connection._close": "close with the protocol's handshake, what release() does outside a pool",
     "kombu.pools.connections / kombu.pools.producers": "the per-process pool groups (dicts of pools)",
+    # stopright/requeue.py: a requeue the broker refused, done once it is back.
+    "celery Request.reject -> kombu.Message.reject_log_error": (
+        "Celery's reject calls its on_reject(logger, errors, requeue), the consumer's promise of "
+        "message.reject_log_error, which reports a reject refused with a connection error as "
+        "logger.critical(message, delivery_tag, error) and swallows it"),
+    "kombu.transport.redis.QoS.restore_by_tag": (
+        "one WATCH/MULTI transaction: the message a delivery tag names in the unacked hash back on its "
+        "queue (leftmost: where a reject puts it), or nothing when it is no longer there"),
 }
 
 
@@ -61,6 +69,11 @@ def _empty(pool: Resource) -> list[Any]:
     while pool._resource.queue:
         held.append(pool._resource.queue.pop())
     return held
+
+
+def restore_unacked(channel: Any, delivery_tag: str) -> None:
+    """Redis: requeue the unacknowledged message of ``delivery_tag`` as a reject would have, once at most."""
+    channel.qos.restore_by_tag(delivery_tag, leftmost=True)
 
 
 def forget_inherited() -> None:

@@ -1,7 +1,7 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard, kombu and CPython.
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard and CPython.
 
-One check per key of Celery's ``REACHES`` (billiard's, kombu's and CPython's:
-test_upstream_shapes_kombu.py; gunicorn's: test_upstream_shapes_gunicorn.py),
+One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py,
+kombu's: test_upstream_shapes_kombu.py),
 against the installed library, with real objects where they are cheap (a kombu pool on
 ``memory://``, a Celery app, a kombu hub): the digest of every copied method, the signature
 of every hook, the call sites whose behaviour is relied on, every private attribute. A
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 import weakref
 
 import billiard.compat
@@ -28,17 +31,17 @@ from kombu import pidbox as kombu_pidbox
 from kombu.asynchronous import Hub
 
 from stopright import handback
+from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
+from stopright.upstream import cpython as cpython_internals
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.cpython"}
 ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
-             "stopright.upstream.billiard": "tests/unit/test_upstream_shapes_kombu.py",
-             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py",
-             "stopright.upstream.cpython": "tests/unit/test_upstream_shapes_kombu.py"}
+             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py"}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
@@ -124,7 +127,6 @@ def _(key: str) -> None:
 
 @shape(C, "celery.apps.beat.Beat.install_sync_handler / Celery.Beat (a cached property)")
 def _(key: str) -> None:
-    from celery import Celery
     from celery.apps import beat as apps_beat
 
     shapes.check_signature(key, apps_beat.Beat.install_sync_handler, "self, service")
@@ -258,6 +260,58 @@ def _(key: str) -> None:
     if not any(r.exc_info and isinstance(r.exc_info[1], Reject) for r in records):
         shapes.fail(key, f"Celery no longer logs a Reject with its traceback on {C.TRACE_LOGGER!r}",
                     "find where celery/app/trace.py logs it now; point TRACE_LOGGER there")
+
+
+# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
+
+B = billiard_internals
+
+
+@shape(B, "billiard.pool.Worker._do_exit")
+def _(key: str) -> None:
+    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
+                        "stopright/upstream/billiard.py")
+    shapes.check_override(key, C.Worker, "_do_exit")
+    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
+    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
+        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
+                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
+    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
+                       "the child leaves through _do_exit once its work loop ends")
+
+
+@shape(B, "billiard.pool.Pool.Worker")
+def _(key: str) -> None:
+    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
+    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
+    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
+                       "each child is built from the pool's class attribute")
+    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
+
+
+@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
+def _(key: str) -> None:
+    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
+    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
+
+
+# -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
+
+
+@shape(cpython_internals, "atexit._run_exitfuncs")
+def _(key: str) -> None:
+    import atexit
+
+    shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
+    # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
+    # what it does is checked instead, in a child: it runs the handlers once, newest first.
+    program = ("import atexit; atexit.register(print, 'first'); atexit.register(print, 'second'); "
+               "atexit._run_exitfuncs(); print('after')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or done.stdout.split() != ["second", "first", "after"]:
+        shapes.fail(key, f"CPython changed atexit._run_exitfuncs (it printed {done.stdout.split()}, "
+                         f"rc {done.returncode}: {done.stderr.strip()[-200:]})",
+                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
 
 
 # -- the tests -------------------------------------------------------------------------------------

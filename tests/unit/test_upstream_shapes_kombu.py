@@ -1,70 +1,31 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into billiard, kombu and CPython.
+"""Upgrade-shape tests: every reach of stopright/upstream/kombu.py into kombu (and the Celery call into it).
 
-One check per key of each module's ``REACHES`` (Celery's: test_upstream_shapes.py), against
-the installed library, with real objects where they are cheap (a kombu pool on ``memory://``).
+One check per key of its ``REACHES``, against the installed kombu, with real objects where
+they are cheap (a kombu pool on ``memory://``, a Message on a channel that refuses): the
+private attributes of kombu's pools, the close with the protocol's handshake, how a refused
+reject is reported, and the Redis transport's restore of an unacknowledged message (its
+source: a real restore needs a Redis server, which tests/e2e/test_frozen_servers.py runs).
 """
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
+import inspect
 
-import billiard.compat
-import billiard.pool
 import pytest
-from celery.concurrency import asynpool
+from celery.worker import request
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection, pools
 from kombu.connection import ConnectionPool
+from kombu.message import Message
 from kombu.resource import Resource
+from kombu.transport import redis as kombu_redis
 
-from stopright.upstream import billiard as billiard_internals
-from stopright.upstream import celery as celery_internals
-from stopright.upstream import cpython as cpython_internals
-from stopright.upstream import kombu as kombu_internals
+from stopright.upstream import kombu as K
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
-HERE = {"stopright.upstream.billiard", "stopright.upstream.kombu", "stopright.upstream.cpython"}
-C = celery_internals
 
-# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
-
-B = billiard_internals
-
-
-@shape(B, "billiard.pool.Worker._do_exit")
-def _(key: str) -> None:
-    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
-                        "stopright/upstream/billiard.py")
-    shapes.check_override(key, C.Worker, "_do_exit")
-    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
-    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
-        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
-                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
-    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
-                       "the child leaves through _do_exit once its work loop ends")
-
-
-@shape(B, "billiard.pool.Pool.Worker")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
-    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
-    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
-                       "each child is built from the pool's class attribute")
-    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
-
-
-@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
-    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
-
-
-# -- kombu (stopright/upstream/kombu.py) ---------------------------------------------------------
-
-K = kombu_internals
 
 
 def _pool() -> ConnectionPool:
@@ -130,23 +91,53 @@ def _(key: str) -> None:
     assert issubclass(pools.ProducerPool, Resource), key
 
 
-# -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
+# -- a requeue the broker refused (stopright/requeue.py) -----------------------------------------
 
 
-@shape(cpython_internals, "atexit._run_exitfuncs")
+@shape(K, "celery Request.reject -> kombu.Message.reject_log_error")
 def _(key: str) -> None:
-    import atexit
+    shapes.check_text(key, request.Request.reject,
+                      ["self._on_reject(logger, self._connection_errors, requeue)"],
+                      "stopright's Request sets on_reject to hand kombu its reporter instead of the logger")
+    on_reject = inspect.getattr_static(request.Request, "on_reject")
+    if not isinstance(on_reject, property) or on_reject.fset is None:
+        shapes.fail(key, "celery changed Request.on_reject: no longer a settable property",
+                    "re-read stopright/requeue.py Request.reject")
+    shapes.check_text(key, CeleryConsumer.create_task_handler,
+                      ["promise(call_soon_ack, (message.reject_log_error,)"],
+                      "the task's reject callback is kombu's reject_log_error, given the reject's logger")
 
-    shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
-    # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
-    # what it does is checked instead, in a child: it runs the handlers once, newest first.
-    program = ("import atexit; atexit.register(print, 'first'); atexit.register(print, 'second'); "
-               "atexit._run_exitfuncs(); print('after')")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0 or done.stdout.split() != ["second", "first", "after"]:
-        shapes.fail(key, f"CPython changed atexit._run_exitfuncs (it printed {done.stdout.split()}, "
-                         f"rc {done.returncode}: {done.stderr.strip()[-200:]})",
-                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
+    class Refusing:
+        no_ack_consumers = None
+
+        def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+            raise ConnectionError("broker down")
+
+    reports: list[tuple] = []
+
+    class Reporter:
+        def critical(self, *args: object, **kwargs: object) -> None:
+            reports.append(args)
+
+    message = Message(body=b"{}", delivery_tag="tag-1", channel=Refusing())
+    message.reject_log_error(Reporter(), (ConnectionError,), requeue=True)  # must not raise
+    if len(reports) != 1 or reports[0][1:2] != ("tag-1",) or not isinstance(reports[0][2], ConnectionError):
+        shapes.fail(key, f"kombu changed Message.reject_log_error: it reported {reports}",
+                    "stopright/requeue.py _RefusedRequeue.critical(message, delivery_tag, error) expects "
+                    "one critical() with the tag and the error; re-read it")
+
+
+@shape(K, "kombu.transport.redis.QoS.restore_by_tag")
+def _(key: str) -> None:
+    shapes.check_signature(key, kombu_redis.QoS.restore_by_tag, "self, tag, client, leftmost")
+    shapes.check_text(key, kombu_redis.QoS.restore_by_tag,
+                      ["p = pipe.hget(self.unacked_key, tag)", "pipe.multi()",
+                       "self._remove_from_indices(tag, pipe)", "if p:",
+                       "self.channel._do_restore_message(M, EX, RK, pipe, leftmost)",
+                       "client.transaction(restore_transaction, self.unacked_key)"],
+                      "the unacked message is taken out and pushed back in one WATCH/MULTI transaction")
+    shapes.check_text(key, kombu_redis.QoS.reject, ["self.restore_by_tag(delivery_tag, leftmost=True)"],
+                      "a reject with requeue restores leftmost: stopright's restore does the same")
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -158,6 +149,5 @@ def test_upstream_shape(module: str, key: str) -> None:
 
 
 def test_every_reach_has_a_shape_check() -> None:
-    """A new reach cannot land without its check."""
-    problems = CHECKS.problems(HERE)
+    problems = CHECKS.problems({"stopright.upstream.kombu"})
     assert not problems, "\n".join(problems)
