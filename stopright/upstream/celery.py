@@ -70,6 +70,8 @@ REACHES = {
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
         "stopright/handback.py HandBackTask.__call__ wraps each run (Celery calls run() directly otherwise)",
+    "celery.backends.database.DatabaseBackend.session_manager.invalidate(url)":
+        "disposes the pooled engine a forked pool child keeps for the result backend (close_result_backend)",
     "celery.app.trace logger: a task's Reject is logged there, with its traceback":
         "stopright/handback.py QuietHandBack drops a hand-back's traceback there (TRACE_LOGGER)",
 }
@@ -318,3 +320,18 @@ def reset_apps_after_fork() -> None:
         apps.add(current)
     for app in apps:
         app._after_fork()
+
+
+def close_result_backend(backend: object) -> None:
+    """A pool child's result-backend connections, closed (PostgreSQL logs the others as ``unexpected EOF``).
+
+    Celery's database backend keeps a pooled engine in a forked pool child
+    (``SessionManager.forked``; elsewhere each session's connection closes at
+    once) and nothing closes it: a child exits with ``os._exit``. Other
+    backends keep theirs in kombu's pools (closed with them) or in clients
+    whose servers do not mind.
+    """
+    manager = getattr(backend, "session_manager", None)
+    url = getattr(backend, "url", None)
+    if manager is not None and url:
+        manager.invalidate(url)

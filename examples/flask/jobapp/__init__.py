@@ -29,7 +29,7 @@ def create_app() -> Flask:
     app.config.from_prefixed_env()
     models.init_app(app)
     with app.app_context():
-        stopright.register("database", models.db.engine.dispose)
+        stopright.register("database", models.db.engine.dispose, forks=True)
     celery_init_app(app)
 
     from jobapp import views
