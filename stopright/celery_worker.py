@@ -119,6 +119,7 @@ def _connect() -> None:
     signals.celeryd_init.connect(_worker_starting, weak=False)
     signals.worker_init.connect(_worker_init, weak=False)
     signals.worker_init.connect(_check_worker, weak=False)
+    signals.celeryd_after_setup.connect(_warn_worker, weak=False)
     signals.beat_init.connect(_check_beat, weak=False)
     signals.worker_ready.connect(_install_stop_handlers, weak=False)
     signals.worker_process_init.connect(_child_init, weak=False)
@@ -136,14 +137,18 @@ def _worker_starting(**_: object) -> None:
 
 def _worker_init(**_: object) -> None:
     """MainProcess, before the pool forks: its kombu connections closed at exit."""
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
 def _check_worker(sender: Any, **_: object) -> None:
-    """MainProcess, before the pool starts: settings in effect, the tasks' base, what forks leave behind."""
+    """MainProcess, first thing: the settings the stop relies on are in effect, else stop here."""
     checks.require_settings(sender.app, SETTINGS)
-    checks.warn_tasks_not_handed_back(sender.app)
-    pool = get_implementation(sender.pool_cls)
+
+
+def _warn_worker(instance: Any, **_: object) -> None:
+    """MainProcess, logging set up, before the pool starts: the tasks' base, what its forks leave behind."""
+    checks.warn_tasks_not_handed_back(instance.app)
+    pool = get_implementation(instance.pool_cls)
     checks.warn_left_behind_by_pool(isinstance(pool, type) and issubclass(pool, prefork.TaskPool))
 
 
