@@ -1,6 +1,6 @@
 """The shapes users write (issue 14, point 4), as units: the registry across fork, install, checks.
 
-The programs themselves: tests/e2e/test_user_shapes.py and test_flask_app.py.
+The programs themselves: tests/e2e/test_user_shapes.py and tests/e2e/test_flask_app.py.
 """
 
 from __future__ import annotations
