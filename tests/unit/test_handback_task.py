@@ -176,9 +176,9 @@ def test_a_backend_that_does_not_answer_cannot_hold_the_hand_back(caplog) -> Non
         app = flask_style_app([], backend=url)
 
         @app.task(track_started=True)  # as if Celery had stored STARTED (the silent backend never would)
-        def long_job() -> None:
+        def frozen_backend_job() -> None:
             hand_back_now()
 
-        reject = rejected(long_job)  # a hang here would be the backend holding the hand-back
+        reject = rejected(frozen_backend_job)  # a hang here would be the backend holding the hand-back
     assert reject.requeue is True
     assert "its stored state could not be reset to PENDING (no answer within" in caplog.text, caplog.text
