@@ -23,7 +23,6 @@ What a stop does to a stock Celery worker, and what ``install`` changes:
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
@@ -182,9 +181,9 @@ def _child_init(**_: object) -> None:
     """
     stop_signals.enable_stack_dumps()
     registry.register("celery broker connections", kombu_internals.close_pooled_connections)
-    backend = current_app.backend  # this thread's (Celery keeps one per thread): the one tasks use
-    close_backend = functools.partial(celery_internals.close_result_backend, backend)
-    registry.register("celery result backend", close_backend)
+    close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
+    if close_backend is not None:
+        registry.register("celery result backend", close_backend)
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)

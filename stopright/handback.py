@@ -167,14 +167,15 @@ def _reset_stored_state(task: HandBackTask) -> None:
     """
     request = task.request
     task_id = getattr(request, "id", None)
+    backend = task.backend  # this thread's: Celery builds one per thread, a new one would connect anew
     stored = _calls.stored_state or (task.track_started and not task.ignore_result)
-    if not stored or task_id is None or isinstance(task.backend, DisabledBackend):
+    if not stored or task_id is None or isinstance(backend, DisabledBackend):
         return
     errors: list[BaseException] = []
 
     def store() -> None:
         try:
-            task.backend.store_result(task_id, None, states.PENDING, request=request)
+            backend.store_result(task_id, None, states.PENDING, request=request)
         except Exception as exc:  # noqa: BLE001 - reported below, the hand-back goes on
             errors.append(exc)
 

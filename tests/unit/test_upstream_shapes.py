@@ -237,7 +237,7 @@ def _(key: str) -> None:
     backend.session_manager._after_fork()  # as in a pool child: an engine kept per URL
     backend.ResultSession().close()
     assert backend.session_manager._engines, f"{key}: a forked pool child keeps no engine now: re-read"
-    C.close_result_backend(backend)
+    C.result_backend_close(backend)()  # type: ignore[misc]
     assert not backend.session_manager._engines, f"{key}: invalidate(url) no longer drops the engine"
 
 
