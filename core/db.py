@@ -62,7 +62,7 @@ def get_engine() -> Engine:
         _engine_pid = os.getpid()
         # During shutdown the registry closes a late resource at once; the
         # caller still gets a working engine for the request in hand.
-        registry.current().register("database", close)
+        registry.current().register("database", close, forks=False)
         if _engine is None:  # closed at once: this process is stopping
             # An engine without a pool: each connection closes when the request
             # releases it. A pooled one would be left open, closed by no one: the
@@ -263,7 +263,7 @@ def after_fork() -> None:
     if _engine is not None and _engine_pid != os.getpid():
         _engine.dispose(close=False)
         _engine_pid = os.getpid()
-        registry.current().register("database", close)
+        registry.current().register("database", close, forks=False)
 
 
 def close() -> None:

@@ -29,9 +29,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
+from celery.concurrency import get_implementation, prefork
 
-from stopright import budget, registry
+from stopright import budget, checks, registry
 from stopright import signals as stop_signals
 from stopright.handback import HANDBACK_SIGNAL, QuietHandBack, interrupt
 from stopright.upstream import celery as celery_internals
@@ -85,15 +86,29 @@ def install(celery_app: Celery, *, grace: float | None = None,
         celery_internals.beat_without_sync_handler(celery_app)
     if grace is not None:
         budget.configure(grace=grace)
-    celery_app.conf.update(SETTINGS)
-    if celery_app.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
-        celery_app.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
+    if celery_app.configured:
+        _apply_settings(celery_app)
+    else:  # kept in the pending configuration; read nothing yet (reading would load it now)
+        celery_app.conf.update(SETTINGS)
+    celery_app.on_after_configure.connect(_apply_settings, weak=False, dispatch_uid="stopright.install")
     _installed["on_hand_back"] = on_hand_back
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
     celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+
+
+def _apply_settings(sender: Celery, **_: object) -> None:
+    """:data:`SETTINGS` and beat's scheduler, on the app's configuration as loaded now.
+
+    Connected to ``on_after_configure``: ``config_from_object`` after ``install``
+    (the Flask docs' ``celery_init_app``) builds the configuration anew and
+    would drop what was set here; it is set again on every load.
+    """
+    sender.conf.update(SETTINGS)
+    if sender.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
+        sender.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
 
 
 def _program() -> str:
@@ -105,6 +120,9 @@ def _program() -> str:
 def _connect() -> None:
     signals.celeryd_init.connect(_worker_starting, weak=False)
     signals.worker_init.connect(_worker_init, weak=False)
+    signals.worker_init.connect(_check_worker, weak=False)
+    signals.celeryd_after_setup.connect(_warn_worker, weak=False)
+    signals.beat_init.connect(_check_beat, weak=False)
     signals.worker_ready.connect(_install_stop_handlers, weak=False)
     signals.worker_process_init.connect(_child_init, weak=False)
     signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
@@ -121,7 +139,24 @@ def _worker_starting(**_: object) -> None:
 
 def _worker_init(**_: object) -> None:
     """MainProcess, before the pool forks: its kombu connections closed at exit."""
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
+
+
+def _check_worker(sender: Any, **_: object) -> None:
+    """MainProcess, first thing: the settings the stop relies on are in effect, else stop here."""
+    checks.require_settings(sender.app, SETTINGS)
+
+
+def _warn_worker(instance: Any, **_: object) -> None:
+    """MainProcess, logging set up, before the pool starts: the tasks' base, what its forks leave behind."""
+    checks.warn_tasks_not_handed_back(instance.app)
+    pool = get_implementation(instance.pool_cls)
+    checks.warn_left_behind_by_pool(isinstance(pool, type) and issubclass(pool, prefork.TaskPool))
+
+
+def _check_beat(sender: Any, **_: object) -> None:
+    """Beat, its scheduler built: stopright's, or stop here with what to change."""
+    checks.require_stopright_scheduler(sender.scheduler)
 
 
 def _install_stop_handlers(**_: object) -> None:
@@ -149,6 +184,9 @@ def _child_init(**_: object) -> None:
     """
     stop_signals.enable_stack_dumps()
     registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
+    if close_backend is not None:
+        registry.register("celery result backend", close_backend)
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)

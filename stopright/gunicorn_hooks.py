@@ -58,6 +58,7 @@ def on_starting(server) -> None:
     log_to_error_log(server)
     stop_budget = budget.announce()
     reg = registry.current()
+    registry.warn_left_behind("gunicorn master, before it forks its workers (the app is preloaded)")
     drain = stop_budget.drain
 
     def on_stop(signum: int) -> bool:  # from the master's loop, not in signal context

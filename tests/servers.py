@@ -323,6 +323,15 @@ class RabbitMQServer:
         return found
 
 
+@dataclass
+class Vhost:
+    """A vhost of a :class:`RabbitMQServer` node, for one test."""
+
+    node: RabbitMQServer
+    name: str
+    url: str
+
+
 def _distinct_free_ports(count: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < count:

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from billiard.compat import setblocking
 from billiard.pool import CLOSE, RUN, TERMINATE, WorkersJoined
@@ -72,6 +73,8 @@ REACHES = {
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
         "stopright/handback.py HandBackTask.__call__ wraps each run (Celery calls run() directly otherwise)",
+    "celery.backends.database.DatabaseBackend.session_manager.invalidate(url)":
+        "disposes the pooled engine a forked pool child keeps for the result backend (result_backend_close)",
     "celery.app.trace logger: a task's Reject is logged there, with its traceback":
         "stopright/handback.py QuietHandBack drops a hand-back's traceback there (TRACE_LOGGER)",
 }
@@ -338,3 +341,20 @@ def beat_without_sync_handler(app) -> None:
             return None
 
     app.Beat = Beat
+
+
+def result_backend_close(backend: object) -> Callable[[], None] | None:
+    """The close of a pool child's result-backend connections; None where there is nothing to close.
+
+    Celery's database backend keeps a pooled engine in a forked pool child
+    (``SessionManager.forked``; elsewhere each session's connection closes at
+    once) and nothing closes it: a child exits with ``os._exit``, and
+    PostgreSQL logs each of them as ``unexpected EOF``. Other backends keep
+    theirs in kombu's pools (closed with them) or in clients whose servers do
+    not mind.
+    """
+    manager = getattr(backend, "session_manager", None)
+    url = getattr(backend, "url", None)
+    if manager is None or not url:
+        return None
+    return functools.partial(manager.invalidate, url)

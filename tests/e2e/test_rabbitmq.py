@@ -14,50 +14,18 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psutil
 import pytest
 
 from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run, ran_again
+from tests.e2e.conftest import Vhost
 from tests.e2e.test_direct_ctrl_c import queue_job
 from tests.procset import ProcessSet
-from tests.servers import AmqpConnection, RabbitMQServer, find_rabbitmq, missing
+from tests.servers import AmqpConnection
 
 FAST_SWEEP = {"SWEEP_INTERVAL_SECONDS": "1", "JOB_QUEUED_LEASE_SECONDS": "2"}
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_node() -> Iterator[RabbitMQServer]:
-    bindir = find_rabbitmq()
-    if bindir is None:
-        missing("no RabbitMQ server is installed (rabbitmq-server not found)", "REQUIRE_RABBITMQ")
-    node = RabbitMQServer(bindir)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.remove()
-
-
-@dataclass
-class Vhost:
-    node: RabbitMQServer
-    name: str
-    url: str
-
-
-@pytest.fixture
-def rabbitmq(rabbitmq_node: RabbitMQServer) -> Vhost:
-    """A fresh vhost on the session's node (started again if a test left it stopped)."""
-    if rabbitmq_node.proc is None or rabbitmq_node.proc.poll() is not None:
-        rabbitmq_node.stop()
-        rabbitmq_node.start()
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    return Vhost(rabbitmq_node, name, rabbitmq_node.add_vhost(name))
 
 
 def _role(process: psutil.Process) -> str:

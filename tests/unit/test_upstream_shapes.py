@@ -241,6 +241,16 @@ def _(key: str) -> None:
         app.close()
 
 
+@shape(C, "celery.backends.database.DatabaseBackend.session_manager.invalidate(url)")
+def _(key: str) -> None:
+    backend = Celery("shapes", broker="memory://", backend="db+sqlite://", set_as_current=False).backend
+    backend.session_manager._after_fork()  # as in a pool child: an engine kept per URL
+    backend.ResultSession().close()
+    assert backend.session_manager._engines, f"{key}: a forked pool child keeps no engine now: re-read"
+    C.result_backend_close(backend)()  # type: ignore[misc]
+    assert not backend.session_manager._engines, f"{key}: invalidate(url) no longer drops the engine"
+
+
 @shape(C, "celery.app.trace logger: a task's Reject is logged there, with its traceback")
 def _(key: str) -> None:
     records: list[logging.LogRecord] = []
