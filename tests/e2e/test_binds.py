@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -199,6 +201,7 @@ def service():
     pid = os.fork()
     if pid == 0:
         os.dup2(sock.fileno(), 3)
+        os.set_inheritable(3, True)  # dup2 onto itself keeps the socket's close-on-exec
         os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
         os.execvp(command[0], command)
     _, status = os.waitpid(pid, 0)
@@ -249,12 +252,22 @@ def test_socket_activation_serves_and_leaves_the_socket_clean_for_the_next_start
     assert_clean(server, workers, counts, None, left)
 
 
-def test_workers_of_another_user_keep_the_socket_working_and_drain(tmp_path: Path) -> None:
+@pytest.fixture
+def readable_dir():
+    """A directory ``nobody`` can read (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="stopright-binds-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_workers_of_another_user_keep_the_socket_working_and_drain(readable_dir: Path) -> None:
     # gunicorn's user=/group=: the workers cannot read /proc/<master>/fd.
     if os.geteuid() != 0:
         missing("user= needs root (the workers switch to nobody)", "REQUIRE_ROOT")
+    tmp_path = readable_dir
     target = Target("127.0.0.1", free_port())
-    common = ["--bind", target.bind, "--user", "nobody", "--group", "nogroup", "--preload"]
+    common = ["--bind", target.bind, "--user", "nobody", "--group", "nogroup"]
 
     # A worker recycled (max_requests) while the master serves on leaves the socket as it was.
     server = Gunicorn(tmp_path / "recycle", [*common, "--max-requests", "40", "--max-requests-jitter", "0"])
