@@ -93,8 +93,9 @@ def target_for(kind: str, tmp_path: Path) -> Target:
                                               ("unix", "ThreadWorker")])
 def test_a_stop_on_each_bind_answers_or_refuses_every_request(tmp_path: Path, kind: str, worker: str) -> None:
     target = target_for(kind, tmp_path)
-    server = Gunicorn(tmp_path, ["--bind", target.bind, "--worker-class",
-                                 f"stopright.upstream.gunicorn.{worker}"])
+    threads = "1" if worker == "SyncWorker" else "4"  # a *SyncWorker with threads: gunicorn runs its gthread
+    server = Gunicorn(tmp_path, ["--bind", target.bind, "--threads", threads,
+                                 "--worker-class", f"stopright.upstream.gunicorn.{worker}"])
     try:
         server.start()
         wait_served(target, server)
