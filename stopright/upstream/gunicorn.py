@@ -1,29 +1,20 @@
-"""gunicorn worker classes whose stop never resets a connection the kernel accepted.
+"""gunicorn worker classes whose stop never resets a connection the kernel accepted; the master's stop.
 
 The hazard (measured: 32 clients posting jobs and long-polling them, ^C):
 a stopping gunicorn worker stops calling ``accept()`` but keeps its copy of
-the listening socket open until it exits. The kernel goes on completing
-handshakes into the shared accept queue, and when the last process closes
-the socket, every connection still queued there is reset. Clients that got
-``Connection: close`` on their last answer reconnect at once and land in
-that queue: every request that started in the first ~60 ms after ^C was
-reset (17 POST + 15 GET per run). Stock gthread also keeps each kept-alive
-connection open for up to 2 s at stop, in case a request is on its way.
-
-What a stopping worker does here, on gunicorn's SIGTERM (or our graceful
-SIGINT), in its main thread:
+the listening socket open until it exits; when the last process closes the
+socket, every connection still queued there is reset (every request that
+started in the first ~60 ms after ^C). Stock gthread also keeps each
+kept-alive connection open for up to 2 s at stop, in case a request is on
+its way. What a stopping worker does here, on any stop signal:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
    its client will not reuse the connection and cannot be caught by a close.
-2. The worker goes on accepting, and serving with ``Connection: close``,
-   until the master has closed its copy of the listening socket (it does
-   so as soon as it handles the signal); then it accepts what is queued one
-   last time and closes its own (:func:`_hand_over`). Once the last copy is
-   closed, new connections are *refused* (the client knows nothing was done
-   and can retry elsewhere) instead of queued and reset. The only window
-   left is the microseconds between the last worker's last ``accept()`` and
-   its ``close()``.
+2. It serves what the kernel queues until nothing more can come, then
+   closes its listener (stopright/listener.py ``hand_over``): a client
+   turned away is *refused*, never reset, on every bind (TCP, Unix socket,
+   a socket shared with the next master or with systemd).
 3. Kept-alive connections are closed at once (as Go's
    ``http.Server.Shutdown`` and nginx do), unless a request has already
    arrived on one, which is served. A connection answered less than
@@ -31,15 +22,13 @@ SIGINT), in its main thread:
    the next request right now, and closing under it would drop that request.
 
 Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes
-subclass gunicorn 27's own workers and override only what is named here;
-the socket work is in stopright/listener.py. The master's stop signals are
-made graceful here too (:func:`graceful_master`).
+subclass gunicorn 27's own workers and override only what is named here.
+The master's stop is made graceful here too (:func:`graceful_master`).
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import threading
@@ -57,7 +46,14 @@ REACHES = {
     "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / handle_alrm":
         "replaced on the instance (handle_alrm added): the loop looks each up by name; handle_term's "
         "StopIteration is the graceful stop",
-    "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers",
+    "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers "
+        "(kill_workers replaced on the instance)",
+    "gunicorn.arbiter.Arbiter.stop: closes the listeners, then kill_workers; takes INT/QUIT from SIG_QUEUE":
+        "the listeners are closed when it tells the workers; INT/QUIT made repeats (no quick stop)",
+    "gunicorn.arbiter.Arbiter.master_pid / reexec_pid / LISTENERS (USR2 upgrade)":
+        "the old master (0 once gone), the new one (0 once gone): who else holds the listeners",
+    "gunicorn.config.Config.address: fd:// binds as ints; GUNICORN_FD, LISTEN_FDS read later":
+        "the listening sockets a master inherits",
     "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit":
         "stopright/gunicorn_hooks.py worker_exit takes the exit code from the SystemExit on its way out",
     "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi / "
@@ -359,16 +355,9 @@ def _repeats_only(server) -> None:
     any already waiting there dropped (the stop would drop the others too).
     """
     for signum in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, _repeat)
-    while True:
-        try:
-            server.SIG_QUEUE.get_nowait()
-        except queue.Empty:
-            return
-
-
-def _repeat(signum: int, frame: object) -> None:
-    """A stop signal during the master's graceful stop: nothing more to do."""
+        signal.signal(signum, lambda signum, frame: None)
+    while not server.SIG_QUEUE.empty():  # only this thread takes from it
+        server.SIG_QUEUE.get_nowait()
 
 
 def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
