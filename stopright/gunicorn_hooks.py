@@ -16,7 +16,15 @@ Stop signals and what they do then (every one is graceful):
       should answer 503 then), so a load balancer stops routing here before
       the listener closes. The master tells its workers (SIGTERM) in case
       only it got the signal (PID 1 of a container); a second SIGINT or
-      SIGQUIT ends the drain.
+      SIGQUIT ends the drain. A thread times it: no other signal is taken
+      (an app's own SIGALRM handler, a request timeout, stays its own).
+
+Every bind: TCP over IPv4 or IPv6, a Unix socket (``unix:/run/web.sock``
+behind nginx), a socket inherited from the master before a ``USR2``
+upgrade (which outlives it) or from systemd's socket activation. A client
+is answered or refused, never reset; nothing refuses connections on a
+socket another server still holds, and a socket filter a past server left
+on an inherited socket is detached at start (stopright/listener.py).
 """
 
 from __future__ import annotations
