@@ -371,7 +371,8 @@ def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
     the socket filter may need a privilege its workers dropped (``user=``).
     """
     listeners = server.LISTENERS
-    shared = bool(server.reexec_pid or server.master_pid)
+    old = server.master_pid  # the master before a USR2 upgrade: a holder till it is gone
+    shared = bool(server.reexec_pid) or (old != 0 and old == os.getppid())
     if not shared and from_outside:
         shared = held_elsewhere(listeners, os.getpid()) is not False  # not known: assume so
     refused = [] if shared else [refuse_handshakes(lr) for lr in listeners if lr.family != socket.AF_UNIX]
