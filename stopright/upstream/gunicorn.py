@@ -39,7 +39,6 @@ from gunicorn.http.errors import ParseException
 from gunicorn.workers import gthread, sync
 
 from stopright.listener import MasterNotes, hand_over, held_elsewhere, holds, refuse_handshakes
-from stopright.signals import Wakeup
 
 #: What this module relies on that gunicorn does not promise (tests/unit/test_upstream_shapes_gunicorn.py).
 REACHES = {
@@ -86,7 +85,7 @@ class _ClosingApp:
         self._request = threading.local()  # the request this thread is handling
         self._draining = False
         self._drained = False
-        self._drain_begins: Wakeup | None = None
+        self._drain_begins = -1  # a pipe's write end, once the drain's thread waits on its read end
 
     def init_signals(self) -> None:
         """SIGINT and SIGQUIT stop as gracefully as SIGTERM (gunicorn: quick stop, 500s, cut answers).
@@ -99,7 +98,7 @@ class _ClosingApp:
         for signum in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, self.handle_exit)
         if self.drain_seconds > 0:
-            self._drain_begins = begins = Wakeup()
+            begins, self._drain_begins = os.pipe()
             threading.Thread(target=self._drain, args=(begins,), name="drain", daemon=True).start()
 
     def handle_exit(self, sig, frame) -> None:
@@ -112,15 +111,15 @@ class _ClosingApp:
         """
         if self._draining and sig == signal.SIGTERM and not self._drained:
             return
-        if not self._draining and self._drain_begins and self.alive and self._master_listening():
+        if not self._draining and self._drain_begins >= 0 and self.alive and self._master_listening():
             self._draining = True
-            self._drain_begins.set()
+            os.write(self._drain_begins, b"!")  # one byte into an empty pipe: never blocks
             return
         super().handle_exit(sig, frame)
 
-    def _drain(self, begins: Wakeup) -> None:
+    def _drain(self, begins: int) -> None:
         """The drain's thread: once it began, wait it out, then stop (a SIGTERM to ourselves)."""
-        begins.wait()
+        os.read(begins, 1)
         time.sleep(self.drain_seconds)
         self._drained = True
         if self.alive:  # not stopped meanwhile by a SIGINT or SIGQUIT

@@ -178,7 +178,7 @@ def test_usr2_upgrade_then_term_to_the_old_master_keeps_serving(tmp_path: Path, 
     finally:
         server.cleanup()
 
-    report(f"usr2 {kind}, the old master's stop", counts, stop_seconds, old_sigkills, stream.longest_wait())
+    report(f"usr2 {kind} (stop: the old master)", counts, stop_seconds, old_sigkills, stream.longest_wait())
     assert rc_old == 0, server.output
     assert_clean(server, old_workers + new_workers, counts, None, left)
     assert re.search(rf"\[{new}\] \[INFO\] shutdown complete in \d+ ms", server.output), server.output
