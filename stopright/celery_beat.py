@@ -38,12 +38,22 @@ class StopRightBeat:
         filename = getattr(self, "schedule_filename", None)
         if filename:  # beat may be first up on a fresh machine: make its directory
             Path(filename).parent.mkdir(parents=True, exist_ok=True)
-        super().setup_schedule()  # type: ignore[misc]
-        reg = registry.current()
-        reg.register("celery broker connections", kombu_internals.close_pooled_connections)
-        reg.register("beat schedule store and connection", super().close)  # type: ignore[misc]
-        for signum in stop_signals.STOP_SIGNALS:
-            signal.signal(signum, functools.partial(_stop, reg))
+        # No stop signal while the store opens: the start-up handler's SystemExit landing in
+        # its imports made Celery take the store for corrupted and delete it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals.STOP_SIGNALS)
+        try:
+            super().setup_schedule()  # type: ignore[misc]
+            reg = registry.current()
+            reg.register("celery broker connections", kombu_internals.close_pooled_connections)
+            reg.register("beat schedule store and connection", super().close)  # type: ignore[misc]
+            for signum in stop_signals.STOP_SIGNALS:
+                signal.signal(signum, functools.partial(_stop, reg))
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile: _stop now
+            except SystemExit:
+                self.close()  # beat's loop has not begun: nothing else would close what is open
+                raise
 
     def close(self) -> None:
         """Beat's last act (its loop ends: a stop signal, Celery's own handler among them, or an error)."""
