@@ -9,6 +9,7 @@ is stored and published when the broker is back (jobs/outbox.py).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -22,10 +23,11 @@ from werkzeug.exceptions import (
     ClientDisconnected,
     HTTPException,
     NotFound,
+    Unauthorized,
     UnsupportedMediaType,
 )
 
-from core import broker, outages
+from core import broker, db, outages
 from core.config import get_settings
 from core.db import get_engine
 from jobs import ledger, outbox
@@ -35,11 +37,12 @@ from stopright import registry
 log = logging.getLogger("api")
 bp = Blueprint("api", __name__)
 
-MAX_WAIT_SECONDS = 30
 POLL_SECONDS = 0.05
 MAX_JSON_DEPTH = 64
 #: Retry-After of a 503 or 507 for a database outage, in seconds.
 RETRY_AFTER_SECONDS = 5
+#: How long /readyz waits for the database (the broker's check has its own: core/broker.py).
+READY_CHECK_SECONDS = 1.0
 
 
 class JobRequest(BaseModel):
@@ -49,7 +52,7 @@ class JobRequest(BaseModel):
 
 
 class WaitQuery(BaseModel):
-    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
+    wait: float = Field(default=0, ge=0)
 
 
 def _reject_constant(name: str) -> None:
@@ -99,6 +102,22 @@ def _problem(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
 
 
+#: Routes a probe reaches without the API token.
+OPEN_ENDPOINTS = ("api.healthz", "api.readyz")
+
+
+@bp.before_app_request
+def require_token() -> None:
+    """With ``API_TOKEN`` set, every route but the probes needs ``Authorization: Bearer <token>``."""
+    token = get_settings().api_token
+    if token is None or request.endpoint in OPEN_ENDPOINTS:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.get_secret_value().encode()):
+        raise Unauthorized("send the API token: Authorization: Bearer <token>")
+
+
 @bp.get("/healthz")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -110,7 +129,7 @@ def readyz() -> tuple[dict[str, Any], int]:
     if registry.current().shutting_down.is_set():
         reasons.append("shutting down")
     try:
-        with get_engine().connect() as conn:
+        with db.deadline(READY_CHECK_SECONDS), get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         kind = outages.database_outage(exc)
@@ -136,7 +155,7 @@ def submit_job() -> tuple[Response, int]:
         raise BadRequest(f"unknown task {job_request.task!r}; known: {', '.join(sorted(KINDS))}")
     model, _run = KINDS[job_request.task]
     try:
-        args = model.model_validate(job_request.args).model_dump(mode="json")
+        args = model.model_validate(job_request.args, context=_limits()).model_dump(mode="json")
     except ValidationError as error:
         raise BadRequest(f"args: {_problem(error)}") from None
 
@@ -154,6 +173,9 @@ def get_job(job_id: str) -> dict[str, Any]:
         wait = WaitQuery.model_validate(request.args.to_dict()).wait
     except ValidationError as error:
         raise BadRequest(_problem(error)) from None
+    limit = get_settings().api_max_wait_seconds
+    if wait > limit:
+        raise BadRequest(f"wait: at most {limit:g} seconds here (API_MAX_WAIT_SECONDS)")
     job = ledger.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
@@ -167,10 +189,18 @@ def get_job(job_id: str) -> dict[str, Any]:
     return ledger.public(job)
 
 
+def _limits() -> dict[str, float]:
+    """What the job kinds check an API request against (jobs/kinds.py), from the settings."""
+    return {"job_max_seconds": get_settings().job_max_seconds}
+
+
 @bp.app_errorhandler(HTTPException)
 def http_error(error: HTTPException) -> tuple[Response, int]:
     code = error.code or 500
-    return jsonify({"error": {"status": code, "message": error.description}}), code
+    response = jsonify({"error": {"status": code, "message": error.description}})
+    if code == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response, code
 
 
 @bp.app_errorhandler(Exception)

@@ -49,7 +49,7 @@ def client() -> redis.Redis:
         current = _client = redis.Redis.from_url(_redis_url(), socket_timeout=PING_SECONDS,
                                                  socket_connect_timeout=PING_SECONDS)
         _client_pid = os.getpid()
-        registry.current().register("redis client", close)  # closed at once if late
+        registry.current().register("redis client", close, forks=False)  # closed at once if late
     return current
 
 
@@ -140,7 +140,7 @@ def _amqp_probe() -> _AmqpProbe:
     with _probe_lock:
         if _probe is None or _probe.pid != os.getpid():  # a parent's probe: forgotten, unclosed
             _probe = _AmqpProbe(get_settings().broker_url)
-            registry.current().register("amqp probe", _probe.close)
+            registry.current().register("amqp probe", _probe.close, forks=False)
         return _probe
 
 

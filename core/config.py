@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,6 +30,9 @@ AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 # configuration: one broker for Celery, another for readiness and the waits.
 _CELERY_SPLIT_BROKER = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
+
+#: Settings whose value never appears in a message.
+_SECRETS = ("API_TOKEN",)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -49,6 +52,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("BROKER_URL", "CELERY_BROKER_URL"),
         validate_default=True, description="redis://, unix:// or amqp:// URL; unset = the Redis above")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in var/")
+    # How long one wait on PostgreSQL may take (a connection attempt, one statement's answer)
+    # before it fails as an outage (503): a frozen server answers nothing, ever (core/db.py).
+    database_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     shutdown_grace_seconds: float = Field(default=DEFAULT_GRACE_SECONDS, gt=0, le=3600)
     # After a stop signal, how long web serves on (/readyz 503) before it stops
     # accepting: a load balancer's time to stop routing here (stopright/budget.py).
@@ -67,6 +73,12 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=5, ge=1)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"  # core/logs.py: one of LOG_LEVELS, any case
+    # What one client may ask of the set: without bounds anyone who reaches the API
+    # can pin every pool child with long jobs, or every web thread with long polls.
+    job_max_seconds: float = Field(default=300.0, gt=0, le=3600, description="the longest sleep job")
+    api_max_wait_seconds: float = Field(default=30.0, ge=0, le=300, description="the longest long poll")
+    # Set: every route but /healthz and /readyz needs ``Authorization: Bearer <token>``.
+    api_token: SecretStr | None = Field(default=None, min_length=16)
 
     @field_validator("log_level")
     @classmethod
@@ -74,6 +86,11 @@ class Settings(BaseSettings):
         if level.strip().upper() not in LOG_LEVELS:
             raise ValueError(f"not a log level: one of {', '.join(LOG_LEVELS)}")
         return level.strip().upper()  # "debug" is DEBUG
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, token: object) -> object:
+        return None if isinstance(token, str) and not token.strip() else token
 
     @field_validator("explicit_broker_url")
     @classmethod
@@ -150,6 +167,8 @@ def _problem(error: ErrorDetails) -> str:
     name = str(error["loc"][0])
     name = "BROKER_URL" if name == "explicit_broker_url" else name.upper()
     value = error.get("input")
-    if isinstance(value, str):  # amqp://user:secret@host -> amqp://user:***@host
+    if name in _SECRETS and value is not None:
+        value = "***"
+    elif isinstance(value, str):  # amqp://user:secret@host -> amqp://user:***@host
         value = re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", value)
     return f"{name}: {error['msg']}" if value is None else f"{name}={value!r}: {error['msg']}"

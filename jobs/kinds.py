@@ -11,12 +11,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 
 class SleepArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(ge=0, le=3600)
+
+    @field_validator("seconds")
+    @classmethod
+    def _within_the_api_bound(cls, seconds: float, info: ValidationInfo) -> float:
+        """The API passes its bound (``JOB_MAX_SECONDS``) as context; a worker running an
+        accepted job does not, so a lowered bound never fails a job already accepted."""
+        bound = (info.context or {}).get("job_max_seconds")
+        if bound is not None and seconds > bound:
+            raise ValueError(f"at most {bound:g} seconds here (JOB_MAX_SECONDS)")
+        return seconds
 
 
 class EchoArgs(BaseModel):

@@ -195,11 +195,17 @@ def fail(job_id: str, attempt: int, error: str) -> bool:
         status=FAILED, error=error, finished_at=utcnow(), lease_until=None), job_id, attempt)
 
 
-def hand_back(job_id: str, attempt: int) -> bool:
-    """A shutdown interrupted this run: queue the job again, attempt not counted."""
-    return _fenced_update(update(jobs).where(_FENCED).values(
+def hand_back(job_id: str, attempt: int, *, started_at: datetime | None = None) -> bool:
+    """A shutdown interrupted this run: queue the job again, attempt not counted.
+
+    ``started_at``: only the run that started then (a hand-back replayed later,
+    jobs/handbacks.py: the attempt number alone comes back after a hand-back).
+    """
+    fence = _FENCED if started_at is None else and_(_FENCED, jobs.c.started_at == bindparam("p_started"))
+    return _fenced_update(update(jobs).where(fence).values(
         status=QUEUED, attempts=jobs.c.attempts - 1, started_at=None, lease_until=None,
-        lapsed_at=None, queued_at=utcnow()), job_id, attempt)
+        lapsed_at=None, queued_at=utcnow()), job_id, attempt,
+        **({} if started_at is None else {"p_started": started_at}))
 
 
 def sweep_stranded(*, queued_lease: float, confirm_after: float) -> list[str]:

@@ -172,6 +172,39 @@ def unit_environment(values: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def environment_file(path: str) -> dict[str, str]:
+    """An ``EnvironmentFile=`` as systemd reads it (a leading ``-``: optional): ``K=V`` lines,
+    ``#``/``;`` comments, single quotes literal, double quotes with backslash escapes."""
+    optional = path.startswith("-")
+    try:
+        text = Path(path.lstrip("-")).read_text()
+    except FileNotFoundError:
+        if optional:
+            return {}
+        raise
+    env: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        elif len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        env[key.strip()] = value
+    return env
+
+
+def service_environment(unit: Mapping[str, Sequence[str]], base: Mapping[str, str]) -> dict[str, str]:
+    """``base``, then ``Environment=``, then each ``EnvironmentFile=`` (which wins, as in systemd)."""
+    env = {**base, **unit_environment(unit.get("Service.Environment", []))}
+    for path in unit.get("Service.EnvironmentFile", []):
+        env.update(environment_file(path))
+    return env
+
+
 def expand_exec(value: str, env: Mapping[str, str]) -> tuple[str, ...]:
     """ExecStart= as systemd runs it: no shell; ``${VAR}`` is one word, ``$VAR`` splits; ``%%`` is %."""
     line = value.lstrip("-@:+!").replace("%%", "%")
@@ -210,7 +243,7 @@ def systemd_plan_from_files(units_dir: Path, opts: Options) -> Plan:
     units = []
     modes = set()
     for name, unit in parsed.items():
-        env = {"PATH": DEFAULT_PATH, **unit_environment(unit.get("Service.Environment", []))}
+        env = service_environment(unit, {"PATH": DEFAULT_PATH})
         argv = expand_exec(unit["Service.ExecStart"][-1], env)
         mode = unit.get("Service.KillMode", ["control-group"])[-1]
         modes.add(mode)

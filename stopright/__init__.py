@@ -11,7 +11,7 @@ gunicorn (``gunicorn.conf.py``, or with none: ``gunicorn --config python:stoprig
 
     from stopright.gunicorn_hooks import *  # noqa: F403
 
-Any process, for what it opened::
+Any process, for what it opened (``forks=True``: and each child it forks, for its own)::
 
     stopright.register("database pool", engine.dispose)
 

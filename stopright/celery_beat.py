@@ -38,15 +38,26 @@ class StopRightBeat:
         filename = getattr(self, "schedule_filename", None)
         if filename:  # beat may be first up on a fresh machine: make its directory
             Path(filename).parent.mkdir(parents=True, exist_ok=True)
-        super().setup_schedule()  # type: ignore[misc]
-        reg = registry.current()
-        reg.register("celery broker connections", kombu_internals.close_pooled_connections)
-        reg.register("beat schedule store and connection", super().close)  # type: ignore[misc]
-        for signum in stop_signals.STOP_SIGNALS:
-            signal.signal(signum, functools.partial(_stop, reg))
+        # No stop signal while the store opens: the start-up handler's SystemExit landing in
+        # its imports made Celery take the store for corrupted and delete it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals.STOP_SIGNALS)
+        try:
+            super().setup_schedule()  # type: ignore[misc]
+            reg = registry.current()
+            reg.register("celery broker connections", kombu_internals.close_pooled_connections)
+            reg.register("beat schedule store and connection", super().close)  # type: ignore[misc]
+            for signum in stop_signals.STOP_SIGNALS:
+                signal.signal(signum, functools.partial(_stop, reg))
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile: _stop now
+            except SystemExit:
+                self.close()  # beat's loop has not begun: nothing else would close what is open
+                raise
 
     def close(self) -> None:
-        registry.current().close_all(budget=self.close_budget)
+        """Beat's last act (its loop ends: a stop signal, Celery's own handler among them, or an error)."""
+        registry.current().close_all(budget=self.close_budget, exiting=True)
 
 
 class Scheduler(StopRightBeat, PersistentScheduler):
@@ -60,11 +71,13 @@ def _stop(reg: registry.ShutdownRegistry, signum: int, _frame: object) -> None:
     raises SystemExit as Celery's own handler does (beat's loop sleeps in
     ``time.sleep``, which only an exception ends early); beat's loop catches
     it and calls ``close()``: the registry then logs "signal received" and
-    closes, out of the handler. Repeats are ignored: a second SystemExit
+    closes, out of the handler. Repeats, and a signal once the close has begun (the first
+    came through Celery's own handler, in the moment before this one is installed), are
+    ignored: a second SystemExit
     (the parent-death signal comes once per thread of the dying parent; an
     impatient Ctrl+C) would land in the middle of that close.
     """
-    if reg.recorded_signal is not None:
+    if reg.recorded_signal is not None or reg.shutting_down.is_set():  # a repeat, or closing already
         return
     reg.record_signal(signum)
     raise SystemExit(0)

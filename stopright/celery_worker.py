@@ -33,13 +33,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
+from celery.concurrency import get_implementation, prefork
 
-from stopright import budget, pools, registry
+from stopright import budget, checks, pools, registry
 from stopright import signals as stop_signals
 from stopright.handback import HANDBACK_SIGNAL, QuietHandBack, interrupt
 from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
+from stopright.upstream import celery_consumer
 from stopright.upstream import kombu as kombu_internals
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
@@ -59,9 +61,10 @@ SETTINGS: dict[str, Any] = {
     # The consumer without Celery's fixed sleeps at stop (stopright/upstream/celery.py). The pool is
     # not set here: whichever Celery's -P or worker_pool names is replaced by stopright's version of
     # it when the worker starts (stopright/pools.py), so a -P on the command line never swaps it.
-    "worker_consumer": "stopright.upstream.celery:Consumer",
-    # A lost broker connection lets running tasks finish: cancelling them would
-    # SIGTERM pool children, which ignore it. (Celery 6.0 may default to True.)
+    "worker_consumer": "stopright.upstream.celery_consumer:Consumer",
+    # Celery's cancel on a lost broker connection SIGTERMs pool children (which ignore it) and
+    # marks the tasks RETRY; stopright hands them back instead (_hand_back_on_connection_loss).
+    # (Celery 6.0 may default to True.)
     "worker_cancel_long_running_tasks_on_connection_loss": False,
     # Off by default anyway; a soft shutdown sleeps its whole timeout even when
     # the tasks finish early. The grace bounds the warm shutdown instead.
@@ -87,16 +90,33 @@ def install(celery_app: Celery, *, grace: float | None = None,
     """
     if _program() in ("worker", "beat"):
         stop_signals.exit_on_stop_signals()  # until the handlers below are in place
+    if _program() == "beat":
+        celery_internals.beat_without_sync_handler(celery_app)
     if grace is not None:
         budget.configure(grace=grace)
-    celery_app.conf.update(SETTINGS)
-    if celery_app.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
-        celery_app.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
+    if celery_app.configured:
+        _apply_settings(celery_app)
+    else:  # kept in the pending configuration; read nothing yet (reading would load it now)
+        celery_app.conf.update(SETTINGS)
+    celery_app.on_after_configure.connect(_apply_settings, weak=False, dispatch_uid="stopright.install")
     _installed["on_hand_back"] = on_hand_back
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
+    celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+
+
+def _apply_settings(sender: Celery, **_: object) -> None:
+    """:data:`SETTINGS` and beat's scheduler, on the app's configuration as loaded now.
+
+    Connected to ``on_after_configure``: ``config_from_object`` after ``install``
+    (the Flask docs' ``celery_init_app``) builds the configuration anew and
+    would drop what was set here; it is set again on every load.
+    """
+    sender.conf.update(SETTINGS)
+    if sender.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
+        sender.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
 
 
 def _program() -> str:
@@ -108,12 +128,15 @@ def _program() -> str:
 def _connect() -> None:
     signals.celeryd_init.connect(_worker_starting, weak=False)
     signals.worker_init.connect(_worker_init, weak=False)
+    signals.worker_init.connect(_check_worker, weak=False)
+    signals.celeryd_after_setup.connect(_warn_worker, weak=False)
+    signals.beat_init.connect(_check_beat, weak=False)
     signals.worker_ready.connect(_install_stop_handlers, weak=False)
     signals.worker_process_init.connect(_child_init, weak=False)
     signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
     billiard_internals.after_signal_reset.append(_child_signals)
-    celery_internals.connection_lost_hooks.append(_hand_back_on_connection_loss)
+    celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
     celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
@@ -130,7 +153,24 @@ def _worker_init(sender: Any = None, **_: object) -> None:
     chose; its kombu connections closed at exit."""
     _installed["main_pid"] = os.getpid()
     _installed["pool"] = pools.choose(sender)
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
+
+
+def _check_worker(sender: Any, **_: object) -> None:
+    """MainProcess, first thing: the settings the stop relies on are in effect, else stop here."""
+    checks.require_settings(sender.app, SETTINGS)
+
+
+def _warn_worker(instance: Any, **_: object) -> None:
+    """MainProcess, logging set up, before the pool starts: the tasks' base, what its forks leave behind."""
+    checks.warn_tasks_not_handed_back(instance.app)
+    pool = get_implementation(instance.pool_cls)
+    checks.warn_left_behind_by_pool(isinstance(pool, type) and issubclass(pool, prefork.TaskPool))
+
+
+def _check_beat(sender: Any, **_: object) -> None:
+    """Beat, its scheduler built: stopright's, or stop here with what to change."""
+    checks.require_stopright_scheduler(sender.scheduler)
 
 
 def _install_stop_handlers(sender: Any = None, **_: object) -> None:
@@ -142,31 +182,34 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     stop.start_watchdog()
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, stop.on_signal)
-    # The consumer's event loop wakes on these signals at once (upstream/celery.py wake_on_signals).
+    # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
 
 
-def _hand_back_on_connection_loss(_connection: Any, running: list) -> None:
-    """MainProcess, broker connection lost: hand back the running late-ack tasks; forget their deliveries.
+def _hand_back_on_connection_loss(connection: Any, running: list) -> None:
+    """MainProcess, broker connection lost: hand back the running late-ack tasks.
 
     RabbitMQ requeues a lost connection's unacknowledged messages at once, and
-    kombu's Redis channel restores them when Celery closes it (a Redis that
-    still answers): a task still running here would run again beside itself,
-    on this worker once it has reconnected, or on another. Celery's own answer
+    kombu's Redis channel restores them when Celery closes it, if Redis still
+    answers: a task still running here would run again beside itself, on this
+    worker once it has reconnected, or on another. Celery's own answer
     (``worker_cancel_long_running_tasks_on_connection_loss``) SIGTERMs the
     child, which ignores it, and marks the task RETRY in the result backend;
-    the hand-back stops the run and stores nothing. The delivery is forgotten:
-    a reject would requeue it a second time, and an ack or reject on the dead
-    channel fails (Redis: Celery 5.7 then exits, ``AttributeError: ...
-    'hostname'``). A Redis that was down keeps the message until its
-    visibility timeout.
+    the hand-back stops the run and stores nothing. Where the broker has the
+    message back, the delivery is forgotten (a reject would requeue it a
+    second time, or go to the dead channel); a Redis that does not answer
+    keeps it as unacknowledged, and the hand-back's refused requeue is done
+    once it is back (stopright/requeue.py).
     """
     pool = _installed.get("pool")
     if not running or pool is None:
         return
-    log.warning("broker connection lost: handing back %d running task(s); the broker gives them out again",
-                len(running))
+    amqp = getattr(getattr(connection, "transport", None), "driver_type", "") == "amqp"
+    given_back = amqp or kombu_internals.answers(connection)
+    log.warning("broker connection lost: handing back %d running task(s)%s", len(running),
+                "; the broker gives them out again" if given_back else "; the broker does not answer")
     for request in running:
-        celery_internals.forget_delivery(request)
+        if given_back:
+            celery_consumer.forget_delivery(request)
         pool.hand_back(request)
 
 
@@ -192,6 +235,9 @@ def _child_init(**_: object) -> None:
         os._exit(1)
     stop_signals.enable_stack_dumps()
     registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
+    if close_backend is not None:
+        registry.register("celery result backend", close_backend)
     for signum in stop_signals.STOP_SIGNALS:  # billiard keeps SIG_IGN; _child_signals replaces it
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)

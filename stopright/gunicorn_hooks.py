@@ -16,7 +16,15 @@ Stop signals and what they do then (every one is graceful):
       should answer 503 then), so a load balancer stops routing here before
       the listener closes. The master tells its workers (SIGTERM) in case
       only it got the signal (PID 1 of a container); a second SIGINT or
-      SIGQUIT ends the drain.
+      SIGQUIT ends the drain. A thread times it: no other signal is taken
+      (an app's own SIGALRM handler, a request timeout, stays its own).
+
+Every bind: TCP over IPv4 or IPv6, a Unix socket (``unix:/run/web.sock``
+behind nginx), a socket inherited from the master before a ``USR2``
+upgrade (which outlives it) or from systemd's socket activation. A client
+is answered or refused, never reset; nothing refuses connections on a
+socket another server still holds, and a socket filter a past server left
+on an inherited socket is detached at start (stopright/listener.py).
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import sys
 
 from stopright import budget, registry
 from stopright import signals as stop_signals
+from stopright.listener import detach_filter
 from stopright.upstream import kombu as kombu_internals
 from stopright.upstream.cpython import run_atexit_handlers
-from stopright.upstream.gunicorn import graceful_master
+from stopright.upstream.gunicorn import end_drain_after, graceful_master, inherited_listeners, upgraded_from
 
 __all__ = ["graceful_timeout", "on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
            "worker_exit"]
@@ -52,27 +61,37 @@ fast_exit = True
 
 
 def on_starting(server) -> None:
-    """Master: follow the manager's death, stack dumps, every stop signal graceful, after the drain."""
-    stop_signals.stop_with_parent()
+    """Master: follow the manager's death, stack dumps, inherited sockets made whole, every stop
+    signal graceful, after the drain."""
+    # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
+    stop_signals.stop_with_parent(after=upgraded_from(server) or None)
     stop_signals.enable_stack_dumps()
     log_to_error_log(server)
+    inherited, from_outside = inherited_listeners(server)
+    for fd in inherited:  # a stopped server of an older stopright may have left its filter there
+        if detach_filter(fd):
+            log.warning("the listening socket inherited as fd %d dropped new connections (a socket filter "
+                        "a past server left on it): detached", fd)
     stop_budget = budget.announce()
     reg = registry.current()
+    registry.warn_left_behind("gunicorn master, before it forks its workers (the app is preloaded)")
     drain = stop_budget.drain
+    drain_timer = None
 
     def on_stop(signum: int) -> bool:  # from the master's loop, not in signal context
+        nonlocal drain_timer
         if not reg.shutting_down.is_set():
             reg.signal_received(signum)
             if drain > 0:
                 log.info("draining for %.1f s: serving on, /readyz says 503", drain)
                 server.kill_workers(signal.SIGTERM)  # they drain too (PID 1 gets the only signal)
-                signal.setitimer(signal.ITIMER_REAL, drain)  # then SIGALRM: the graceful stop
+                drain_timer = end_drain_after(server, drain)  # then the graceful stop
                 return False
-        elif drain > 0 and signum == signal.SIGTERM and signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        elif signum == signal.SIGTERM and drain_timer is not None and drain_timer.is_alive():
             return False  # a repeat during the drain; SIGINT or SIGQUIT end it
         return True
 
-    graceful_master(server, on_stop)
+    graceful_master(server, on_stop, from_outside=from_outside)
 
 
 class _ErrorLogHandler(logging.Handler):

@@ -1,9 +1,11 @@
-"""The hand-back protocol, inside a pool child: a task that outlives the grace goes back to the queue.
+"""The hand-back protocol, where a task runs: a task that outlives the grace goes back to the queue.
 
 The worker's MainProcess (stopright/worker_stop.py) sends :data:`HANDBACK_SIGNAL`
 (SIGUSR2) to each pool child still running a task when the grace is used up.
 Here, in the child, that signal raises :class:`HandBack` inside the task's
-code; :class:`HandBackTask` turns it into ``Reject(requeue=True)``, so the
+code (under the other pools, stopright/pools.py raises it in the task's
+thread or throws it into its greenlet: :func:`interrupt_run`,
+:func:`interrupt_green`); :class:`HandBackTask` turns it into ``Reject(requeue=True)``, so the
 message (acknowledged late) goes back to the queue and another worker runs
 the task from the start. Tasks must therefore be idempotent, as Celery's
 ``acks_late`` already asks.
@@ -19,13 +21,16 @@ run the sweeper took back this way).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from celery import Task, current_task
+from celery import Task, current_task, states
+from celery.backends.base import DisabledBackend
 from celery.exceptions import Reject
 
 from stopright.upstream import cpython as cpython_internals
@@ -232,29 +237,116 @@ def stop_run(reason: type[BaseException]) -> bool:
     return True
 
 
+#: How long a hand-back may spend resetting the task's stored state (its pool child is SIGKILLed 0.5 s after
+#: the hand-back signal if it has not handed back by then).
+RESET_STATE_SECONDS = 0.2
+
+
+class _Calls(threading.local):
+    """The run of this thread, as the task wrappers see it: nested calls (a subclass's ``__call__``
+    calling ``super().__call__``, a task calling another directly) belong to the outermost one."""
+
+    depth = 0
+    stored_state = False  # the run stored a state of its own (update_state)
+
+
+_calls = _Calls()
+
+
+def _handing_back(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a task class's ``__call__``: the run it makes is the one the hand-back interrupts.
+
+    Celery calls a task class's own ``__call__`` instead of ``run()`` (``task_has_custom``,
+    stopright/upstream/celery.py REACHES), so whatever that ``__call__`` does (Flask's
+    ``FlaskTask`` runs ``self.run`` in the app context, never ``Task.__call__``), this wrapper
+    is around it. Reentrant: only the outermost wrapper of a thread hands back.
+    """
+
+    @functools.wraps(call)
+    def __call__(self: HandBackTask, *args: Any, **kwargs: Any) -> Any:
+        if _calls.depth:
+            return call(self, *args, **kwargs)
+        _calls.depth, _calls.stored_state = 1, False
+        try:
+            with _run.handling():
+                try:
+                    if not self.interrupt_anywhere:
+                        return call(self, *args, **kwargs)
+                    with interruptible():
+                        return call(self, *args, **kwargs)
+                except HandBack:
+                    log.warning("task %s[%s] handed back to the queue (interrupted by shutdown)",
+                                self.name, getattr(self.request, "id", "?"))
+                    _reset_stored_state(self)
+                    raise Reject(HANDED_BACK, requeue=True) from None
+        finally:
+            _calls.depth = 0
+
+    __call__._hands_back = True  # type: ignore[attr-defined]
+    return __call__
+
+
+def _reset_stored_state(task: HandBackTask) -> None:
+    """A handed-back run's stored state (``PROGRESS``, ``STARTED``) back to ``PENDING``, bounded.
+
+    The run is over and the task waits in the queue: a status page must not
+    show it in progress while no worker runs it. At most
+    :data:`RESET_STATE_SECONDS`: a result backend that is down must not hold the
+    hand-back (the pool child exits soon after, and the write with it).
+    """
+    request = task.request
+    task_id = getattr(request, "id", None)
+    backend = task.backend  # this thread's: Celery builds one per thread, a new one would connect anew
+    stored = _calls.stored_state or (task.track_started and not task.ignore_result)
+    if not stored or task_id is None or isinstance(backend, DisabledBackend):
+        return
+    errors: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            backend.store_result(task_id, None, states.PENDING, request=request)
+        except Exception as exc:  # noqa: BLE001 - reported below, the hand-back goes on
+            errors.append(exc)
+
+    thread = threading.Thread(target=store, name="stopright-reset-state", daemon=True)
+    thread.start()
+    thread.join(RESET_STATE_SECONDS)
+    if thread.is_alive() or errors:
+        log.warning("task %s[%s]: its stored state could not be reset to PENDING (%s): the result "
+                    "backend shows its last state until it runs again", task.name, task_id,
+                    repr(errors[0]) if errors else f"no answer within {RESET_STATE_SECONDS} s")
+
+
 class HandBackTask(Task):
     """The base class of every task (``Celery(task_cls=HandBackTask)``): a stop hands it back.
 
     A :class:`HandBack` that leaves the task becomes ``Reject(requeue=True)``:
     with ``task_acks_late`` the message goes back to the queue, neither lost
-    nor marked failed. A task can catch ``HandBack`` itself to record that it
-    was handed back, then raise ``Reject`` (the demo's job task does).
+    nor marked failed, and a state the run stored (``update_state``,
+    ``task_track_started``) is reset to ``PENDING``. A task can catch
+    ``HandBack`` itself to record that it was handed back, then raise
+    ``Reject`` (the demo's job task does). A subclass may define its own
+    ``__call__`` (Flask's ``FlaskTask``): it is wrapped the same way.
     """
 
     #: The whole task may be cut short; False: only inside :func:`interruptible` sections.
     interrupt_anywhere = True
+    #: A requeue the broker refuses (down at the stop) is done once it is back (stopright/requeue.py).
+    Request = "stopright.requeue:Request"
 
-    def __call__(self, *args, **kwargs):
-        with _run.handling():
-            try:
-                if not self.interrupt_anywhere:
-                    return super().__call__(*args, **kwargs)
-                with interruptible():
-                    return super().__call__(*args, **kwargs)
-            except HandBack:
-                log.warning("task %s[%s] handed back to the queue (interrupted by shutdown)",
-                            self.name, getattr(self.request, "id", "?"))
-                raise Reject(HANDED_BACK, requeue=True) from None
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__call__")
+        if own is not None and not getattr(own, "_hands_back", False):
+            cls.__call__ = _handing_back(own)  # type: ignore[method-assign]
+
+    __call__ = _handing_back(Task.__call__)
+
+    def update_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None,
+                     **kwargs: Any) -> None:
+        if task_id is None or task_id == getattr(self.request, "id", None):
+            _calls.stored_state = True
+        super().update_state(task_id, state, meta, **kwargs)
 
 
 class QuietHandBack(logging.Filter):

@@ -10,18 +10,27 @@ run). :func:`hand_over` serves what is queued until nothing more can come,
 then closes: a client turned away is *refused* (it knows nothing was done
 and can retry elsewhere), never reset. Plain sockets and /proc: nothing of
 gunicorn's here (stopright/upstream/gunicorn.py calls it).
+
+Every bind: TCP over IPv4 or IPv6, and Unix sockets (``AF_UNIX``: a
+``connect()`` completes into the accept queue at once, there is no
+handshake in progress; a socket filter would see the stream's bytes, not
+TCP headers). And sockets shared with another server (the next gunicorn
+master after ``USR2``, systemd's socket unit): new connections are refused
+only on a socket no one else holds (:class:`MasterNotes`), since what
+refuses them is on the socket itself, for every process that has it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import select
 import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 #: How long a stopping worker waits for the master to close its copy of the
 #: listening socket (it does so as soon as it handles the stop signal). Only
@@ -35,7 +44,46 @@ HANDSHAKE_SETTLE = 0.05
 _POLL = 0.005
 
 
-def hand_over(listener, master: int, serve: Callable[..., None]) -> None:
+class MasterNotes:
+    """What a stopping master tells the workers it forked: two bytes of memory shared across ``fork``.
+
+    Create it in the master before the first fork. ``closed``: the master
+    closed its copies of the listening sockets (its stop began); read by a
+    worker that cannot see ``/proc/<master>/fd`` (gunicorn's ``user=``: the
+    workers run as another user). ``alone``: no process outside this server
+    holds the sockets (no next master after an upgrade, no old one, no
+    systemd socket unit), so new connections may be refused on them; the
+    master also says whether it already refuses TCP handshakes (a socket
+    filter may need a privilege the workers dropped). Unknown until the
+    master's stop: a worker then refuses nothing.
+    """
+
+    _UNKNOWN, _SHARED, _ALONE, _REFUSING = 0, 1, 2, 3
+
+    def __init__(self) -> None:
+        self._mem = mmap.mmap(-1, 2)  # MAP_SHARED | MAP_ANONYMOUS: each worker sees the master's writes
+
+    @property
+    def closed(self) -> bool:
+        return self._mem[0] == 1
+
+    def note_closed(self) -> None:
+        self._mem[0] = 1
+
+    @property
+    def alone(self) -> bool:
+        return self._mem[1] in (self._ALONE, self._REFUSING)
+
+    @property
+    def refusing(self) -> bool:
+        """The master made the TCP listeners drop new handshakes (:func:`refuse_handshakes`)."""
+        return self._mem[1] == self._REFUSING
+
+    def note_sharing(self, shared: bool, refusing: bool = False) -> None:
+        self._mem[1] = self._SHARED if shared else self._REFUSING if refusing else self._ALONE
+
+
+def hand_over(listener, master: int, serve: Callable[..., None], notes: MasterNotes | None = None) -> None:
     """Serve what the kernel queues on ``listener`` until nothing more can come; then close ours.
 
     The last process to close a listening socket resets every connection
@@ -46,45 +94,106 @@ def hand_over(listener, master: int, serve: Callable[..., None]) -> None:
     closed first would leave the master to reset what arrived meanwhile
     (measured: 1 to 18 resets in some stops). So each worker keeps accepting,
     and serving with ``Connection: close``, until the master's copy is gone
-    (at most :data:`MASTER_CLOSE_WAIT`). Then the whole server is stopping:
-    the socket stops taking new handshakes (:func:`_refuse_handshakes`), the
-    ones in progress complete, everything queued is served, and only then
-    is it closed. A client turned away meanwhile gets its connection
-    refused (after its SYN retry, 1 s later), never reset.
+    (at most :data:`MASTER_CLOSE_WAIT`). Then the whole server is stopping;
+    on a socket no one else holds (``notes``), new connections are refused
+    (a TCP client after its SYN retry, 1 s later; a Unix one at once), the
+    handshakes in progress complete, everything queued is served, and only
+    then is it closed. On a shared socket nothing is refused: the other
+    server's processes keep it, and its queue, open.
     """
+    waiting = select.poll()  # not select(): file descriptors >= 1024 (a raised limit, many connections)
+    waiting.register(listener.fileno(), select.POLLIN)
     deadline = time.monotonic() + MASTER_CLOSE_WAIT
     while True:
-        master_closed = not holds(master, listener)
-        for client, addr in _accept_pending(listener):
-            serve(listener, client, addr)
+        master_closed = not holds(master, listener, notes)
+        _serve_pending(listener, serve)
         if master_closed or time.monotonic() >= deadline:
             break
-        select.select([listener], [], [], _POLL)  # a new connection, or time to look again
-    if master_closed and _refuse_handshakes(listener):
-        port = listener.getsockname()[1]
-        settle = time.monotonic() + HANDSHAKE_SETTLE
-        while True:
-            for client, addr in _accept_pending(listener):
-                serve(listener, client, addr)
-            if time.monotonic() >= settle or not _handshakes_in_progress(port):
-                break
-            select.select([listener], [], [], _POLL)
-        for client, addr in _accept_pending(listener):
-            serve(listener, client, addr)
+        waiting.poll(_POLL * 1000)  # a new connection, or time to look again
+    if master_closed and notes is not None and notes.alone:
+        if listener.family == socket.AF_UNIX:
+            _refuse_connections(listener)
+        elif notes.refusing or refuse_handshakes(listener):
+            port = listener.getsockname()[1]
+            settle = time.monotonic() + HANDSHAKE_SETTLE
+            while True:
+                _serve_pending(listener, serve)
+                if time.monotonic() >= settle or not _handshakes_in_progress(port):
+                    break
+                waiting.poll(_POLL * 1000)
+    _serve_pending(listener, serve)
     listener.close()
 
 
-def holds(pid: int, listener) -> bool:
-    """Whether process ``pid`` still has ``listener`` open (Linux /proc; elsewhere: assume so)."""
+def _serve_pending(listener, serve: Callable[..., None]) -> None:
+    for client, addr in _accept_pending(listener):
+        serve(listener, client, addr)
+
+
+def holds(pid: int, listener, notes: MasterNotes | None = None) -> bool:
+    """Whether process ``pid`` (the master) still has ``listener`` open.
+
+    Linux /proc; where it cannot be read (another user's process: gunicorn's
+    ``user=``), the master's ``notes``; with neither, assume so (the caller
+    then waits :data:`MASTER_CLOSE_WAIT` and refuses nothing).
+    """
     fd = listener.fileno()
     try:
         theirs = os.stat(f"/proc/{pid}/fd/{fd}")
+    except PermissionError:
+        return notes is None or not notes.closed
     except FileNotFoundError:
-        return not os.path.isdir("/proc/self/fd")  # no /proc: wait out MASTER_CLOSE_WAIT
+        if not os.path.isdir("/proc/self/fd"):  # no /proc
+            return notes is None or not notes.closed
+        return False
     except OSError:
         return False
     ours = os.fstat(fd)
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def held_elsewhere(listeners: Iterable, server: int) -> bool | None:
+    """Whether a process outside ``server`` (that pid and its children) has one of ``listeners`` open.
+
+    Linux /proc, every process's open files; None when that cannot be told:
+    some process's files are unreadable (another user's, to a user without
+    privilege), or no /proc.
+    """
+    targets = set()
+    for listener in listeners:
+        try:
+            targets.add(os.readlink(f"/proc/self/fd/{listener.fileno()}"))  # "socket:[<inode>]"
+        except OSError:
+            return None
+    unknown = False
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+        if pid in (server, os.getpid()):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:  # gone meanwhile
+            continue
+        if any(_link(pid, fd) in targets for fd in fds) and _parent(pid) != server:
+            return True
+    return None if unknown else False
+
+
+def _link(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _SockFilter(ctypes.Structure):
@@ -93,6 +202,7 @@ class _SockFilter(ctypes.Structure):
 
 
 _SO_ATTACH_FILTER = 26  # Linux, asm-generic/socket.h
+_SO_DETACH_FILTER = 27
 # A classic BPF socket filter that drops a TCP segment with SYN set and ACK
 # clear (a new handshake) and lets every other through (the ACK that
 # completes a handshake already under way). The TCP header starts at offset 0.
@@ -105,16 +215,17 @@ _DROP_NEW_SYN = (_SockFilter * 5)(
 )
 
 
-def _refuse_handshakes(listener) -> bool:
-    """Make the listening socket ignore new connection attempts; False where unsupported.
+def refuse_handshakes(listener) -> bool:
+    """Make a TCP listening socket ignore new connection attempts; False where unsupported.
 
-    Linux's ``SO_ATTACH_FILTER`` (no privilege needed). The filter is on the
-    socket itself, so it holds for every process that has it open; it is
-    attached only once the master has closed its copy, when every worker is
-    stopping too. Dropped SYNs are retried by the client a second later and
-    then refused, since the socket is closed by then.
+    Linux's ``SO_ATTACH_FILTER`` (some kernels ask a privilege for it). The
+    filter is on the socket itself, so it holds for every process that has
+    it open, and stays until detached: attach it only when the whole server
+    is stopping and no one else holds the socket (:class:`MasterNotes`).
+    Dropped SYNs are retried by the client a second later and then refused,
+    since the socket is closed by then.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or listener.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     prog = struct.pack("HL", len(_DROP_NEW_SYN), ctypes.addressof(_DROP_NEW_SYN))
     try:
@@ -122,6 +233,44 @@ def _refuse_handshakes(listener) -> bool:
     except OSError:
         return False
     return True
+
+
+def detach_filter(fd: int) -> bool:
+    """Detach any socket filter from the socket ``fd``; True if there was one.
+
+    For a socket inherited from a past server, which may have left a filter
+    that drops every new connection (:func:`refuse_handshakes`).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        copy = os.dup(fd)
+    except OSError:  # no such file descriptor
+        return False
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:  # no socket
+        os.close(copy)
+        return False
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:  # ENOENT: none attached
+            return False
+    return True
+
+
+def _refuse_connections(listener) -> None:
+    """A Unix listening socket: ``connect()`` is refused from now on; those already queued stay.
+
+    ``shutdown(SHUT_RD)`` on the listening socket (Linux; there is no way
+    back, so only on a socket no one else holds). Elsewhere it fails and
+    the socket is closed as it is.
+    """
+    try:
+        listener.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _handshakes_in_progress(port: int) -> bool:

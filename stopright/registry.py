@@ -56,6 +56,7 @@ class _Handler:
     name: str
     close: Callable[[], object]
     timeout: float
+    forks: bool | None = None  # see ShutdownRegistry.register
 
 
 class ShutdownRegistry:
@@ -75,9 +76,21 @@ class ShutdownRegistry:
         self.shutting_down = threading.Event()
 
     # -- registration -----------------------------------------------------
-    def register(self, name: str, close: Callable[[], object], *, timeout: float | None = None) -> None:
-        """Add a close handler; it runs at shutdown, before those registered earlier."""
-        handler = _Handler(name, close, self._handler_timeout if timeout is None else timeout)
+    def register(self, name: str, close: Callable[[], object], *, timeout: float | None = None,
+                 forks: bool | None = None) -> None:
+        """Add a close handler; it runs at shutdown, before those registered earlier.
+
+        ``forks``: whether a child this process forks after now inherits the handler.
+        ``True``: it does, and runs it at its own stop; for a close that closes only
+        what the calling process opened (SQLAlchemy's ``engine.dispose`` when no
+        connection was opened before the fork, a redis-py client). Never for a
+        connection opened before the fork (libpq, AMQP): in the child, closing it
+        would end the parent's session; a child must drop it instead.
+        ``False``: it does not; the child opens and registers its own (or never uses it).
+        ``None`` (the default): it does not, and :func:`warn_left_behind` names it at the
+        start of a process that forks (Celery's prefork pool, gunicorn ``--preload``).
+        """
+        handler = _Handler(name, close, self._handler_timeout if timeout is None else timeout, forks)
         with self._lock:
             late = self._closed
             if not late:
@@ -90,6 +103,16 @@ class ShutdownRegistry:
     def names(self) -> list[str]:
         with self._lock:
             return [h.name for h in self._handlers]
+
+    def left_behind(self) -> list[str]:
+        """Handlers a forked child would not inherit and was not told about (``forks=None``)."""
+        with self._lock:
+            return [h.name for h in self._handlers if h.forks is None]
+
+    def _inherit(self, parent: ShutdownRegistry) -> None:
+        """In a forked child: the parent's ``forks=True`` handlers (read without its lock, which
+        another thread of the parent may have held at the fork)."""
+        self._handlers = [h for h in list(parent._handlers) if h.forks]
 
     # -- the shutdown sequence --------------------------------------------
     def record_signal(self, signum: int) -> None:
@@ -135,8 +158,11 @@ class ShutdownRegistry:
         started = self._started_at
         return 0 if started is None else round((self._clock() - started) * 1000)
 
-    def close_all(self, budget: float | None = None) -> list[Outcome]:
+    def close_all(self, budget: float | None = None, *, exiting: bool | None = None) -> list[Outcome]:
         """Run every handler once, newest first; later calls do nothing.
+
+        ``exiting``: the process leaves right after (default: when a stop signal
+        was recorded); repeated stop signals are then ignored (:func:`_ignore_stop_signals`).
 
         ``budget`` bounds the whole sequence: each handler gets its own
         timeout or what is left of the budget, whichever is less (but at
@@ -157,6 +183,8 @@ class ShutdownRegistry:
             left = None if deadline is None else max(MIN_HANDLER_SECONDS, deadline - self._clock())
             outcomes.append(self._run(handler, left))
         log.info("shutdown complete in %d ms", self.elapsed_ms)
+        if exiting or (exiting is None and self.recorded_signal is not None):
+            _ignore_stop_signals()
         return outcomes
 
     def _run(self, handler: _Handler, left: float | None = None) -> Outcome:
@@ -190,23 +218,62 @@ class ShutdownRegistry:
         return Outcome(handler.name, "closed", elapsed)
 
 
+#: Every signal a manager stops with (SIGQUIT: supervisord's and `honcho export`'s): all graceful.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _ignore_stop_signals() -> None:
+    """Once everything is closed, a repeated stop signal must not turn the exit into a death by signal.
+
+    CPython's finalization puts the default action back on every signal with a
+    Python handler (not on an ignored one), and managers repeat the stop: foreman
+    (SIGINT, then SIGTERM), honcho (the group's SIGTERM, then the ``sh -c``
+    wrapper's death). Only the main thread may set handlers; elsewhere it stays as it was.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 _registry: ShutdownRegistry | None = None
 _registry_pid: int | None = None
 
 
 def current() -> ShutdownRegistry:
-    """This process's registry; a forked child gets a fresh, empty one.
+    """This process's registry; a forked child gets a fresh one, with only the ``forks=True`` handlers.
 
     A child must never close (or even use) the parent's connections, so the
-    parent's handlers are not inherited: the child's resources register again
-    when it reopens them.
+    parent's other handlers are not inherited: the child's resources register
+    again when it reopens them.
     """
     global _registry, _registry_pid
     if _registry is None or _registry_pid != os.getpid():
-        _registry, _registry_pid = ShutdownRegistry(), os.getpid()
+        fresh = ShutdownRegistry()
+        if _registry is not None:
+            fresh._inherit(_registry)
+        _registry, _registry_pid = fresh, os.getpid()
     return _registry
 
 
-def register(name: str, close: Callable[[], object], *, timeout: float | None = None) -> None:
+def register(name: str, close: Callable[[], object], *, timeout: float | None = None,
+             forks: bool | None = None) -> None:
     """Close ``close`` when this process stops (its registry; see :meth:`ShutdownRegistry.register`)."""
-    current().register(name, close, timeout=timeout)
+    current().register(name, close, timeout=timeout, forks=forks)
+
+
+def warn_left_behind(forking: str) -> None:
+    """At the start of a process about to fork children (``forking`` says which): name what they would lack.
+
+    An app factory run before the fork (Celery's MainProcess imports the app;
+    gunicorn ``--preload``) registers its closers in the parent; a child that
+    then opens its own connections would leave them unclosed at its stop
+    (PostgreSQL: ``unexpected EOF``) unless the handler is inherited or
+    registered again in the child.
+    """
+    names = current().left_behind()
+    if names:
+        log.warning("%s: the children it forks do not inherit %s (registered here before the fork): what "
+                    "they open stays open at their stop. Register with forks=True a close that closes only "
+                    "the calling process's own connections (SQLAlchemy engine.dispose, a redis-py client); "
+                    "else register it again in the child (Celery worker_process_init, gunicorn post_fork), "
+                    "or with forks=False if children never use it", forking, ", ".join(names))

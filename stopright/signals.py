@@ -23,7 +23,8 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from stopright.registry import ShutdownRegistry
+from stopright import registry
+from stopright.registry import STOP_SIGNALS, ShutdownRegistry
 
 log = logging.getLogger("shutdown")
 
@@ -129,8 +130,6 @@ def report_signals(registry: ShutdownRegistry) -> Callable[[int], None]:
     return record
 
 
-#: Every signal a manager stops with (SIGQUIT: supervisord's and `honcho export`'s): all graceful.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def exit_on_stop_signals() -> None:
@@ -147,6 +146,7 @@ def exit_on_stop_signals() -> None:
 
     def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
         raw_write(2, f"{signal.Signals(signum).name} before start-up finished: exiting\n".encode())
+        registry.current().record_signal(signum)  # a close on the way out then ignores repeats
         raise SystemExit(0)
 
     for signum in STOP_SIGNALS:
@@ -199,7 +199,7 @@ _parent_at_start = os.getppid()
 _SHELLS = {"sh", "dash", "bash", "ash", "zsh", "ksh"}
 
 
-def stop_with_parent(signum: int = signal.SIGTERM) -> None:
+def stop_with_parent(signum: int = signal.SIGTERM, *, after: int | None = None) -> None:
     """Get ``signum`` when the manager that started us dies; never run on as an orphan.
 
     A closed terminal (SIGHUP) or a SIGKILL kills honcho but not its children,
@@ -219,18 +219,25 @@ def stop_with_parent(signum: int = signal.SIGTERM) -> None:
     (stock ``honcho export supervisord``: SIGQUIT, no ``stopasgroup``) would
     otherwise leave us running unseen. Under honcho that is a second SIGTERM
     a moment after the group's, which every process takes as a repeat.
+
+    ``after``: our parent's pid when it is meant to leave first (the old
+    gunicorn master that started this one by its ``USR2`` upgrade): no
+    parent-death signal then; the manager that started it is followed.
     """
-    if parent_death_signal(signum) and os.getppid() != _parent_at_start:
-        os.kill(os.getpid(), signum)  # it died while we were starting
+    if after is None:
+        if parent_death_signal(signum) and os.getppid() != _parent_at_start:
+            os.kill(os.getpid(), signum)  # it died while we were starting
+            return
+    elif os.getppid() != after:  # it has left already: whom it followed is unknown
         return
-    manager = _manager_pid()
+    manager = _manager_pid(after)
     if manager != os.getppid():
         _watch_manager(manager, signum)
 
 
-def _manager_pid() -> int:
-    """Our parent, or the parent's parent when ours is only a ``sh -c`` wrapper of this line."""
-    parent = os.getppid()
+def _manager_pid(child: int | None = None) -> int:
+    """Our parent (``child``'s), or the parent's parent when it is only a ``sh -c`` wrapper of this line."""
+    parent = os.getppid() if child is None else _parent_of(child)
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
@@ -241,6 +248,14 @@ def _manager_pid() -> int:
     wrapper = len(argv) >= 3 and os.path.basename(argv[0].decode(errors="replace")) in _SHELLS \
         and argv[1] == b"-c"
     return grandparent if wrapper and grandparent > 1 else parent
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return pid
 
 
 def manager_command() -> str:

@@ -44,6 +44,8 @@ log = logging.getLogger("shutdown")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
+#: How long the user's ``on_hand_back`` may take at the close, for every killed child's task together.
+ON_HAND_BACK_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
 #: Then how long the MainProcess has to close the consumer and its connections: at least this, or
@@ -223,24 +225,35 @@ class WorkerStop:
         for request in running:
             self.pool.hand_back(request)
         _wait_until(lambda: not _still_running(running), HANDBACK_SECONDS)
-        stuck = _still_running(running)
-        for request in stuck:
-            self._handed_back_for(request)
+        late = _still_running(running)
+        for request in late:
             self.pool.give_up(request, HANDBACK_SECONDS)
-        return bool(stuck) and self.pool.kind == "solo"
+        self._handed_back_for(late)  # with the close handlers (outages: bounded, after the kill)
+        return bool(late) and self.pool.kind == "solo"
 
-    def _handed_back_for(self, request: Any) -> None:
-        """The user's ``on_hand_back(request)`` for a task whose child is about to be killed.
+    def _handed_back_for(self, requests: list) -> None:
+        """The user's ``on_hand_back(request)`` for each task whose child was killed: after the kill, bounded.
 
         Its message is requeued anyway (``task_reject_on_worker_lost``); this
-        is for what the task kept elsewhere (the demo: its ledger row).
+        is for what the task kept elsewhere (the demo: its ledger row). It runs
+        with this process's close handlers (newest first: before a database it
+        uses is closed), within :data:`ON_HAND_BACK_SECONDS` and the close
+        phase's budget, its stack logged if it overruns: the demo's writes to a
+        frozen database ran before the kill, with no limit, and held the stop
+        past honcho's SIGKILL (issue 14).
         """
-        if self.on_hand_back is None:
+        if self.on_hand_back is None or not requests:
             return
-        try:
-            self.on_hand_back(request)
-        except Exception:  # noqa: BLE001 - the kill must still happen
-            log.exception("on_hand_back failed for task %s[%s]", request.name, request.id)
+
+        def call_each() -> None:
+            for request in requests:
+                try:
+                    self.on_hand_back(request)
+                except Exception:  # noqa: BLE001 - the others still get theirs
+                    log.exception("on_hand_back failed for task %s[%s]", request.name, request.id)
+
+        registry.current().register(f"on_hand_back for {len(requests)} killed task(s)", call_each,
+                                    timeout=ON_HAND_BACK_SECONDS)
 
 
 _POLL = 0.01

@@ -29,16 +29,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import TypeVar
 
 from celery.exceptions import Reject
 
-from core import outages
+from core import db, outages
 from core.celery_app import celery_app
 from core.config import get_settings
-from jobs import ledger
+from jobs import handbacks, ledger
 from jobs.kinds import KINDS
 from stopright.handback import HANDBACK_SIGNAL, HANDED_BACK, HandBack, interruptible, stop_run
+from stopright.worker_stop import HANDBACK_SECONDS
 
 log = logging.getLogger("jobs")
 
@@ -52,6 +54,8 @@ STORE_RETRY_FIRST_SECONDS = 0.1
 STORE_RETRY_MAX_SECONDS = 2.0
 #: After a failed renewal, the lease keeper tries again this soon (at most half a renewal period).
 RENEW_RETRY_SECONDS = 0.5
+#: A hand-back's ledger write at a stop: done well before the MainProcess's SIGKILL, or given up.
+HAND_BACK_DB_SECONDS = HANDBACK_SECONDS * 0.6
 
 
 class TakenOver(BaseException):
@@ -173,13 +177,13 @@ def _stored(what: str, write: Callable[[], T]) -> T:
         delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
 
 
-def _record(job_id: str, attempt: int, what: str, write: Callable[[], bool]) -> None:
+def _record(job_id: str, attempt: int, started_at: datetime, what: str, write: Callable[[], bool]) -> None:
     """Store the run's outcome (result or error), however long the database is away."""
     try:
         stored = _stored(f"store the {what} of job {job_id}", write)
     except HandBack:
         log.warning("job %s: attempt %d ended but its %s is not stored (database unreachable at "
-                    "shutdown); the sweeper runs it again once its lease lapses", job_id, attempt, what)
+                    "shutdown); %s", job_id, attempt, what, _recorded(job_id, attempt, started_at))
         raise Reject("outcome not stored before the shutdown", requeue=True) from None
     except TakenOver:
         stored = False
@@ -188,15 +192,30 @@ def _record(job_id: str, attempt: int, what: str, write: Callable[[], bool]) -> 
                     job_id, attempt, what)
 
 
-def _hand_back(job_id: str, attempt: int) -> None:
-    """A shutdown interrupted the run: queue the job again, and say what really happened."""
+def _recorded(job_id: str, attempt: int, started_at: datetime) -> str:
+    """Record a hand-back the ledger could not take (jobs/handbacks.py); what happens next, for the log."""
     try:
-        handed = ledger.hand_back(job_id, attempt)
+        path = handbacks.record(job_id, attempt, started_at)
+    except OSError as exc:
+        return f"not recorded either ({exc}): the sweeper takes it back once its lease lapses"
+    return f"recorded in {path}: handed back when its message comes again"
+
+
+def _hand_back(job_id: str, attempt: int, started_at: datetime) -> None:
+    """A shutdown interrupted the run: queue the job again, and say what really happened.
+
+    The write must end before the MainProcess's SIGKILL (HANDBACK_SECONDS after
+    its signal): a frozen database fails it in time (core/db.py deadline), the
+    child returns, and its connection is closed with a Terminate.
+    """
+    try:
+        with db.deadline(HAND_BACK_DB_SECONDS):
+            handed = ledger.hand_back(job_id, attempt)
     except Exception as exc:
         if outages.database_outage(exc) is None:
             raise
-        log.warning("job %s: attempt %d interrupted by shutdown; not handed back, the database is "
-                    "unreachable: the sweeper takes it back once its lease lapses", job_id, attempt)
+        log.warning("job %s: attempt %d interrupted by shutdown; the database did not take the hand-back "
+                    "(%s); %s", job_id, attempt, type(exc).__name__, _recorded(job_id, attempt, started_at))
         raise Reject("interrupted by shutdown", requeue=True) from None
     if handed:
         log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)", job_id, attempt)
@@ -220,17 +239,20 @@ def run_job(job_id: str) -> None:
         log.warning("job %s not started: the database is unreachable and the worker is stopping; "
                     "its message goes back to the queue", job_id)
         raise Reject("not claimed before the shutdown", requeue=True) from None
+    if job is None and _stored(f"replay the hand-back of job {job_id}", lambda: handbacks.replay(job_id)):
+        job = _stored(f"claim job {job_id}", lambda: ledger.claim(
+            job_id, lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts))
     if job is None:
         log.info("job %s is finished or running elsewhere; message dropped", job_id)
         return
-    attempt = job["attempts"]
+    attempt, started_at = job["attempts"], job["started_at"]
     with _lease.held(job_id, attempt, settings.job_lease_seconds):
         try:
             model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
             with interruptible():
                 result = run(model.model_validate(job["args"]))
         except HandBack:
-            _hand_back(job_id, attempt)
+            _hand_back(job_id, attempt, started_at)
         except TakenOver:
             log.warning("job %s: attempt %d stopped: the sweeper took the job back after its lease "
                         "lapsed; the row is left to the next run", job_id, attempt)
@@ -238,7 +260,7 @@ def run_job(job_id: str) -> None:
         except Exception as exc:
             log.exception("job %s failed", job_id)
             error = f"{type(exc).__name__}: {exc}"
-            _record(job_id, attempt, "error", lambda: ledger.fail(job_id, attempt, error))
+            _record(job_id, attempt, started_at, "error", lambda: ledger.fail(job_id, attempt, error))
             return
-        _record(job_id, attempt, "result", lambda: ledger.succeed(job_id, attempt, result))
+        _record(job_id, attempt, started_at, "result", lambda: ledger.succeed(job_id, attempt, result))
 

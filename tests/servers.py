@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import amqp
+import psutil
 import pytest
 import redis
 
@@ -56,6 +57,7 @@ class PostgresServer:
         self.log = self.root / "postgres.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._frozen: list[psutil.Process] = []  # stopped by freeze(), until thaw()
         # PostgreSQL refuses to run as root; CI runs as root.
         self.user = "postgres" if os.geteuid() == 0 else None
 
@@ -92,8 +94,34 @@ class PostgresServer:
             time.sleep(0.1)
         raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text()}")
 
+    def _postmaster(self) -> psutil.Process:
+        return psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
+
+    def freeze(self) -> None:
+        """Up but not answering: SIGSTOP the postmaster and every backend (a stuck disk, a VM paused).
+
+        The kernel still completes TCP handshakes into the listen backlog and acknowledges
+        data: a client sees a server that accepts and then never answers.
+        """
+        postmaster = self._postmaster()
+        self._frozen = [postmaster, *postmaster.children(recursive=True)]
+        for process in self._frozen:
+            process.suspend()
+
+    def thaw(self) -> None:
+        # As root, runuser stands between us and the postmaster and stops itself when its child
+        # stops (su's job control): it is continued too, or it never reaps the postmaster.
+        wrapper = [psutil.Process(self.proc.pid)] if self._frozen and self.proc and self.user else []
+        for process in [*self._frozen, *wrapper]:
+            try:
+                process.resume()
+            except psutil.NoSuchProcess:
+                pass
+        self._frozen = []
+
     def stop(self, *, fast: bool = False) -> None:
         """Smart shutdown (waits for clients to leave), or fast: ends every session at once (an outage)."""
+        self.thaw()  # a frozen server handles no signal
         if self.proc and self.proc.poll() is None:
             # To the postmaster itself: as root, self.proc is runuser, which does not pass SIGINT on.
             try:
@@ -293,6 +321,15 @@ class RabbitMQServer:
                     conn.end = "node stopped"
                 open_now.clear()
         return found
+
+
+@dataclass
+class Vhost:
+    """A vhost of a :class:`RabbitMQServer` node, for one test."""
+
+    node: RabbitMQServer
+    name: str
+    url: str
 
 
 def _distinct_free_ports(count: int) -> list[int]:

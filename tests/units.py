@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from stopcheck.managers import environment_file
 from tests.servers import missing
 
 # systemd's PATH for a service without Environment=PATH (systemd 252, Debian 12).
@@ -68,7 +69,7 @@ def exec_start(unit: dict[str, dict[str, list[str]]]) -> tuple[list[str], dict[s
     """ExecStart's argv, and the environment and directory systemd would give it.
 
     systemd sets PATH (its default), HOME, USER, LOGNAME and SHELL for User=,
-    then Environment=; it runs the program itself (no shell). Specifiers and
+    then Environment=, then EnvironmentFile=; it runs the program itself (no shell). Specifiers and
     $VAR expansion are not emulated: the units tested here use neither in
     ExecStart (``%%`` is unescaped).
     """
@@ -77,5 +78,7 @@ def exec_start(unit: dict[str, dict[str, list[str]]]) -> tuple[list[str], dict[s
     env = {"PATH": SYSTEMD_PATH, "HOME": user.pw_dir, "USER": user.pw_name,
            "LOGNAME": user.pw_name, "SHELL": user.pw_shell, "LANG": "C.UTF-8",
            **_environment(service.get("Environment", []))}
+    for path in service.get("EnvironmentFile", []):  # read as root by systemd; it wins
+        env.update(environment_file(path))
     argv = shlex.split(service["ExecStart"][-1].replace("%%", "%"))
     return argv, env, service.get("WorkingDirectory", ["/"])[-1]

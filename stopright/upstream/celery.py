@@ -19,8 +19,7 @@ All three methods are Celery's own code with only that change; their
 upstream digests are pinned (:data:`DIGESTS`). The pool's children exit
 without billiard's one-second sleep (stopright/upstream/billiard.py).
 
-**The consumer** (:class:`Consumer`, selected by ``worker_consumer``): it
-reconnects within seconds, and a stop signal wakes its event loop at once.
+**The consumer** is in stopright/upstream/celery_consumer.py.
 
 **The worker's state**: the running requests, and Celery's own warm
 shutdown (``state.should_stop``), read and set only here.
@@ -30,9 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import threading
+from collections.abc import Callable
 
 from billiard.compat import setblocking
 from billiard.pool import CLOSE, RUN, TERMINATE, WorkersJoined
@@ -41,7 +39,6 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import WorkerShutdown
 from celery.platforms import EX_OK
 from celery.worker import state
-from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.control import control_command
 from kombu.asynchronous import get_event_loop
 
@@ -59,21 +56,20 @@ REACHES = {
     "billiard.pool CLOSE / RUN / TERMINATE / WorkersJoined, billiard.compat.setblocking":
         "used by the copies",
     "celery.concurrency.asynpool.iterate_file_descriptors_safely": "called by the copy",
+    "celery.apps.beat.Beat.install_sync_handler / Celery.Beat (a cached property)":
+        "replaced by a no-op for the app's beat (beat_without_sync_handler)",
     "celery.beat.Service.start / sync":
         "beat's loop ends on SystemExit and calls scheduler.close() (stopright/celery_beat.py)",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
     "celery.worker.state.active_requests": "the requests a pool child is running (a WeakSet)",
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
     "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
-    "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
-    "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection":
-        "the running late-ack tasks are handed back first (Request.task.acks_late, .acknowledged)",
-    "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args":
-        "under gevent and eventlet each wait is capped (notice_stops_soon)",
     "celery._state._get_active_apps / _tls.current_app / Celery._after_fork":
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
         "stopright/handback.py HandBackTask.__call__ wraps each run (Celery calls run() directly otherwise)",
+    "celery.backends.database.DatabaseBackend.session_manager.invalidate(url)":
+        "disposes the pooled engine a forked pool child keeps for the result backend (result_backend_close)",
     "celery.app.trace logger: a task's Reject is logged there, with its traceback":
         "stopright/handback.py QuietHandBack drops a hand-back's traceback there (TRACE_LOGGER)",
 }
@@ -216,138 +212,6 @@ class TaskPool(prefork.TaskPool):
         self._pool = None
 
 
-# -- the consumer ----------------------------------------------------------------
-
-RETRY_START_SECONDS = 0.5
-RETRY_STEP_SECONDS = 0.5
-RETRY_MAX_SECONDS = 2.0
-
-
-_wakeup_fd: int | None = None  # read end of this process's signal wakeup pipe
-_chained_fd = -1  # the wakeup descriptor the app had set before ours: it still gets every signal
-
-
-def wake_on_signals(hub) -> None:
-    """Let a signal end the event loop's poll at once; call each time the loop (re)starts.
-
-    Python runs a signal handler between bytecodes and then resumes the
-    interrupted ``epoll`` with its remaining timeout (PEP 475), so the loop
-    notices ``should_stop`` only when the poll times out (up to a second).
-    With ``signal.set_wakeup_fd`` writing to a pipe the hub reads, the signal
-    makes the poll return. The loop's hub is reset after a lost broker
-    connection (its readers dropped), so the reader is added again at every
-    start: without it, the first stop after a reconnection took 1.5 s instead
-    of 0.1 s (measured on RabbitMQ). A process has one wakeup descriptor: one
-    the app had set (an asyncio loop's, a library's) is chained, every signal
-    byte passed on to it (:func:`_drain`), and said so.
-    """
-    global _wakeup_fd, _chained_fd
-    if hub is None:
-        return
-    if _wakeup_fd is None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        _chained_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        _wakeup_fd = read_fd
-        if _chained_fd != -1:
-            logging.getLogger("shutdown").warning(
-                "signal wakeup descriptor %d was already set: stopright's event-loop wake-up passes every "
-                "signal on to it", _chained_fd)
-    if _wakeup_fd not in hub.readers:
-        hub.add_reader(_wakeup_fd, _drain, _wakeup_fd)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while data := os.read(fd, 512):
-            if _chained_fd != -1:
-                try:
-                    os.write(_chained_fd, data)
-                except OSError:  # full (a wake-up is pending there anyway) or closed by its owner
-                    pass
-    except BlockingIOError:
-        pass
-
-
-#: Under gevent and eventlet (Celery's ``synloop``): how long one wait for the broker may last, so
-#: that the loop notices a stop that soon (Celery: 2 s, then one more wait after it noticed).
-STOP_CHECK_SECONDS = 0.25
-
-
-def notice_stops_soon(connection) -> None:
-    """Cap every ``drain_events`` wait of ``connection`` at :data:`STOP_CHECK_SECONDS`.
-
-    ``synloop`` checks ``state.should_stop`` only between two waits of 2 s,
-    and waits once more after seeing it: a stop under gevent began Celery's
-    own shutdown up to 4 s late, after the grace and the hand-back, and the
-    close overran its deadline (measured). Called at each start of the loop
-    (a reconnection brings a new connection).
-    """
-    drain = connection.drain_events
-    if getattr(drain, "capped", False):
-        return
-
-    def drain_events(timeout=None, **kwargs):
-        capped = STOP_CHECK_SECONDS if timeout is None else min(timeout, STOP_CHECK_SECONDS)
-        return drain(timeout=capped, **kwargs)
-
-    drain_events.capped = True  # type: ignore[attr-defined]
-    connection.drain_events = drain_events
-
-
-#: Called with (the lost connection, the running late-ack requests) when the consumer loses its broker.
-connection_lost_hooks: list = []
-
-
-def forget_delivery(request) -> None:
-    """The broker took this delivery back (its connection is gone): Celery must neither ack nor reject it.
-
-    Either would go to the dead channel and log ``Couldn't reject ...`` at
-    CRITICAL with a traceback; ``Request.reject`` and ``acknowledge`` do
-    nothing for a request already marked acknowledged.
-    """
-    request.acknowledged = True
-
-
-class Consumer(CeleryConsumer):
-    """Celery's consumer: reconnects every 0.5 to 2 s (Celery: 2 to 30 s), woken by stop signals.
-
-    Celery retries a lost broker connection 2, 4, 6 ... seconds apart, up
-    to 30 s between tries (kombu's ``ensure_connection`` defaults, not a
-    setting): after a 6 s Redis outage the worker came back 6 s after Redis
-    did. A try against a broker that refuses connections costs microseconds.
-    """
-
-    def on_ready(self):
-        """Each start of the event loop, the first and after every reconnection."""
-        wake_on_signals(self.hub)
-        super().on_ready()
-
-    def on_connection_error_after_connected(self, exc):
-        """The broker connection is lost: first :data:`connection_lost_hooks` (the running late-ack
-        tasks are handed back, stopright/celery_worker.py), then Celery's reconnection."""
-        running = [r for r in running_requests() if r.task.acks_late and not r.acknowledged]
-        for hook in connection_lost_hooks:
-            try:
-                hook(self.connection, running)
-            except Exception:  # noqa: BLE001 - the reconnection must go on
-                logger.exception("hand-back on connection loss failed")
-        return super().on_connection_error_after_connected(exc)
-
-    def loop_args(self):
-        """Each start of the event loop: under gevent and eventlet (no hub), notice a stop soon."""
-        if self.hub is None and self.connection is not None:
-            notice_stops_soon(self.connection)
-        return super().loop_args()
-
-    def ensure_connected(self, conn):
-        conn.ensure_connection = functools.partial(
-            conn.ensure_connection, interval_start=RETRY_START_SECONDS,
-            interval_step=RETRY_STEP_SECONDS, interval_max=RETRY_MAX_SECONDS)
-        return super().ensure_connected(conn)
-
-
 # -- the worker's state ----------------------------------------------------------
 
 
@@ -390,3 +254,38 @@ def reset_apps_after_fork() -> None:
         apps.add(current)
     for app in apps:
         app._after_fork()
+
+
+def beat_without_sync_handler(app) -> None:
+    """``celery beat``: no SIGTERM/SIGINT handler of Celery's between its banner and the scheduler's.
+
+    Celery's handler syncs the schedule in signal context: a signal in the
+    moment before the scheduler exists builds a second one inside the handler
+    (in the middle of the first one's imports: a traceback and exit 1). The
+    start-up handlers (stopright.signals.exit_on_stop_signals) stay until the
+    scheduler installs its own (stopright/celery_beat.py).
+    """
+    base = app.Beat
+
+    class Beat(base):  # type: ignore[misc, valid-type]
+        def install_sync_handler(self, service) -> None:
+            return None
+
+    app.Beat = Beat
+
+
+def result_backend_close(backend: object) -> Callable[[], None] | None:
+    """The close of a pool child's result-backend connections; None where there is nothing to close.
+
+    Celery's database backend keeps a pooled engine in a forked pool child
+    (``SessionManager.forked``; elsewhere each session's connection closes at
+    once) and nothing closes it: a child exits with ``os._exit``, and
+    PostgreSQL logs each of them as ``unexpected EOF``. Other backends keep
+    theirs in kombu's pools (closed with them) or in clients whose servers do
+    not mind.
+    """
+    manager = getattr(backend, "session_manager", None)
+    url = getattr(backend, "url", None)
+    if manager is None or not url:
+        return None
+    return functools.partial(manager.invalidate, url)

@@ -1,29 +1,20 @@
-"""gunicorn worker classes whose stop never resets a connection the kernel accepted.
+"""gunicorn worker classes whose stop never resets a connection the kernel accepted; the master's stop.
 
 The hazard (measured: 32 clients posting jobs and long-polling them, ^C):
 a stopping gunicorn worker stops calling ``accept()`` but keeps its copy of
-the listening socket open until it exits. The kernel goes on completing
-handshakes into the shared accept queue, and when the last process closes
-the socket, every connection still queued there is reset. Clients that got
-``Connection: close`` on their last answer reconnect at once and land in
-that queue: every request that started in the first ~60 ms after ^C was
-reset (17 POST + 15 GET per run). Stock gthread also keeps each kept-alive
-connection open for up to 2 s at stop, in case a request is on its way.
-
-What a stopping worker does here, on gunicorn's SIGTERM (or our graceful
-SIGINT), in its main thread:
+the listening socket open until it exits; when the last process closes the
+socket, every connection still queued there is reset (every request that
+started in the first ~60 ms after ^C). Stock gthread also keeps each
+kept-alive connection open for up to 2 s at stop, in case a request is on
+its way. What a stopping worker does here, on any stop signal:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
    its client will not reuse the connection and cannot be caught by a close.
-2. The worker goes on accepting, and serving with ``Connection: close``,
-   until the master has closed its copy of the listening socket (it does
-   so as soon as it handles the signal); then it accepts what is queued one
-   last time and closes its own (:func:`_hand_over`). Once the last copy is
-   closed, new connections are *refused* (the client knows nothing was done
-   and can retry elsewhere) instead of queued and reset. The only window
-   left is the microseconds between the last worker's last ``accept()`` and
-   its ``close()``.
+2. It serves what the kernel queues until nothing more can come, then
+   closes its listener (stopright/listener.py ``hand_over``): a client
+   turned away is *refused*, never reset, on every bind (TCP, Unix socket,
+   a socket shared with the next master or with systemd).
 3. Kept-alive connections are closed at once (as Go's
    ``http.Server.Shutdown`` and nginx do), unless a request has already
    arrived on one, which is served. A connection answered less than
@@ -31,13 +22,13 @@ SIGINT), in its main thread:
    the next request right now, and closing under it would drop that request.
 
 Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes
-subclass gunicorn 27's own workers and override only what is named here;
-the socket work is in stopright/listener.py. The master's stop signals are
-made graceful here too (:func:`graceful_master`).
+subclass gunicorn 27's own workers and override only what is named here.
+The master's stop is made graceful here too (:func:`graceful_master`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -47,14 +38,21 @@ from collections.abc import Callable
 from gunicorn.http.errors import ParseException
 from gunicorn.workers import gthread, sync
 
-from stopright.listener import hand_over, holds
+from stopright.listener import MasterNotes, hand_over, held_elsewhere, holds, refuse_handshakes
 
 #: What this module relies on that gunicorn does not promise (tests/unit/test_upstream_shapes_gunicorn.py).
 REACHES = {
     "gunicorn.arbiter.Arbiter.handle_term / handle_int / handle_quit / handle_alrm":
         "replaced on the instance (handle_alrm added): the loop looks each up by name; handle_term's "
         "StopIteration is the graceful stop",
-    "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers",
+    "gunicorn.arbiter.Arbiter.signal / kill_workers": "queue SIGALRM like any signal; tell workers "
+        "(kill_workers replaced on the instance)",
+    "gunicorn.arbiter.Arbiter.stop: closes the listeners, then kill_workers; takes INT/QUIT from SIG_QUEUE":
+        "the listeners are closed when it tells the workers; INT/QUIT made repeats (no quick stop)",
+    "gunicorn.arbiter.Arbiter.master_pid / reexec_pid / LISTENERS (USR2 upgrade)":
+        "the old master (0 once gone), the new one (0 once gone): who else holds the listeners",
+    "gunicorn.config.Config.address: fd:// binds as ints; GUNICORN_FD, LISTEN_FDS read later":
+        "the listening sockets a master inherits",
     "gunicorn.arbiter.Arbiter.spawn_worker: worker_exit in the worker's finally, after sys.exit":
         "stopright/gunicorn_hooks.py worker_exit takes the exit code from the SystemExit on its way out",
     "gunicorn.workers.base.Worker.init_signals / handle_exit / load_wsgi / alive / ppid / sockets / wsgi / "
@@ -86,40 +84,49 @@ class _ClosingApp:
         super().__init__(*args, **kwargs)
         self._request = threading.local()  # the request this thread is handling
         self._draining = False
+        self._drained = False
+        self._drain_begins = -1  # a pipe's write end, once the drain's thread waits on its read end
 
     def init_signals(self) -> None:
         """SIGINT and SIGQUIT stop as gracefully as SIGTERM (gunicorn: quick stop, 500s, cut answers).
 
         A terminal's Ctrl+C, supervisord's and ``honcho export``'s SIGQUIT:
-        none of them means "drop the requests in flight". SIGALRM ends a drain.
+        none of them means "drop the requests in flight". No other signal is
+        taken: a thread times the drain (SIGALRM stays the app's).
         """
         super().init_signals()
         for signum in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, self.handle_exit)
-        signal.signal(signal.SIGALRM, self._drained)
+        if self.drain_seconds > 0:
+            begins, self._drain_begins = os.pipe()
+            threading.Thread(target=self._drain, args=(begins,), name="drain", daemon=True).start()
 
     def handle_exit(self, sig, frame) -> None:
-        """A stop signal: stop now, or start the drain (only records: an interval timer ends it).
+        """A stop signal: stop now, or start the drain (only records: the drain's thread ends it).
 
         A worker forked after the master began its stop (the master's
         listener copy is gone) does not drain: its drain would outlast the
         master's. A SIGTERM during the drain is a repeat (the master's own,
         or a group's); SIGINT and SIGQUIT end the drain at once.
         """
-        if self._draining and sig == signal.SIGTERM:
+        if self._draining and sig == signal.SIGTERM and not self._drained:
             return
-        if not self._draining and self.drain_seconds > 0 and self.alive and self._master_listening():
+        if not self._draining and self._drain_begins >= 0 and self.alive and self._master_listening():
             self._draining = True
-            signal.setitimer(signal.ITIMER_REAL, self.drain_seconds)
+            os.write(self._drain_begins, b"!")  # one byte into an empty pipe: never blocks
             return
-        signal.setitimer(signal.ITIMER_REAL, 0)
         super().handle_exit(sig, frame)
 
-    def _drained(self, sig, frame) -> None:
-        super().handle_exit(sig, frame)
+    def _drain(self, begins: int) -> None:
+        """The drain's thread: once it began, wait it out, then stop (a SIGTERM to ourselves)."""
+        os.read(begins, 1)
+        time.sleep(self.drain_seconds)
+        self._drained = True
+        if self.alive:  # not stopped meanwhile by a SIGINT or SIGQUIT
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _master_listening(self) -> bool:
-        return all(holds(self.ppid, listener) for listener in self.sockets)
+        return all(holds(self.ppid, listener, _notes) for listener in self.sockets)
 
     def load_wsgi(self) -> None:
         """Wrap the app: ``Connection: close`` on an answer that starts once the stop has
@@ -194,7 +201,7 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
             self.enqueue_req(gthread.TConn(self.cfg, client, addr, listener.getsockname()))
 
         for listener in self.sockets:
-            hand_over(listener, self.ppid, serve)
+            hand_over(listener, self.ppid, serve, _notes)
 
     def _cap_keepalive(self, deadline: float) -> None:
         """At the stop: close idle kept-alive connections now, recent ones after the linger.
@@ -272,28 +279,120 @@ class SyncWorker(_ClosingApp, sync.SyncWorker):
             self.handle(listener, client, addr)  # answered with Connection: close
 
         for listener in self.sockets:
-            hand_over(listener, self.ppid, serve)
+            hand_over(listener, self.ppid, serve, _notes)
 
 
-def graceful_master(server, on_stop: Callable[[int], bool]) -> None:
+#: The master's notes to its workers (stopright/listener.py), made by :func:`graceful_master` before any fork.
+_notes: MasterNotes | None = None
+
+
+def graceful_master(server, on_stop: Callable[[int], bool], *, from_outside: bool = False) -> MasterNotes:
     """The master: SIGINT and SIGQUIT as graceful as SIGTERM; ``on_stop`` may hold the stop (a drain).
 
     gunicorn's master only queues a signal in its handler and calls
     ``handle_term``, ``handle_int``, ``handle_quit`` and ``handle_alrm`` from
     its loop, so ``on_stop(signum)`` runs there, free to log. It returns
-    True to stop now (gunicorn's graceful stop), False to go on serving; a
-    SIGALRM (queued like any signal: ``server.signal``) then stops. Stock
-    gunicorn takes SIGINT and SIGQUIT as its quick stop: requests in flight
-    get HTTP 500 or a cut answer.
+    True to stop now (gunicorn's graceful stop), False to go on serving;
+    :func:`end_drain_after` then stops. Stock gunicorn takes SIGINT and
+    SIGQUIT as its quick stop: requests in flight get HTTP 500 or a cut
+    answer; and during its graceful stop a later SIGINT or SIGQUIT turns it
+    into the quick one (SIGKILL 2 s later): here they are repeats.
+
+    At the stop the master tells its workers (:class:`MasterNotes`) whether
+    another server holds the listening sockets too, and when it closed its
+    copies. ``from_outside``: some came from outside gunicorn (systemd's
+    ``LISTEN_FDS``, an ``fd://`` bind), whose sender may keep them.
     """
+    global _notes
+    notes = _notes = MasterNotes()
     graceful = server.handle_term  # raises StopIteration: gunicorn's graceful stop
+    tell_workers = server.kill_workers
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        _repeats_only(server)
+        _tell_sharing(server, notes, from_outside)
+        graceful()
 
     def handle(signum: int) -> None:
         if on_stop(signum):
-            graceful()
+            stop()
+
+    def kill_workers(sig: int) -> None:
+        if stopping and not server.LISTENERS:  # Arbiter.stop() closed them first thing, then tells them
+            notes.note_closed()
+        tell_workers(sig)
 
     server.handle_term = lambda: handle(signal.SIGTERM)
     server.handle_int = lambda: handle(signal.SIGINT)
     server.handle_quit = lambda: handle(signal.SIGQUIT)
-    server.handle_alrm = graceful  # the drain is over
-    signal.signal(signal.SIGALRM, server.signal)
+    server.handle_alrm = stop  # the drain is over (end_drain_after)
+    server.kill_workers = kill_workers
+    return notes
+
+
+def end_drain_after(server, seconds: float) -> threading.Timer:
+    """The master: its graceful stop in ``seconds``, from a timer thread (SIGALRM stays the app's).
+
+    The thread queues SIGALRM's number like a signal handler would
+    (``server.signal``): the master's loop then runs ``handle_alrm``.
+    """
+    timer = threading.Timer(seconds, server.signal, (signal.SIGALRM, None))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _repeats_only(server) -> None:
+    """The graceful stop begins: a later SIGINT or SIGQUIT must not turn it into gunicorn's quick one.
+
+    ``Arbiter.stop()`` takes each from the signal queue while it waits for
+    the workers, and then SIGKILLs them 2 s later. They are repeats (a
+    second Ctrl+C, a manager's QUIT after its TERM): no longer queued, and
+    any already waiting there dropped (the stop would drop the others too).
+    """
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, lambda signum, frame: None)
+    while not server.SIG_QUEUE.empty():  # only this thread takes from it
+        server.SIG_QUEUE.get_nowait()
+
+
+def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
+    """Whether a process outside this server holds the listeners too; if not, TCP handshakes refused.
+
+    Another server does after a ``USR2`` upgrade (the new master, or the
+    old one not yet gone), or the sender of sockets from outside (systemd's
+    socket unit keeps them): anything that refuses connections is on the
+    socket itself, so it would refuse them for that server too, a silent
+    outage. The master refuses TCP handshakes itself, just before closing:
+    the socket filter may need a privilege its workers dropped (``user=``).
+    """
+    listeners = server.LISTENERS
+    old = server.master_pid  # the master before a USR2 upgrade: a holder till it is gone
+    shared = bool(server.reexec_pid) or (old != 0 and old == os.getppid())
+    if not shared and from_outside:
+        shared = held_elsewhere(listeners, os.getpid()) is not False  # not known: assume so
+    refused = [] if shared else [refuse_handshakes(lr) for lr in listeners if lr.family != socket.AF_UNIX]
+    notes.note_sharing(shared, refusing=bool(refused) and all(refused))
+
+
+def inherited_listeners(server) -> tuple[list[int], bool]:
+    """The master, at start: the listening sockets it inherits (fds), and whether some come from outside.
+
+    From the master before it (``USR2``: ``GUNICORN_FD``), from systemd's
+    socket activation (``LISTEN_FDS`` for ``LISTEN_PID``), or named on the
+    command line (``fd://`` binds): the last two from outside gunicorn.
+    """
+    fds = [bind for bind in server.cfg.address if isinstance(bind, int)]
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "").isdigit():
+        fds += range(3, 3 + int(os.environ["LISTEN_FDS"]))  # sd_listen_fds(3)
+    outside = bool(fds)
+    fds += [int(fd) for fd in os.environ.get("GUNICORN_FD", "").split(",") if fd.isdigit()]
+    return fds, outside
+
+
+def upgraded_from(server) -> int:
+    """The master, at start: the pid of the master whose ``USR2`` started this one (it leaves first), or 0."""
+    return server.master_pid

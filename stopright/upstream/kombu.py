@@ -33,6 +33,14 @@ REACHES = {
     "kombu.resource.Resource._closed": "a pool marked closed: acquire fails, force_close_all returns",
     "kombu.Connection._close": "close with the protocol's handshake, what release() does outside a pool",
     "kombu.pools.connections / kombu.pools.producers": "the per-process pool groups (dicts of pools)",
+    # stopright/requeue.py: a requeue the broker refused, done once it is back.
+    "celery Request.reject -> kombu.Message.reject_log_error": (
+        "Celery's reject calls its on_reject(logger, errors, requeue), the consumer's promise of "
+        "message.reject_log_error, which reports a reject refused with a connection error as "
+        "logger.critical(message, delivery_tag, error) and swallows it"),
+    "kombu.transport.redis.QoS.restore_by_tag": (
+        "one WATCH/MULTI transaction: the message a delivery tag names in the unacked hash back on its "
+        "queue (leftmost: where a reject puts it), or nothing when it is no longer there"),
 }
 
 
@@ -63,6 +71,11 @@ def _empty(pool: Resource) -> list[Any]:
     return held
 
 
+def restore_unacked(channel: Any, delivery_tag: str) -> None:
+    """Redis: requeue the unacknowledged message of ``delivery_tag`` as a reject would have, once at most."""
+    channel.qos.restore_by_tag(delivery_tag, leftmost=True)
+
+
 def forget_inherited() -> None:
     """In every forked child: the parent's kombu pools are not ours; forget them, unclosed.
 
@@ -82,3 +95,17 @@ def forget_inherited() -> None:
 
 os.register_at_fork(after_in_child=forget_inherited)
 
+
+
+def answers(connection: Connection, timeout: float = 0.5) -> bool:
+    """The broker of ``connection`` takes a new connection now (within about ``timeout`` seconds)."""
+    probe = connection.clone(connect_timeout=timeout, transport_options={
+        **connection.transport_options, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+    try:
+        probe.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        probe.default_channel  # noqa: B018  (Redis: the channel is where it talks to the server)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: it does not answer
+        return False
+    finally:
+        probe.release()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from tests.procset import ProcessSet
 
@@ -47,3 +49,15 @@ def assert_handed_back_jobs_run(ps: ProcessSet, handed_back: Sequence[str], wait
         job = ps.wait_status(job_id, "succeeded", timeout=60)
         assert job["attempts"] == 1, job
     assert ps.job(waiting, wait=10)["result"] == {"after": "restart"}
+
+
+def ran_again(ps: ProcessSet, job_id: str, first_start: str, timeout: float = 60) -> dict[str, Any]:
+    """The job once a new run of it started (or finished) after the one that began at ``first_start``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = ps.http("GET", f"/jobs/{job_id}")
+        job = answer.body if answer.status == 200 else {}
+        if job.get("started_at") not in (None, first_start):
+            return job
+        assert time.monotonic() < deadline, (job_id, answer)
+        time.sleep(0.05)

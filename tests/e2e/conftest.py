@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.procset import ProcessSet
-from tests.servers import PostgresServer, RedisServer, find_pg_bin, missing
+from tests.servers import (
+    PostgresServer,
+    RabbitMQServer,
+    RedisServer,
+    Vhost,
+    find_pg_bin,
+    find_rabbitmq,
+    missing,
+)
 
 
 @pytest.fixture
@@ -55,3 +64,26 @@ def external_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(external_redis: RedisServer) -> str:
     return external_redis.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node() -> Iterator[RabbitMQServer]:
+    bindir = find_rabbitmq()
+    if bindir is None:
+        missing("no RabbitMQ server is installed (rabbitmq-server not found)", "REQUIRE_RABBITMQ")
+    node = RabbitMQServer(bindir)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.remove()
+
+
+@pytest.fixture
+def rabbitmq(rabbitmq_node: RabbitMQServer) -> Vhost:
+    """A fresh vhost on the session's node (started again if a test left it stopped)."""
+    if rabbitmq_node.proc is None or rabbitmq_node.proc.poll() is not None:
+        rabbitmq_node.stop()
+        rabbitmq_node.start()
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    return Vhost(rabbitmq_node, name, rabbitmq_node.add_vhost(name))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.e2e.test_rabbitmq import Vhost, rabbitmq, rabbitmq_node  # noqa: F401  (fixtures)
 from tests.e2e.test_worker_edges import APP, send, worker
+from tests.servers import Vhost
 
 SECONDS = 8
 
@@ -45,7 +45,7 @@ def overlapping(spans: list[tuple[float, float | None]]) -> int:
 
 
 def test_a_lost_connection_hands_the_running_task_back_instead_of_running_it_twice(
-        tmp_path: Path, rabbitmq: Vhost) -> None:  # noqa: F811
+        tmp_path: Path, rabbitmq: Vhost) -> None:
     ledger = tmp_path / "runs"
     ps = worker(tmp_path, rabbitmq.url, concurrency=2, EDGE_LEDGER=str(ledger))  # a child free for a 2nd run
     try:

@@ -61,6 +61,7 @@ def test_exported_config(exported: tuple[Path, AppClient]) -> None:
         assert "PATH=" + str(Path(__import__("sys").prefix) / "bin") in settings["environment"], name
         assert int(settings["startretries"]) > 0 and int(settings["startsecs"]) > 0, name
         assert "HONCHO_PROCESS_NAME" not in settings["environment"], name  # not honcho's 5 s window
+    assert exported[0].stat().st_mode & 0o777 == 0o600  # its environment= holds the app's secrets
     assert re.search(r"^\[group:flaskset-broker\]\nprograms=broker-1\npriority=100$", text, re.M)
     assert re.search(r"^\[group:flaskset\]\nprograms=web-1,worker-1,beat-1\npriority=200$", text, re.M)
 

@@ -11,6 +11,7 @@ After= (the broker last), SIGTERM to each main process as KillMode=mixed does.
 from __future__ import annotations
 
 import getpass
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,9 +38,9 @@ def test_units_verify_and_settings(tmp_path: Path) -> None:
                                                 "SHUTDOWN_DRAIN_SECONDS": "4.5"})
     units = {p.name: p for p in export("systemd", tmp_path / "units", env_file, app="flaskset")}
     assert sorted(units) == sorted(
-        ["flaskset.target", *(f"flaskset-{e}.target" for e in ENTRIES),
+        ["flaskset.env", "flaskset.target", *(f"flaskset-{e}.target" for e in ENTRIES),
          *(f"flaskset-{e}-1.service" for e in ENTRIES)])
-    result = verify(list(units.values()))
+    result = verify([p for p in units.values() if p.suffix != ".env"])
     assert result.returncode == 0 and not result.stderr.strip(), result
 
     for entry in ENTRIES:
@@ -58,9 +59,37 @@ def test_units_verify_and_settings(tmp_path: Path) -> None:
         assert ordering == expected, entry
 
 
+#: A setting with a password and every character systemd's parsers treat specially.
+SECRET_URL = "postgresql+psycopg://app:pa$$w'o\"rd%40@127.0.0.1:5432/app"
+
+
+def test_secrets_stay_out_of_unit_files(tmp_path: Path) -> None:
+    """Unit files are world-readable (``systemctl show`` prints Environment= to any user): the
+    settings go to an EnvironmentFile only root reads, and reach the program unchanged."""
+    env_file = tmp_path / "app.env"
+    env_file.write_text("DATABASE_URL=" + shlex.quote(SECRET_URL) + "\nSHUTDOWN_GRACE_SECONDS=4\n")
+    out = tmp_path / "units"
+    units = {p.name: p for p in export("systemd", out, env_file, app="flaskset")}
+
+    private = out / "flaskset.env"
+    assert private.stat().st_mode & 0o777 == 0o600
+    for name, path in units.items():
+        if name.endswith(".service"):
+            text = path.read_text()
+            assert "pa$$w" not in text and "DATABASE_URL" not in text, name
+            unit = parse_unit(path)
+            assert unit["Service"]["EnvironmentFile"] == [str(private)], name
+            assert unit["Service"]["TimeoutStopSec"] == [str(4 + 2 + 5)], name  # the budget, inline
+            _argv, env, _cwd = exec_start(unit)
+            assert env["DATABASE_URL"] == SECRET_URL, name
+            assert env["PATH"].startswith(str(BIN) + ":"), name
+    assert verify([p for p in units.values() if p.suffix != ".env"]).returncode == 0
+
+
 def test_verify_checks_the_program(tmp_path: Path) -> None:
     """The check above can fail: a unit whose program is not in the virtualenv does not verify."""
-    units = export("systemd", tmp_path / "units", write_env(tmp_path / "app.env", {}))
+    written = export("systemd", tmp_path / "units", write_env(tmp_path / "app.env", {}))
+    units = [p for p in written if p.suffix != ".env"]
     worker = next(p for p in units if p.name.endswith("-worker-1.service"))
     worker.write_text(worker.read_text().replace(f"ExecStart={BIN}/celery", f"ExecStart={BIN}/no-celery"))
     result = verify(units)

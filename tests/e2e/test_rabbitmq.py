@@ -14,50 +14,18 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psutil
 import pytest
 
-from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run
+from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run, ran_again
+from tests.e2e.conftest import Vhost
 from tests.e2e.test_direct_ctrl_c import queue_job
 from tests.procset import ProcessSet
-from tests.servers import AmqpConnection, RabbitMQServer, find_rabbitmq, missing
+from tests.servers import AmqpConnection
 
 FAST_SWEEP = {"SWEEP_INTERVAL_SECONDS": "1", "JOB_QUEUED_LEASE_SECONDS": "2"}
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_node() -> Iterator[RabbitMQServer]:
-    bindir = find_rabbitmq()
-    if bindir is None:
-        missing("no RabbitMQ server is installed (rabbitmq-server not found)", "REQUIRE_RABBITMQ")
-    node = RabbitMQServer(bindir)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.remove()
-
-
-@dataclass
-class Vhost:
-    node: RabbitMQServer
-    name: str
-    url: str
-
-
-@pytest.fixture
-def rabbitmq(rabbitmq_node: RabbitMQServer) -> Vhost:
-    """A fresh vhost on the session's node (started again if a test left it stopped)."""
-    if rabbitmq_node.proc is None or rabbitmq_node.proc.poll() is not None:
-        rabbitmq_node.stop()
-        rabbitmq_node.start()
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    return Vhost(rabbitmq_node, name, rabbitmq_node.add_vhost(name))
 
 
 def _role(process: psutil.Process) -> str:
@@ -244,3 +212,37 @@ def test_rabbitmq_down_for_ten_seconds(procset: ProcessSet, rabbitmq: Vhost) -> 
           f" the node was back, the job posted meanwhile done {during_done_after:.1f} s after;"
           f" connections: {len(connections)} ({sum(c.end == 'node stopped' for c in connections)}"
           f" ended by the node stop, the rest closed properly)")
+
+
+def test_a_stop_while_rabbitmq_is_down_leaves_the_requeue_to_rabbitmq(procset: ProcessSet,
+                                                                      rabbitmq: Vhost) -> None:
+    """A hand-back whose reject cannot reach RabbitMQ needs no spool (stopright/requeue.py): the
+    connection is gone, and RabbitMQ requeues the unacked messages of a closed connection itself."""
+    no_sweep = {"JOB_LEASE_SECONDS": "600", "JOB_QUEUED_LEASE_SECONDS": "600"}
+    ps = rabbitmq_set(procset, rabbitmq, **no_sweep)
+    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
+    first_starts = [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+    rabbitmq.node.stop()
+    try:
+        ps.wait_for_line(r"Connection to broker lost", timeout=30, name="worker")
+        rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
+    finally:
+        rabbitmq.node.start()
+    assert_clean_stop(ps, rc, 130, nothing_to_close=("broker",))
+    assert "Couldn't reject" not in ps.output and "CRITICAL" not in ps.output, ps.output
+    assert not list(ps.var.glob("refused-requeues*")), "nothing to spool on RabbitMQ"
+    assert [ps.stored_jobs()[j]["status"] for j in jobs] == ["queued", "queued"]
+    refused = [line for line in ps.lines("worker") if "requeue refused" in line]
+    assert len(refused) == len(jobs) and all("RabbitMQ requeues" in line for line in refused), refused
+
+    again = procset.make(BROKER_URL=rabbitmq.url, **no_sweep)
+    again.start()
+    again.wait_ready()
+    ready = time.monotonic()
+    for job_id, first_start in zip(jobs, first_starts, strict=True):
+        assert ran_again(again, job_id, first_start)["attempts"] == 1
+    print(f"\nCtrl+C with RabbitMQ down: stopped in {stop_seconds:.1f} s, 0 SIGKILL; the {len(jobs)} "
+          f"handed-back jobs ran again {time.monotonic() - ready:.1f} s after the restart was ready",
+          *refused, sep="\n")
+    rc, _ = again.stop_and_wait("ctrl_c")
+    assert rc == 130

@@ -7,6 +7,7 @@ and the broker ping are replaced. The real broker is covered by tests/e2e.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,12 +21,16 @@ from tests.unit.shutdown_helpers import LOGGER, FakeClock
 
 @pytest.fixture(autouse=True)
 def fresh_registry() -> Iterator[None]:
-    """Every test starts and ends with no process registry (``current()`` builds a new one)."""
+    """Every test starts and ends with no process registry (``current()`` builds a new one), and
+    the stop signals' handlers as they were (a stop's ``close_all`` makes them ignored)."""
+    handlers = {signum: signal.getsignal(signum) for signum in stopright.registry.STOP_SIGNALS}
     stopright.registry._registry = None
     stopright.registry._registry_pid = None
     yield
     stopright.registry._registry = None
     stopright.registry._registry_pid = None
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)

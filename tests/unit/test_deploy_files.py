@@ -115,3 +115,23 @@ def test_web_drains_behind_a_readiness_probe_on_readyz() -> None:
         (c,) = d["spec"]["template"]["spec"]["containers"]
         if d["metadata"]["name"] != "web":
             assert "SHUTDOWN_DRAIN_SECONDS" not in env_of(c)
+
+
+def test_the_image_build_context_holds_no_secrets_nor_history(tmp_path) -> None:
+    """``COPY . .`` copies the build context: .dockerignore keeps .env files and .git out of the image.
+
+    docker-py's ``exclude_paths`` applies .dockerignore with Docker's own rules (no engine here).
+    """
+    from docker.utils.build import exclude_paths
+
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for name in (".env", ".env.production", ".git/config", ".git/objects/ab/cdef", "var/app.db",
+                 ".venv/bin/python", "app/api.py", "Procfile", "deploy/Dockerfile"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+
+    context = exclude_paths(str(tmp_path), patterns, dockerfile="deploy/Dockerfile")
+
+    assert sorted(context) == ["Procfile", "app", "app/api.py", "deploy", "deploy/Dockerfile"]
+    assert not [p for p in exclude_paths(str(ROOT), patterns) if p.split("/")[0] in (".git", ".env")]

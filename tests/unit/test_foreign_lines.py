@@ -35,8 +35,14 @@ def is_subsequence(old: str, new: str) -> bool:
 
 def diff(name: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(added lines, (old, new) pairs of changed lines) of one file, reference -> foreign."""
-    before = (REFERENCE / name).read_text().splitlines()
-    after = (FOREIGN / name).read_text().splitlines()
+    return line_changes(REFERENCE / name, FOREIGN / name)
+
+
+def line_changes(stock: Path, adopted: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(added lines, (old, new) pairs of changed lines) of one file, stock -> adopted."""
+    name = adopted.name
+    before = stock.read_text().splitlines()
+    after = adopted.read_text().splitlines()
     added: list[str] = []
     changed: list[tuple[str, str]] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, before, after, autojunk=False).get_opcodes():

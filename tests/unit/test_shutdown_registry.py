@@ -269,3 +269,22 @@ def test_a_budget_bounds_the_whole_sequence_and_every_handler_still_runs(shutdow
     assert ran == ["first"]  # still run once the budget was spent, with the minimum time
     assert outcomes[0].elapsed < 1.0  # cut at the budget, not at its own 5 s
     assert "closing hangs timed out after 0.2 s; abandoned" in messages(shutdown_logs)
+
+
+def test_after_a_stop_by_signal_closed_repeats_are_ignored(registry):
+    """CPython's teardown puts the default action back on Python handlers: a repeat would kill."""
+    import signal
+
+    registry.record_signal(signal.SIGTERM)
+    registry.close_all()
+
+    assert all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+
+
+def test_a_close_without_a_stop_signal_leaves_the_handlers(registry):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    registry.close_all()
+
+    assert signal.getsignal(signal.SIGINT) is before

@@ -1,6 +1,7 @@
-"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery and kombu.
+"""Upgrade-shape tests: every reach of stopright/upstream/ into Celery, billiard and CPython.
 
-One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py),
+One check per key of each module's ``REACHES`` (gunicorn's: test_upstream_shapes_gunicorn.py,
+kombu's: test_upstream_shapes_kombu.py),
 against the installed library, with real objects where they are cheap (a kombu pool on
 ``memory://``, a Celery app, a kombu hub): the digest of every copied method, the signature
 of every hook, the call sites whose behaviour is relied on, every private attribute. A
@@ -25,23 +26,22 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import Reject, WorkerShutdown
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Connection, pools
+from kombu import Connection
 from kombu import pidbox as kombu_pidbox
 from kombu.asynchronous import Hub
-from kombu.connection import ConnectionPool
-from kombu.resource import Resource
 
 from stopright import handback
 from stopright.upstream import celery as celery_internals
-from stopright.upstream import kombu as kombu_internals
+from stopright.upstream import celery_consumer
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery", "stopright.upstream.kombu"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.celery_consumer"}
 POOLS = "tests/unit/test_upstream_shapes_pools.py"
 ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
+             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py",
              **{f"stopright.upstream.{name}": POOLS
                 for name in ("billiard", "cpython", "celery_pools", "gevent", "eventlet")}}
 
@@ -49,6 +49,7 @@ ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gun
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
 
 C = celery_internals
+CC = celery_consumer
 COPY_IN = "stopright/upstream/celery.py"
 
 
@@ -127,6 +128,19 @@ def _(key: str) -> None:
                        "the sync closes the scheduler: StopRightBeat.close runs the registry")
 
 
+@shape(C, "celery.apps.beat.Beat.install_sync_handler / Celery.Beat (a cached property)")
+def _(key: str) -> None:
+    from celery.apps import beat as apps_beat
+
+    shapes.check_signature(key, apps_beat.Beat.install_sync_handler, "self, service")
+    shapes.check_calls(key, apps_beat.Beat.start_scheduler, ["self.install_sync_handler(service)"],
+                       "beat installs its sync handler through this method, which ours replaces")
+    app = Celery("shape-check", set_as_current=False)
+    C.beat_without_sync_handler(app)
+    assert app.Beat.install_sync_handler(object.__new__(app.Beat), None) is None, key
+    assert issubclass(app.Beat, apps_beat.Beat), f"{key}: Celery.Beat is no longer a Beat subclass"
+
+
 @shape(C, "celery.worker.state.should_stop")
 def _(key: str) -> None:
     shapes.check_attributes(key, state, ["should_stop", "maybe_shutdown"])
@@ -174,10 +188,10 @@ def _(key: str) -> None:
     assert called, f"{key}: the replaced command is not what Panel.data['shutdown'] runs"
 
 
-@shape(C, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
+@shape(CC, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
 def _(key: str) -> None:
-    shapes.check_override(key, C.Consumer, "on_ready")
-    shapes.check_override(key, C.Consumer, "ensure_connected")
+    shapes.check_override(key, CC.Consumer, "on_ready")
+    shapes.check_override(key, CC.Consumer, "ensure_connected")
     shapes.check_calls(key, loops.asynloop, ["obj.on_ready()"], "on_ready at every start of the loop")
     shapes.check_calls(key, CeleryConsumer.ensure_connected, ["conn.ensure_connection("],
                        "the retries go through conn.ensure_connection, which we give our intervals")
@@ -199,9 +213,9 @@ def _(key: str) -> None:
         hub.close()
 
 
-@shape(C, "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection")
+@shape(CC, "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection")
 def _(key: str) -> None:
-    shapes.check_override(key, C.Consumer, "on_connection_error_after_connected")
+    shapes.check_override(key, CC.Consumer, "on_connection_error_after_connected")
     shapes.check_text(key, CeleryConsumer.on_connection_error_after_connected,
                       ["self.connection.collect(", "if self.app.conf.worker_cancel_long_running_tasks_on_"
                        "connection_loss:", "request.task.acks_late", "request.acknowledged"],
@@ -212,16 +226,16 @@ def _(key: str) -> None:
                       "forget_delivery: nor acknowledged")
 
 
-@shape(C, "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args")
+@shape(CC, "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args")
 def _(key: str) -> None:
     shapes.check_text(key, loops.synloop, ["connection.drain_events(timeout=2.0)", "state.maybe_shutdown()"],
                       "gevent's and eventlet's loop waits for the broker between two checks of a stop")
-    shapes.check_override(key, C.Consumer, "loop_args")
+    shapes.check_override(key, CC.Consumer, "loop_args")
     shapes.check_text(key, CeleryConsumer.__init__, ["loops.asynloop if hub else loops.synloop"],
                       "synloop runs where the consumer has no hub")
     with Connection("memory://") as conn:
-        C.notice_stops_soon(conn)
-        C.notice_stops_soon(conn)  # at each start of the loop: capped once
+        CC.notice_stops_soon(conn)
+        CC.notice_stops_soon(conn)  # at each start of the loop: capped once
         started = time.monotonic()
         with pytest.raises(socket.timeout):
             conn.drain_events(timeout=30)
@@ -259,6 +273,16 @@ def _(key: str) -> None:
         app.close()
 
 
+@shape(C, "celery.backends.database.DatabaseBackend.session_manager.invalidate(url)")
+def _(key: str) -> None:
+    backend = Celery("shapes", broker="memory://", backend="db+sqlite://", set_as_current=False).backend
+    backend.session_manager._after_fork()  # as in a pool child: an engine kept per URL
+    backend.ResultSession().close()
+    assert backend.session_manager._engines, f"{key}: a forked pool child keeps no engine now: re-read"
+    C.result_backend_close(backend)()  # type: ignore[misc]
+    assert not backend.session_manager._engines, f"{key}: invalidate(url) no longer drops the engine"
+
+
 @shape(C, "celery.app.trace logger: a task's Reject is logged there, with its traceback")
 def _(key: str) -> None:
     records: list[logging.LogRecord] = []
@@ -278,74 +302,6 @@ def _(key: str) -> None:
     if not any(r.exc_info and isinstance(r.exc_info[1], Reject) for r in records):
         shapes.fail(key, f"Celery no longer logs a Reject with its traceback on {C.TRACE_LOGGER!r}",
                     "find where celery/app/trace.py logs it now; point TRACE_LOGGER there")
-
-
-# -- kombu (stopright/upstream/kombu.py) ---------------------------------------------------------
-
-K = kombu_internals
-
-
-def _pool() -> ConnectionPool:
-    return ConnectionPool(Connection("memory://"), limit=2)
-
-
-@shape(K, "kombu.resource.Resource._dirty")
-def _(key: str) -> None:
-    pool = _pool()
-    shapes.check_attributes(key, pool, ["_dirty"])
-    conn = pool.acquire()
-    try:
-        assert pool._dirty == {conn}, f"{key}: an acquired connection is not in Resource._dirty"
-    finally:
-        conn.release()
-    assert not pool._dirty, f"{key}: a released connection is still in Resource._dirty"
-
-
-@shape(K, "kombu.resource.Resource._resource")
-def _(key: str) -> None:
-    pool = _pool()
-    shapes.check_attributes(key, pool, ["_resource"])
-    shapes.check_attributes(key, pool._resource, ["queue"], what="Resource._resource (a LifoQueue)")
-    assert len(pool._resource.queue) == 2, f"{key}: the free slots are not in Resource._resource.queue"
-    assert not any(isinstance(r, Connection) for r in pool._resource.queue), \
-        f"{key}: an unopened slot is a Connection now (close_pooled_connections would open it to close it)"
-    conn = pool.acquire()
-    conn.release()
-    assert conn in pool._resource.queue, f"{key}: a released connection is not back in _resource.queue"
-
-
-@shape(K, "kombu.resource.Resource._closed")
-def _(key: str) -> None:
-    shapes.check_text(key, Resource.force_close_all, ["if self._closed:\nreturn"],
-                      "kombu's after-fork reset skips a pool marked closed (forget_inherited)")
-    pool = _pool()
-    conn = pool.acquire()
-    held = K._empty(pool)
-    assert conn in held and not pool._dirty and not pool._resource.queue, key
-    with pytest.raises(RuntimeError):
-        pool.acquire()  # a publish racing the stop fails at once
-    pool._dirty.add(conn)
-    pool.force_close_all()
-    assert conn in pool._dirty, f"{key}: force_close_all no longer returns at once on a closed pool"
-
-
-@shape(K, "kombu.Connection._close")
-def _(key: str) -> None:
-    shapes.check_signature(key, Connection._close, "self")
-    shapes.check_calls(key, Connection.release, ["self._close()"], "release() outside a pool is _close()")
-    conn = Connection("memory://")
-    conn.connect()
-    conn._close()
-    assert not conn.connected, f"{key}: Connection._close() left the connection open"
-
-
-@shape(K, "kombu.pools.connections / kombu.pools.producers")
-def _(key: str) -> None:
-    shapes.check_attributes(key, pools, ["connections", "producers"])
-    for group in (pools.connections, pools.producers):
-        assert isinstance(group, dict), f"{key}: {type(group).__name__} is no dict of pools any more"
-    assert isinstance(pools.connections.create(Connection("memory://"), 2), Resource), key
-    assert issubclass(pools.ProducerPool, Resource), key
 
 
 # -- the tests -------------------------------------------------------------------------------------

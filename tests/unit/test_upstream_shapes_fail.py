@@ -103,7 +103,8 @@ def test_a_hook_with_other_parameters_fails(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_a_hook_gone_upstream_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(CeleryConsumer, "on_ready")
-    _fails(CORE, CELERY, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers",
+    _fails(CORE, "stopright.upstream.celery_consumer",
+           "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers",
            "defines on_ready any more")
 
 

@@ -14,6 +14,8 @@ import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from gunicorn.app.base import BaseApplication
@@ -81,17 +83,19 @@ def _(key: str) -> None:
     names = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGALRM: "alrm"}
     for signum, name in names.items():
         assert Arbiter.SIG_NAMES.get(signum) == name, f"{HANDLERS}: SIG_NAMES[{signum!r}] is not {name!r}"
-    saved = signal.getsignal(signal.SIGALRM)  # graceful_master sets it in this process
-    try:
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGALRM, signal.SIGINT, signal.SIGQUIT)}
+    try:  # graceful_master's stop makes SIGINT and SIGQUIT repeats in this process
         _graceful_master_on_a_real_arbiter()
     finally:
-        signal.signal(signal.SIGALRM, saved)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _graceful_master_on_a_real_arbiter() -> None:
     """graceful_master on a real Arbiter: what its loop would call for each signal, and when it stops."""
     server = Arbiter(_App())
     asked: list[int] = []
+    alarm = signal.getsignal(signal.SIGALRM)
     G.graceful_master(server, lambda signum: asked.append(signum) or signum != signal.SIGTERM)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGALRM):
         handler = getattr(server, f"handle_{server.SIG_NAMES[signum]}")
@@ -101,8 +105,8 @@ def _graceful_master_on_a_real_arbiter() -> None:
             with pytest.raises(StopIteration):
                 handler()
     assert asked == [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], asked
-    assert signal.getsignal(signal.SIGALRM) == server.signal
-    server.signal(signal.SIGALRM, None)
+    assert signal.getsignal(signal.SIGALRM) == alarm, "SIGALRM is the app's: stopright must not take it"
+    G.end_drain_after(server, 0).join(10)  # the drain's end, from a thread
     assert server.SIG_QUEUE.get_nowait() == signal.SIGALRM, "Arbiter.signal no longer queues the signal"
     server.kill_workers(signal.SIGTERM)  # no worker: nothing sent, but the call's shape holds
 
@@ -132,6 +136,102 @@ def _(key: str) -> None:
     shapes.fail(key, "gunicorn changed Arbiter.spawn_worker: worker_exit is no longer called in the worker's "
                 "finally while its SystemExit propagates", "re-read it and stopright/gunicorn_hooks.py "
                 "worker_exit (the exit code it passes to os._exit)")
+
+
+STOP = "gunicorn.arbiter.Arbiter.stop: closes the listeners, then kill_workers; takes INT/QUIT from SIG_QUEUE"
+# A master with one real listener and no worker, stopped by a SIGINT through graceful_master,
+# then sent a SIGQUIT during its stop; in a child (the stop changes its signal handlers).
+STOPPING = """
+import os, signal
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn import sock
+from stopright.upstream import gunicorn as G
+
+class App(BaseApplication):
+    def load_config(self):
+        self.cfg.set("bind", ["127.0.0.1:0"])
+    def load(self):
+        return None
+
+server = Arbiter(App())
+server.LISTENERS = sock.create_sockets(server.cfg, server.log)
+listener = server.LISTENERS[0]
+notes = G.graceful_master(server, lambda signum: True)
+told = []
+tell = server.kill_workers
+
+def kill_workers(sig):
+    told.append((int(sig), listener.sock is None))  # gunicorn drops its socket when closing it
+    tell(sig)
+
+server.kill_workers = kill_workers
+try:
+    server.handle_int()
+except StopIteration:
+    pass
+os.kill(os.getpid(), signal.SIGQUIT)  # a repeat during the stop: not queued
+server.stop()
+print(notes.closed, notes.alone, told[0], server.SIG_QUEUE.empty())
+"""
+
+
+@shape(G, STOP)
+def _(key: str) -> None:
+    shapes.check_calls(key, Arbiter.stop, ["sock.close_sockets(self.LISTENERS", "self.kill_workers(sig)"],
+                       "the listeners are closed when the workers are told to stop")
+    shapes.check_text(key, Arbiter.stop, ["self.LISTENERS = []", "pending_sig = self.SIG_QUEUE.get_nowait()",
+                                          "if pending_sig in (signal.SIGINT, signal.SIGQUIT):",
+                                          "limit = time.time() + 2.0"],
+                      "a SIGINT or SIGQUIT queued during the graceful stop makes it quick: not ours")
+    done = subprocess.run([sys.executable, "-c", STOPPING], capture_output=True, text=True, timeout=60)
+    expected = f"True True ({int(signal.SIGTERM)}, True) True"
+    if done.returncode != 0 or done.stdout.strip() != expected:
+        shapes.fail(key, f"gunicorn changed Arbiter.stop: a master stopped through graceful_master printed "
+                    f"{done.stdout.strip()!r} (expected {expected!r}), rc {done.returncode}: "
+                    f"{done.stderr.strip()[-300:]}", "re-read it and graceful_master's stop")
+
+
+UPGRADE = "gunicorn.arbiter.Arbiter.master_pid / reexec_pid / LISTENERS (USR2 upgrade)"
+
+
+@shape(G, UPGRADE)
+def _(key: str) -> None:
+    server = Arbiter(_App())
+    shapes.check_attributes(key, server, ["master_pid", "reexec_pid", "LISTENERS"])
+    assert (server.master_pid, server.reexec_pid, G.upgraded_from(server)) == (0, 0, 0), key
+    shapes.check_text(key, Arbiter.start, ["self.master_pid = int(os.environ.get('GUNICORN_PID'))",
+                                           "self.cfg.on_starting(self)", "systemd.listen_fds()",
+                                           "os.environ.pop('GUNICORN_FD')"],
+                      "on_starting sees the old master's pid and, still in the environment, inherited fds")
+    shapes.check_text(key, Arbiter.reexec, ["self.reexec_pid = os.fork()", "environ['GUNICORN_PID'] = str(",
+                                            "environ['GUNICORN_FD'] = ','.join("],
+                      "a USR2 re-exec: the new master shares the listeners")
+    shapes.check_text(key, Arbiter.reap_workers, ["if self.reexec_pid == wpid:", "self.reexec_pid = 0"],
+                      "0 once the new master is gone")
+    shapes.check_text(key, Arbiter.maybe_promote_master,
+                      ["if self.master_pid != os.getppid():", "self.master_pid = 0"],
+                      "0 once the old one is gone")
+
+
+ADDRESS = "gunicorn.config.Config.address: fd:// binds as ints; GUNICORN_FD, LISTEN_FDS read later"
+
+
+@shape(G, ADDRESS)
+def _(key: str) -> None:
+    cfg = Config()
+    cfg.set("bind", ["fd://5", "127.0.0.1:0"])
+    if cfg.address != [5, ("127.0.0.1", 0)]:
+        shapes.fail(key, f"gunicorn changed Config.address: {cfg.address!r} for fd://5 and 127.0.0.1:0",
+                    "re-read it and inherited_listeners in stopright/upstream/gunicorn.py")
+    server = Arbiter(_App())
+    server.cfg.set("bind", ["fd://5"])
+    os.environ["GUNICORN_FD"] = "7,8"
+    try:
+        assert G.inherited_listeners(server) == ([5, 7, 8], True), key
+    finally:
+        del os.environ["GUNICORN_FD"]
+    # Arbiter.start reading them after on_starting: checked with the upgrade's reach above.
 
 
 # -- both worker classes ---------------------------------------------------------------------------------

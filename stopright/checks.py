@@ -1,0 +1,77 @@
+"""What stopright relies on, checked when the worker or beat starts (``install`` connects these).
+
+A user's app reaches stopright in shapes of its own: the Flask docs' pattern
+calls ``config_from_object`` after ``install``, keeps a task base of its own,
+registers closers in an app factory that the Celery MainProcess runs before
+its pool forks. Each of those either works or is named here at start, with
+what to change, instead of showing up as a stop that goes wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from stopright import registry
+from stopright.handback import HandBackTask
+
+log = logging.getLogger("shutdown")
+
+
+def settings_not_in_effect(app: Celery, expected: dict[str, Any]) -> list[str]:
+    """``key=value (stopright sets X)`` for each setting of ``expected`` the app's configuration lacks."""
+    return [f"{key}={app.conf.get(key)!r} (stopright sets {value!r})"
+            for key, value in expected.items() if app.conf.get(key) != value]
+
+
+def require_settings(app: Celery, expected: dict[str, Any]) -> None:
+    """Worker start: stop with one message if a setting the stop depends on was changed after ``install``.
+
+    A late ``conf.update`` or assignment would silently bring back what the
+    settings prevent: early acks (a stopped task lost), prefetched messages,
+    Celery's own pool and consumer.
+    """
+    wrong = settings_not_in_effect(app, expected)
+    if wrong:
+        raise SystemExit(
+            "stopright: Celery settings that a stop relies on were changed after stopright.install(): "
+            + "; ".join(wrong) + ". Remove them from your configuration or set them before install() "
+            "(install re-applies its settings whenever config_from_object reloads the configuration, "
+            "but not after a later conf.update or assignment).")
+
+
+def tasks_not_handed_back(app: Celery) -> list[str]:
+    """The app's tasks (not Celery's own) whose class is not a HandBackTask: a stop cannot hand them back."""
+    return sorted(name for name, task in app.tasks.items()
+                  if not name.startswith("celery.") and not isinstance(task, HandBackTask))
+
+
+def warn_tasks_not_handed_back(app: Celery) -> None:
+    names = tasks_not_handed_back(app)
+    if names:
+        log.warning("these tasks will not be handed back at a stop: %s. Their base is not "
+                    "stopright.HandBackTask, so one still running when the grace ends is killed with its "
+                    "pool child and requeued, cut wherever it was. Derive their base from it (Celery("
+                    "task_cls=...), class MyTask(stopright.HandBackTask), or base=stopright.HandBackTask)",
+                    ", ".join(names))
+
+
+def warn_left_behind_by_pool(forks_children: bool) -> None:
+    if forks_children:
+        registry.warn_left_behind("worker MainProcess, before its pool forks")
+
+
+def require_stopright_scheduler(scheduler: object) -> None:
+    """Beat start: its scheduler must be stopright's, or beat would stop as stock Celery's does."""
+    from stopright.celery_beat import StopRightBeat  # beat only: the worker never loads it
+
+    if not isinstance(scheduler, StopRightBeat):
+        cls = type(scheduler)
+        raise SystemExit(
+            f"stopright: beat runs {cls.__module__}.{cls.__qualname__}, which does not stop right "
+            "(schedule saved, connections closed, every stop signal graceful). install() selects "
+            "stopright.celery_beat:Scheduler in place of Celery's default; for a scheduler of your own "
+            "(beat_scheduler or -S), mix stopright's in first: "
+            f"class Scheduler(stopright.celery_beat.StopRightBeat, {cls.__qualname__}).")
