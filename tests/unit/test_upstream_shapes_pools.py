@@ -250,20 +250,28 @@ class _Raised(BaseException):
     pass
 
 
+def _busy(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
 @shape(cpython_internals, "ctypes.pythonapi.PyThreadState_SetAsyncExc")
 def _(key: str) -> None:
     caught = []
+    inside = threading.Event()
 
     def spin() -> None:
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                pass
+            inside.set()
+            _busy(30)  # a frame of its own, as a task's code is (CPython 3.13.0 lets an exception raised
+            # at a bare `while ...: pass` skip the handler of that frame's own try)
         except _Raised:
             caught.append(True)
 
     spinner = threading.Thread(target=spin)
     spinner.start()
+    assert inside.wait(30)
     assert cpython_internals.raise_in_thread(spinner.ident, _Raised), f"{key}: no such thread?"
     spinner.join(30)
     assert caught == [True], f"{key}: the exception did not reach the thread"
