@@ -98,7 +98,7 @@ def controlling_tty() -> None:
 
 
 def _default_stop_signals() -> None:
-    """In the child (preexec), no terminal: the stop signals at their defaults (see :func:`controlling_tty`)."""
+    """preexec, no terminal: the stop signals at their defaults (as :func:`controlling_tty` does)."""
     for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
 

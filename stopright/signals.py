@@ -189,8 +189,9 @@ def stop_with_parent(signum: int = signal.SIGTERM, *, after: int | None = None) 
     command, so two processes stand between the manager and us (the Procfile
     has no ``exec``: foreman's exports and supervisord cannot run one). Both
     outlive a dying manager, so the manager itself (:func:`_manager_pid`) is
-    watched too (``pidfd``): without a terminal no SIGHUP tells anyone. The shell's own death still stops us: it dies
-    only of a signal meant for us, and a manager that signals only it
+    watched too (``pidfd``): without a terminal no SIGHUP tells anyone. The
+    shell's own death still stops us: it dies only of a signal meant for us,
+    and a manager that signals only it
     (stock ``honcho export supervisord``: SIGQUIT, no ``stopasgroup``) would
     otherwise leave us running unseen. Under honcho that is a second SIGTERM
     a moment after the group's, which every process takes as a repeat.

@@ -28,7 +28,7 @@ import pytest
 from stopcheck.honcho import Honcho
 from tests.e2e.test_deploy_foreman import foreman
 from tests.exits import Ended, ExitWatch
-from tests.procset import ROOT, ProcessSet
+from tests.procset import ProcessSet
 from tests.supervised import write_env
 from tests.workload import Outcomes, Verdict, Workload, wait_ready
 
