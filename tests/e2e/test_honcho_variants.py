@@ -61,7 +61,7 @@ class Variant:
     name: str
     command: str  # run by bash -c in the set's working directory; {port}, {env}, {log} filled in
     terminal: bool
-    stop: str  # "ctrl_c": ^C typed into the terminal; "kill": SIGKILL to the manager
+    stop: str  # "ctrl_c": ^C typed into the terminal; "kill": SIGKILL to the manager; "hangup": terminal closed
 
 
 HONCHO = "honcho start --no-colour"
@@ -72,6 +72,7 @@ FOREMAN = "{foreman} start -f Procfile -d . -e {env} -p {port} -t 5"
 HONCHO_VARIANTS = [
     Variant("honcho, terminal, Ctrl+C", f"exec {HONCHO}", True, "ctrl_c"),
     Variant("honcho, no terminal, SIGKILL", f"exec {HONCHO}", False, "kill"),
+    Variant("honcho, terminal closed", f"exec {HONCHO}", True, "hangup"),
     Variant("scripts/start | tee, Ctrl+C", f"{JOB}scripts/start | tee {{log}}", True, "ctrl_c"),
     Variant("scripts/start | head, Ctrl+C", f"{JOB}scripts/start | head -n 5", True, "ctrl_c"),
 ]
@@ -118,6 +119,8 @@ def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[V
     started = time.monotonic()
     if variant.stop == "ctrl_c":
         ps.ctrl_c()
+    elif variant.stop == "hangup":  # SIGHUP to honcho and its readers: the programs' output pipes break
+        ps.terminal.close_pty()
     else:  # the manager itself (the variant's command execs it)
         os.kill(ps.proc.pid, signal.SIGKILL)
     rows = watch.wait_gone(ps.proc.pid, timeout=40)
