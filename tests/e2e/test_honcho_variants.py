@@ -61,7 +61,7 @@ class Variant:
     name: str
     command: str  # run by bash -c in the set's working directory; {port}, {env}, {log} filled in
     terminal: bool
-    stop: str  # "ctrl_c": ^C typed into the terminal; "kill": SIGKILL to the manager; "hangup": terminal closed
+    stop: str  # "ctrl_c": ^C typed into the terminal; "kill": SIGKILL to the manager; "hangup": closed
 
 
 HONCHO = "honcho start --no-colour"
