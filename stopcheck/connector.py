@@ -111,7 +111,7 @@ class ProcConnector:
         self.sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn)
 
     def run(self, tracker: Tracker, stop: threading.Event) -> None:
-        """Feed ``tracker`` until ``stop``, then what the socket still holds (the thread lags on a busy machine)."""
+        """Feed ``tracker`` until ``stop``, then what the socket still holds (a busy machine lags)."""
         drain_until = None
         while True:
             if stop.is_set() and drain_until is None:
