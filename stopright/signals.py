@@ -115,7 +115,9 @@ def exit_on_stop_signals() -> None:
     stop then (a crash-looping deploy, a fast rollout) meets the default
     action: death by signal, or, as PID 1 of a container, nothing at all
     (the kernel drops it) until the platform's SIGKILL. Call it first thing
-    at import of the program's app module, only in that program.
+    at import of the program's app module, only in that program. Before
+    that (the interpreter's start, the CLI's own imports: a fraction of a
+    second, seconds on a loaded machine) the default action remains.
     """
 
     def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
