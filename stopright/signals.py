@@ -214,7 +214,7 @@ def stop_with_parent(signum: int = signal.SIGTERM, *, after: int | None = None) 
 
 
 def _manager_pid(child: int | None = None) -> int:
-    """The manager that started us (``child``): the first process up the ancestry that is not only a go-between.
+    """The manager that started us (or ``child``): the first ancestor that is not only a go-between.
 
     Go-betweens (:func:`_stands_between`): a ``sh -c`` running our line, a
     fork of its own parent (honcho 2.0 reads each entry's output in a
