@@ -100,11 +100,14 @@ def stored(ps: ProcessSet) -> dict[str, dict[str, object]]:
 
 
 def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[VariantSet],
-                previous: Workload | None) -> tuple[Workload, str]:
-    """Start the set the variant's way, check the previous stop's jobs ran, load it, stop it, check."""
+                previous: Workload | None) -> tuple[Workload, str, Verdict | None]:
+    """Start the set the variant's way, check the previous stop's jobs ran, load it, stop it, check.
+
+    Returns the load (its jobs are checked at the next start), what the stop did, and the verdict on
+    the previous stop's jobs.
+    """
     env_file = write_env(tmp_path / "foreman.env", {})
-    ps = VariantSet(tmp_path, terminal=variant.terminal, command=["bash", "-c", ""], runs_honcho=True,
-                    env={"WORKER_CONCURRENCY": "4"})
+    ps = VariantSet(tmp_path, terminal=variant.terminal, runs_honcho=True, env={"WORKER_CONCURRENCY": "4"})
     sets.append(ps)
     ps.command = ["bash", "-c", variant.command.format(
         port=ps.port, env=shlex.quote(str(env_file)), log=shlex.quote(str(tmp_path / "tee.log")),
@@ -145,17 +148,19 @@ def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[V
     if verdict is not None:
         verdict.assert_none_lost()
     stop_time = max(r.at for r in rows if r.at is not None) - started
-    return load, summary(variant, stop_time, rows, outcomes, len(load.long_ids), verdict)
+    return load, summary(variant, stop_time, rows, outcomes, len(load.long_ids)), verdict
 
 
-def summary(variant: Variant, stop_time: float, rows: list[Ended], outcomes: Outcomes, handed_back: int,
-            verdict: Verdict | None) -> str:
+def summary(variant: Variant, stop_time: float, rows: list[Ended], outcomes: Outcomes,
+            handed_back: int) -> str:
     sigkilled = sum(1 for r in rows if r.exit == "SIGKILL")
-    lost = "?" if verdict is None else str(len(verdict.failed) + len(verdict.late))
     return (f"{variant.name}: every process gone {stop_time:.2f} s after the stop, {sigkilled} SIGKILL, "
             f"{len(rows)} processes, 0 left running; requests {dict(outcomes.counts)}, "
-            f"long poll {outcomes.long_poll}; {handed_back} jobs handed back; "
-            f"jobs lost at the previous stop: {lost}")
+            f"long poll {outcomes.long_poll}; {handed_back} jobs handed back")
+
+
+def lost(verdict: Verdict) -> str:
+    return f"; after the restart {len(verdict.failed) + len(verdict.late)} of {verdict.accepted} jobs lost"
 
 
 def run_chain(tmp_path: Path, variants: list[Variant], watch: ExitWatch) -> None:
@@ -164,16 +169,18 @@ def run_chain(tmp_path: Path, variants: list[Variant], watch: ExitWatch) -> None
     try:
         previous = None
         for variant in variants:
-            previous, line = run_variant(tmp_path, variant, watch, sets, previous)
+            previous, line, verdict = run_variant(tmp_path, variant, watch, sets, previous)
+            if verdict is not None:
+                lines[-1] += lost(verdict)
             lines.append(line)
         final = VariantSet(tmp_path, terminal=True, runs_honcho=True)
         sets.append(final)
         final.start()
         final.wait_ready(timeout=120)
-        verdict = previous.verdict(final, timeout=60) if previous is not None else None
-        assert verdict is not None
+        assert previous is not None
+        verdict = previous.verdict(final, timeout=60)
         verdict.assert_none_lost()
-        lines.append(f"last stop: {len(verdict.failed) + len(verdict.late)} jobs lost of {verdict.accepted}")
+        lines[-1] += lost(verdict)
         final.stop_and_wait("ctrl_c")
     finally:
         for each in sets:
