@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from tests.e2e.test_deploy_foreman import foreman
 from tests.exits import Ended, ExitWatch
 from tests.procset import ProcessSet
 from tests.supervised import write_env
-from tests.workload import Outcomes, Verdict, Workload, wait_ready
+from tests.workload import Outcomes, Workload, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -96,14 +97,29 @@ def is_program(row: Ended) -> bool:
 def stored(ps: ProcessSet) -> dict[str, dict[str, object]]:
     with closing(sqlite3.connect(ps.var / "app.db")) as db:
         db.row_factory = sqlite3.Row
-        return {r["id"]: dict(r) for r in db.execute("SELECT id, status, attempts FROM jobs")}
+        return {r["id"]: dict(r) for r in db.execute("SELECT id, status, attempts, started_at FROM jobs")}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)  # the ledger's clock
+
+
+def after_restart(ps: ProcessSet, previous: Workload, began: datetime) -> str:
+    """On the restarted (ready) set: every job the previous stop had accepted ran, none lost."""
+    verdict = previous.verdict(ps, timeout=60)
+    verdict.assert_none_lost()
+    jobs = stored(ps)
+    again = max((datetime.fromisoformat(str(jobs[j]["started_at"])) - began).total_seconds()
+                for j in previous.long_ids)
+    return (f"; after the restart {len(verdict.failed) + len(verdict.late)} of {verdict.accepted} jobs lost,"
+            f" the handed-back ones started again {again:.2f} s after the restart began")
 
 
 def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[VariantSet],
-                previous: Workload | None) -> tuple[Workload, str, Verdict | None]:
+                previous: Workload | None) -> tuple[Workload, str, str | None]:
     """Start the set the variant's way, check the previous stop's jobs ran, load it, stop it, check.
 
-    Returns the load (its jobs are checked at the next start), what the stop did, and the verdict on
+    Returns the load (its jobs are checked at the next start), what the stop did, and what became of
     the previous stop's jobs.
     """
     env_file = write_env(tmp_path / "foreman.env", {})
@@ -112,9 +128,10 @@ def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[V
     ps.command = ["bash", "-c", variant.command.format(
         port=ps.port, env=shlex.quote(str(env_file)), log=shlex.quote(str(tmp_path / "tee.log")),
         foreman=shlex.quote(foreman()) if "{foreman}" in variant.command else "")]
+    began = utcnow()
     ps.start()
     wait_ready(ps, timeout=120)
-    verdict = previous.verdict(ps, timeout=60) if previous is not None else None
+    restarted = after_restart(ps, previous, began) if previous is not None else None
     load = Workload(ps, jobs=2, job_seconds=JOB_SECONDS, threads=2)
     load.start()
     ps.snapshot()
@@ -145,10 +162,8 @@ def run_variant(tmp_path: Path, variant: Variant, watch: ExitWatch, sets: list[V
     jobs = stored(ps)
     for job_id in load.long_ids:
         assert (jobs[job_id]["status"], jobs[job_id]["attempts"]) == ("queued", 0), (jobs[job_id], where)
-    if verdict is not None:
-        verdict.assert_none_lost()
     stop_time = max(r.at for r in rows if r.at is not None) - started
-    return load, summary(variant, stop_time, rows, outcomes, len(load.long_ids)), verdict
+    return load, summary(variant, stop_time, rows, outcomes, len(load.long_ids)), restarted
 
 
 def summary(variant: Variant, stop_time: float, rows: list[Ended], outcomes: Outcomes,
@@ -159,8 +174,6 @@ def summary(variant: Variant, stop_time: float, rows: list[Ended], outcomes: Out
             f"long poll {outcomes.long_poll}; {handed_back} jobs handed back")
 
 
-def lost(verdict: Verdict) -> str:
-    return f"; after the restart {len(verdict.failed) + len(verdict.late)} of {verdict.accepted} jobs lost"
 
 
 def run_chain(tmp_path: Path, variants: list[Variant], watch: ExitWatch) -> None:
@@ -169,18 +182,17 @@ def run_chain(tmp_path: Path, variants: list[Variant], watch: ExitWatch) -> None
     try:
         previous = None
         for variant in variants:
-            previous, line, verdict = run_variant(tmp_path, variant, watch, sets, previous)
-            if verdict is not None:
-                lines[-1] += lost(verdict)
+            previous, line, restarted = run_variant(tmp_path, variant, watch, sets, previous)
+            if restarted is not None:
+                lines[-1] += restarted
             lines.append(line)
         final = VariantSet(tmp_path, terminal=True, runs_honcho=True)
         sets.append(final)
+        began = utcnow()
         final.start()
         final.wait_ready(timeout=120)
         assert previous is not None
-        verdict = previous.verdict(final, timeout=60)
-        verdict.assert_none_lost()
-        lines[-1] += lost(verdict)
+        lines[-1] += after_restart(final, previous, began)
         final.stop_and_wait("ctrl_c")
     finally:
         for each in sets:
