@@ -23,6 +23,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -116,7 +117,7 @@ class Honcho:
     ``command`` defaults to ``honcho start`` (with ``procfile``); ``env`` to
     this process's environment. ``verbose`` echoes each line to stderr,
     ``log`` writes it to a file. ``terminal=False``: no terminal (no ``^C``),
-    the output goes to ``output`` (default: ``output.log`` in ``cwd``).
+    the output goes to the file ``output`` (default: a new temporary file).
     """
 
     def __init__(self, cwd: Path, procfile: Path | None = None, *, command: Sequence[str] | None = None,
@@ -161,12 +162,15 @@ class Honcho:
 
     def _start_detached(self) -> None:
         """No controlling terminal: a session of its own, stdin ``/dev/null``, stdout and stderr a file."""
-        path = self.output_file or Path(self.cwd) / "output.log"
+        if self.output_file is None:
+            fd, name = tempfile.mkstemp(prefix="honcho-", suffix=".log")
+            os.close(fd)
+            self.output_file = Path(name)
+        path = self.output_file
         with open(path, "wb") as out:
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=_default_stop_signals, close_fds=True)
-        self.output_file = path
         self.master = os.open(path, os.O_RDONLY)
         self._reader = threading.Thread(target=self._read, args=(self.master,), daemon=True,
                                         name=f"output-reader-{self.proc.pid}")
