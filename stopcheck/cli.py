@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -69,6 +70,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="ready when every entry has started and the youngest is this old (default 3; "
                         "with --url, 0 unless given)")
     p.add_argument("--url", help="ready when this URL answers HTTP 2xx")
+    p.add_argument("--ready-line", action="append", default=[], metavar="ENTRY=REGEX",
+                   help="ready when ENTRY has printed a line matching REGEX (e.g. 'worker=ready\\.$'); "
+                        "repeatable; honcho only")
     p.add_argument("--ready-timeout", type=float, default=60, metavar="S",
                    help="exit 2 if the set is not ready after S seconds (default 60)")
     p.add_argument("--timeout", type=float, default=30, metavar="S",
@@ -82,6 +86,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="observe by polling only (what a non-root user gets before Linux 6.6)")
     stopcheck.report.add_arguments(p)
     args = p.parse_args(argv)
+    args.ready_lines = []
+    for spec in args.ready_line:
+        entry, sep, pattern = spec.partition("=")
+        if not sep or not entry:
+            p.error(f"--ready-line {spec!r}: expected ENTRY=REGEX")
+        try:
+            args.ready_lines.append((entry, re.compile(pattern)))
+        except re.error as e:
+            p.error(f"--ready-line {spec!r}: {e}")
+    if args.ready_lines and args.manager != "honcho":
+        p.error("--ready-line works with honcho only")
     if args.up is None:
         args.up = 0.0 if args.url else 3.0
     for name in ("up", "ready_timeout", "timeout", "settle"):
@@ -103,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     entries = parse_procfile(procfile.read_text())
     if not entries:
         print(f"shutdown-report: {procfile} has no entries", file=sys.stderr)
+        return 2
+    unknown = sorted({entry for entry, _ in args.ready_lines} - {name for name, _ in entries})
+    if unknown:
+        print(f"shutdown-report: --ready-line for {', '.join(unknown)}: not in {procfile}", file=sys.stderr)
         return 2
     if args.manager != "honcho":  # another manager's stop, simulated or real: stopcheck/report.py
         with tempfile.TemporaryDirectory(prefix="shutdown-report-") as workdir:

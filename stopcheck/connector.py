@@ -33,6 +33,10 @@ CN_MSG_HDR = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 NLMSG_DONE = 3
 SO_RCVBUFFORCE = 33
+#: Once told to stop, how long the thread still reads what the socket holds (events already sent).
+DRAIN_SECONDS = 1.0
+#: An event's kernel time at most this far behind its reading is this clock's (a busy machine lags).
+LAG_SECONDS = 30.0
 
 
 def parse_proc_events(data: bytes) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -107,11 +111,20 @@ class ProcConnector:
         self.sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn)
 
     def run(self, tracker: Tracker, stop: threading.Event) -> None:
-        while not stop.is_set():
+        """Feed ``tracker`` until ``stop``, then what the socket still holds (a busy machine lags)."""
+        drain_until = None
+        while True:
+            if stop.is_set() and drain_until is None:
+                drain_until = time.monotonic() + DRAIN_SECONDS
+                self.sock.settimeout(0)
+            if drain_until is not None and time.monotonic() > drain_until:  # the machine never pauses
+                break
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
                 continue
+            except BlockingIOError:  # drained
+                break
             except OSError as e:
                 if e.errno == errno.ENOBUFS:  # events dropped: polling covers the gap
                     tracker.connector_lost_events = True
@@ -120,7 +133,7 @@ class ProcConnector:
             now = time.monotonic()
             for what, ts, fields in parse_proc_events(data):
                 t = ts / 1e9
-                if not now - 1.0 <= t <= now + 0.01:  # another clock (time namespace): use receipt
+                if not now - LAG_SECONDS <= t <= now + 0.01:  # another clock (time namespace): use receipt
                     t = now
                 if what == PROC_EVENT_FORK:
                     _ppid, parent_tgid, child_pid, child_tgid = fields

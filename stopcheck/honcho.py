@@ -4,7 +4,10 @@ A program (by default ``honcho start``) runs in its own session with a pty as
 its controlling terminal, as in a user's terminal window: ``^C`` written to
 the pty's master makes the line discipline send SIGINT to the terminal's
 foreground process group (honcho's, with every program it started), which
-is the Ctrl+C this project is about. A thread reads the output; each line
+is the Ctrl+C this project is about. With ``terminal=False`` it runs as a
+service manager, CI or ``nohup`` run it: a session of its own with no
+controlling terminal, stdin ``/dev/null``, its output to a file (read back
+as it grows). A thread reads the output; each line
 is kept with the time it was read, cleaned of colours, carriage returns and
 the tty's echoed ``^C``, and honcho's own ``system`` lines (``started``,
 ``sending SIGTERM``, ``stopped (rc=N)``, ``SIGINT received``) are parsed.
@@ -20,6 +23,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -94,6 +98,12 @@ def controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _default_stop_signals() -> None:
+    """preexec, no terminal: the stop signals at their defaults (as :func:`controlling_tty` does)."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def honcho_command(procfile: Path | None = None, directory: Path | None = None) -> list[str]:
     command = [sys.executable, "-m", "honcho", "start", "--no-colour"]
     if procfile is not None:
@@ -106,12 +116,13 @@ class Honcho:
 
     ``command`` defaults to ``honcho start`` (with ``procfile``); ``env`` to
     this process's environment. ``verbose`` echoes each line to stderr,
-    ``log`` writes it to a file.
+    ``log`` writes it to a file. ``terminal=False``: no terminal (no ``^C``),
+    the output goes to the file ``output`` (default: a new temporary file).
     """
 
     def __init__(self, cwd: Path, procfile: Path | None = None, *, command: Sequence[str] | None = None,
                  env: Mapping[str, str] | None = None, verbose: bool = False,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, terminal: bool = True, output: Path | None = None) -> None:
         self.cwd = cwd
         self.command = list(command) if command else honcho_command(procfile, cwd if procfile else None)
         self.env = dict(env) if env is not None else None
@@ -120,7 +131,9 @@ class Honcho:
         self.lines: list[tuple[float, str]] = []  # (monotonic time read, cleaned line)
         self.events: list[tuple[float, HonchoEvent]] = []
         self.proc: subprocess.Popen[bytes] | None = None
-        self.master: int | None = None
+        self.master: int | None = None  # the pty's master side; with no terminal, the output file's reader
+        self.terminal = terminal
+        self.output_file = output
         self.exit_at: float | None = None  # monotonic, as first seen by poll()
         self._partial = ""
         self._lock = threading.Lock()  # lines, events, partial, log
@@ -129,6 +142,9 @@ class Honcho:
 
     # -- the process ---------------------------------------------------------------------------
     def start(self) -> None:
+        if not self.terminal:
+            self._start_detached()
+            return
         master, slave = pty.openpty()
         try:
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdin=slave, stdout=slave,
@@ -144,13 +160,30 @@ class Honcho:
                                         name=f"pty-reader-{self.proc.pid}")
         self._reader.start()
 
+    def _start_detached(self) -> None:
+        """No controlling terminal: a session of its own, stdin ``/dev/null``, stdout and stderr a file."""
+        if self.output_file is None:
+            fd, name = tempfile.mkstemp(prefix="honcho-", suffix=".log")
+            os.close(fd)
+            self.output_file = Path(name)
+        path = self.output_file
+        with open(path, "wb") as out:
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_default_stop_signals, close_fds=True)
+        self.master = os.open(path, os.O_RDONLY)
+        self._reader = threading.Thread(target=self._read, args=(self.master,), daemon=True,
+                                        name=f"output-reader-{self.proc.pid}")
+        self._reader.start()
+
     def foreground(self) -> int:
         """The terminal's foreground process group (the group a ``^C`` reaches)."""
-        assert self.master is not None
+        assert self.terminal and self.master is not None
         return os.tcgetpgrp(self.master)
 
     def ctrl_c(self) -> None:
         """Type ^C into the terminal: the tty sends SIGINT to its foreground process group."""
+        assert self.terminal, "no terminal to type ^C into"
         with self._fd_lock:
             assert self.master is not None, "the terminal is closed"
             os.write(self.master, b"\x03")
@@ -210,10 +243,14 @@ class Honcho:
                         break  # closed by close_pty(): the number may be another file's now
                     if not ready:
                         continue
+                    ended = not self.terminal and self.proc is not None and self.proc.poll() is not None
                     try:
                         chunk = os.read(fd, 65536)
                     except OSError:  # EIO: every holder of the slave side closed it
                         break
+                if not chunk and not self.terminal and not ended:  # a file, at its end for now
+                    time.sleep(0.05)
+                    continue
                 if not chunk:
                     break
                 now = time.monotonic()

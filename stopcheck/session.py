@@ -70,6 +70,9 @@ def wait_ready(args: argparse.Namespace, honcho: Honcho, names: list[str]) -> No
         if ready and args.up:
             ages = [proc_age(pid) for name, pid in started.items() if name in expected and pid]
             ready = all(a is not None and a >= args.up for a in ages)
+        waiting = [f"{entry} printed no line matching {regex.pattern!r}" for entry, regex in args.ready_lines
+                   if not any(regex.search(text) for text in honcho.texts(entry))]
+        ready = ready and not waiting
         if ready and args.url:
             if time.monotonic() - last_url_check >= 0.2:
                 last_url_check = time.monotonic()
@@ -79,7 +82,8 @@ def wait_ready(args: argparse.Namespace, honcho: Honcho, names: list[str]) -> No
         if ready:
             return
         if time.monotonic() > deadline:
-            what = f"{args.url} did not answer 2xx" if args.url else "not every entry was up"
+            what = "; ".join(waiting) if waiting else (f"{args.url} did not answer 2xx" if args.url
+                                                       else "not every entry was up")
             raise NotReady(f"not ready within {args.ready_timeout:g} s: {what}")
         time.sleep(0.05)
 

@@ -9,9 +9,9 @@ waits out kombu's visibility timeout (1 h) before any worker gets it.
 So the server runs as our child in a session of its own, out of reach of
 the entry's group signal (and a terminal's Ctrl+C). On the first stop signal
 (repeats change nothing: under honcho the ``sh -c`` wrapper's death sends a
-second SIGTERM) we wait until the server has no client TCP connection left
-(psutil, over its process tree: Redis, RabbitMQ, PostgreSQL alike) or the
-stop budget is spent (:func:`linger_seconds`), then SIGTERM it, wait for it
+second SIGTERM) we wait until the server has no client connection left, over
+TCP or its Unix sockets (over its process tree: Redis, RabbitMQ, PostgreSQL
+alike) or the stop budget is spent (:func:`linger_seconds`), then SIGTERM it, wait for it
 (bounded) and exit with its code. SIGKILLed, we leave no orphan: the kernel
 SIGTERMs the server (``PR_SET_PDEATHSIG``); the manager's death is a stop
 signal (``stop_with_parent``).
@@ -42,16 +42,22 @@ FORMAT = "%(asctime)s.%(msecs)03d outlive[%(process)d] %(levelname)s %(name)s: %
 
 
 def client_connections(server: psutil.Process) -> int:
-    """Established TCP connections of clients to the ports the server's process tree listens on.
+    """Client connections to the server's process tree: over TCP and over its Unix sockets.
 
     The tree: PostgreSQL holds each client in a backend child. A connection
-    the tree opened to itself is none; one shared with a fork (Redis's BGSAVE)
-    counts once; a client's close ends ESTABLISHED at once (CLOSE_WAIT).
+    shared with a fork (Redis's BGSAVE) counts once; a client's close ends
+    it at once (TCP: CLOSE_WAIT; a Unix socket: once the server closes its
+    end, which Redis and PostgreSQL do as soon as they read the end).
     """
     try:
         tree = [server, *server.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0
+    return _tcp_clients(tree) + _unix_clients(tree)
+
+
+def _tcp_clients(tree: list[psutil.Process]) -> int:
+    """Established connections to a port the tree listens on, not from the tree itself."""
     connections = set()
     for process in tree:
         try:
@@ -64,6 +70,57 @@ def client_connections(server: psutil.Process) -> int:
                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening
                and c.raddr and tuple(c.raddr) not in own}
     return len(clients)
+
+
+#: /proc/net/unix: ``Flags`` of a listening socket (__SO_ACCEPTCON); ``St`` of a connected one (SS_CONNECTED).
+_ACCEPTCON = 0x10000
+_CONNECTED = 3
+
+
+def _unix_clients(tree: list[psutil.Process]) -> int:
+    """Accepted connections on a Unix socket path the tree listens on (``redis-server --unixsocket``).
+
+    psutil shows the listening socket and each accepted one alike (the
+    socket's path, no state), so ``/proc/net/unix`` tells them apart, by the
+    inodes the tree holds: a listener has __SO_ACCEPTCON; the server's end
+    of a client's connection is connected and named by the listener's path.
+    The server's own connections elsewhere (syslog, another server) and its
+    socketpairs have no path of its own and are not counted. Linux only
+    (elsewhere 0). The file names no peer and no shutdown: a connection the
+    tree opened to itself over its socket counts, and so does a client gone
+    while a fork still holds the server's end (a Redis BGSAVE) until the fork
+    exits; the linger's budget bounds both.
+    """
+    held = set()
+    for process in tree:
+        try:
+            fds = os.listdir(f"/proc/{process.pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{process.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                held.add(int(target[8:-1]))
+    if not held:
+        return 0
+    try:
+        with open("/proc/net/unix") as f:
+            table = f.read().splitlines()[1:]
+    except OSError:
+        return 0
+    listened, connected = set(), set()
+    for line in table:
+        fields = line.split(maxsplit=7)  # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) < 8 or int(fields[6]) not in held:
+            continue
+        if int(fields[3], 16) & _ACCEPTCON:
+            listened.add(fields[7])
+        elif int(fields[5], 16) == _CONNECTED:
+            connected.add((int(fields[6]), fields[7]))
+    return sum(1 for _inode, path in connected if path in listened)
 
 
 def linger_seconds(stop_budget: budget.StopBudget) -> float:

@@ -141,7 +141,9 @@ def exit_on_stop_signals() -> None:
     stop then (a crash-looping deploy, a fast rollout) meets the default
     action: death by signal, or, as PID 1 of a container, nothing at all
     (the kernel drops it) until the platform's SIGKILL. Call it first thing
-    at import of the program's app module, only in that program.
+    at import of the program's app module, only in that program. Before
+    that (the interpreter's start, the CLI's own imports: a fraction of a
+    second, seconds on a loaded machine) the default action remains.
     """
 
     def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
@@ -210,12 +212,14 @@ def stop_with_parent(signum: int = signal.SIGTERM, *, after: int | None = None) 
     master, Celery worker and beat, the broker launcher); forked children do
     not inherit it.
 
-    honcho runs each Procfile line as ``sh -c '<line>'``, and dash does not
-    exec the last command, so the shell stays between the manager and us
-    (the Procfile has no ``exec``: foreman's exports and supervisord cannot run
-    one). That shell outlives a dying manager, so the manager itself is
-    watched too (``pidfd``). The shell's own death still stops us: it dies
-    only of a signal meant for us, and a manager that signals only it
+    honcho runs each Procfile line as ``sh -c '<line>'`` under a reader
+    process of its own (a fork of honcho), and dash does not exec the last
+    command, so two processes stand between the manager and us (the Procfile
+    has no ``exec``: foreman's exports and supervisord cannot run one). Both
+    outlive a dying manager, so the manager itself (:func:`_manager_pid`) is
+    watched too (``pidfd``): without a terminal no SIGHUP tells anyone. The
+    shell's own death still stops us: it dies only of a signal meant for us,
+    and a manager that signals only it
     (stock ``honcho export supervisord``: SIGQUIT, no ``stopasgroup``) would
     otherwise leave us running unseen. Under honcho that is a second SIGTERM
     a moment after the group's, which every process takes as a repeat.
@@ -236,18 +240,46 @@ def stop_with_parent(signum: int = signal.SIGTERM, *, after: int | None = None) 
 
 
 def _manager_pid(child: int | None = None) -> int:
-    """Our parent (``child``'s), or the parent's parent when it is only a ``sh -c`` wrapper of this line."""
-    parent = os.getppid() if child is None else _parent_of(child)
+    """The manager that started us (or ``child``): the first ancestor that is not only a go-between.
+
+    Go-betweens (:func:`_stands_between`): a ``sh -c`` running our line, a
+    fork of its own parent (honcho 2.0 reads each entry's output in a
+    ``multiprocessing.Process``, a fork of honcho that ignores SIGINT/SIGTERM
+    and lives as long as the entry), multiprocessing's spawn and forkserver
+    helpers. Never above the manager: ``nohup honcho start &`` must outlive its shell.
+    """
+    pid = os.getppid() if child is None else _parent_of(child)
+    while pid > 1:
+        process = _process(pid)
+        if process is None:
+            return pid
+        argv, parent = process
+        if parent < 1 or not _stands_between(argv, parent):
+            return pid
+        pid = parent
+    return pid
+
+
+def _process(pid: int) -> tuple[list[bytes], int] | None:
+    """``pid``'s command line and parent pid from ``/proc``; None if unknown (gone, not Linux)."""
     try:
-        with open(f"/proc/{parent}/cmdline", "rb") as f:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        with open(f"/proc/{parent}/stat", "rb") as f:
-            grandparent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parent = int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
-        return parent
-    wrapper = len(argv) >= 3 and os.path.basename(argv[0].decode(errors="replace")) in _SHELLS \
-        and argv[1] == b"-c"
-    return grandparent if wrapper and grandparent > 1 else parent
+        return None
+    return argv, parent
+
+
+def _stands_between(argv: list[bytes], parent: int) -> bool:
+    """A process (``argv``, child of ``parent``) that only relays for its parent: see :func:`_manager_pid`."""
+    if len(argv) >= 3 and os.path.basename(argv[0].decode(errors="replace")) in _SHELLS and argv[1] == b"-c":
+        return True
+    if any(arg.startswith(b"from multiprocessing.") for arg in argv):  # spawn or forkserver helpers
+        return True
+    parents = _process(parent)
+    return parents is not None and parents[0] == argv  # a fork that did not exec
 
 
 def _parent_of(pid: int) -> int:
@@ -278,7 +310,7 @@ def _watch_manager(pid: int, signum: int) -> None:
         return
 
     def wait() -> None:
-        select.select([pidfd], [], [])
+        _readable(pidfd, None)  # not select(): a descriptor of 1024 or more would end this thread
         log.warning("the process manager (pid %d) is gone: stopping", pid)
         os.kill(os.getpid(), signum)
 

@@ -29,13 +29,16 @@ from tests.procset import ROOT, free_port, redis_server_dir
 class Outlive:
     """One ``python -m stopright.outlive`` in a session (a process group) of its own, as honcho runs it."""
 
-    def __init__(self, workdir: Path, *options: str) -> None:
+    def __init__(self, workdir: Path, *options: str, unix: bool = False) -> None:
         data = workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         server = redis_server_dir(workdir / "bin") / "redis-server"  # the name a Procfile uses
         self.port = free_port()
+        self.socket = workdir / "redis.sock" if unix else None  # only a Unix socket, no TCP port
+        listen = ["--port", "0", "--unixsocket", str(self.socket)] if self.socket else \
+            ["--port", str(self.port), "--bind", "127.0.0.1"]
         command = [sys.executable, "-m", "stopright.outlive", *options, "--", str(server),
-                   "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
+                   *listen, "--dir", str(data), "--save", ""]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SHUTDOWN_", "HONCHO_"))}
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -59,9 +62,20 @@ class Outlive:
             time.sleep(0.02)
         raise AssertionError(f"no {text!r} within {timeout} s:\n" + "\n".join(self.lines))
 
+    def wait_for_any(self, *texts: str, timeout: float = 30) -> str:
+        """The first line holding one of ``texts``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if any(text in line for text in texts)]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"none of {texts} within {timeout} s:\n" + "\n".join(self.lines))
+
     def client(self) -> redis.Redis:
         deadline = time.monotonic() + 30
-        client = redis.Redis(port=self.port, socket_timeout=5)
+        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5) if self.socket else \
+            redis.Redis(port=self.port, socket_timeout=5)
         while True:
             try:
                 client.ping()
@@ -127,6 +141,25 @@ def test_the_server_outlives_the_group_signal_until_its_clients_leave(tmp_path: 
         "signal received: SIGTERM", "graceful shutdown started", "waiting up to 5.0 s for 1 client",
         "every client connection closed", "closing redis-server", "closed redis-server",
         "shutdown complete in "))
+
+
+def test_a_client_on_the_unix_socket_holds_the_server_until_it_leaves(tmp_path: Path, runs) -> None:
+    """redis-server --unixsocket (PostgreSQL's socket alike): its clients count as TCP ones do."""
+    run = Outlive(tmp_path, unix=True)
+    runs.append(run)
+    client = run.client()
+    client.set("queued", "job")
+    run.group_signal(signal.SIGTERM)
+    first = run.wait_for_any("waiting up to", "closing redis-server")
+    assert "waiting up to 5.0 s for 1 client" in first, "\n".join(run.lines)  # not stopped at once
+    assert client.get("queued") == b"job"  # served after the group's SIGTERM
+    assert run.proc.poll() is None and run.server.is_running()
+    client.close()
+    assert run.finish() == 0, "\n".join(run.lines)
+    assert gone(run.server)
+    assert_shutdown_sequence(run.lines, "outlive", (
+        "signal received: SIGTERM", "waiting up to 5.0 s for 1 client", "every client connection closed",
+        "closed redis-server", "shutdown complete in "))
 
 
 def test_a_client_that_stays_does_not_hold_the_stop(tmp_path: Path, runs) -> None:

@@ -289,6 +289,14 @@ def test_url_that_never_answers_is_exit_2(tmp_path: Path, report: Any) -> None:
     assert not marked(tmp_path)
 
 
+def test_ready_line_never_printed_is_exit_2(tmp_path: Path, report: Any) -> None:
+    root = write_set(tmp_path / "set", f"a: exec {PY} polite.py\n", polite=POLITE)
+    r = report(str(root), "--ready-line", "a=never printed", "--ready-timeout", "1.5")
+    assert r.rc == 2, r
+    assert "not ready within 1.5 s: a printed no line matching 'never printed'" in r.err, r
+    assert not marked(tmp_path)
+
+
 def test_no_procfile_is_exit_2(tmp_path: Path, report: Any) -> None:
     r = report(str(tmp_path / "nothing-here"))
     assert r.rc == 2 and "no Procfile" in r.err, r
@@ -297,10 +305,17 @@ def test_no_procfile_is_exit_2(tmp_path: Path, report: Any) -> None:
 # -- this project -----------------------------------------------------------------
 
 
+#: The set is up: web, broker and database answer (/readyz), the worker consumes, beat runs. A stop
+#: before a program's first line of Python (its CLI's imports: seconds on a loaded machine) meets the
+#: default action, a death by SIGTERM with nothing open yet: what a stop of the set up looks like is
+#: what this tests.
+READY = ("--ready-line", r"worker=celery@\S+ ready\.$", "--ready-line", "beat=beat: Starting")
+
+
 @pytest.mark.parametrize("how", ["INT", "TERM"])
 def test_this_project_stops_clean(tmp_path: Path, report: Any, how: str) -> None:
     port = free_port()
-    r = report(str(ROOT), "--signal", how, "--url", f"http://127.0.0.1:{port}/readyz", "--up", "3",
+    r = report(str(ROOT), "--signal", how, "--url", f"http://127.0.0.1:{port}/readyz", *READY,
                env={"PORT": str(port), "VAR_DIR": str(tmp_path / "var")})
     assert r.rc == 0, r
     assert r.data["clean"], r

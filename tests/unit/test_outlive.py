@@ -86,6 +86,70 @@ def wait_for(condition, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+#: A stand-in server on a Unix socket: reads each client and closes its end on EOF (as Redis does);
+#: also a client of another server, with a socketpair of its own; "fork" makes a child holding every fd.
+UNIX_SERVER = """
+import os, selectors, socket, sys, time
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen()
+outbound = socket.socket(socket.AF_UNIX)
+outbound.connect(sys.argv[2])  # the server as a client of another
+pair = socket.socketpair()  # its own plumbing
+print("up", flush=True)
+selector = selectors.DefaultSelector()
+selector.register(listener, selectors.EVENT_READ)
+while True:
+    for key, _ in selector.select():
+        if key.fileobj is listener:
+            selector.register(listener.accept()[0], selectors.EVENT_READ)
+            continue
+        data = key.fileobj.recv(1024)
+        if data == b"fork" and os.fork() == 0:  # Redis's BGSAVE: the child shares every socket
+            time.sleep(60)
+        if not data:
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+"""
+
+
+def test_unix_socket_clients_count_not_the_listener_nor_the_servers_own(tmp_path) -> None:
+    elsewhere = socket.socket(socket.AF_UNIX)
+    elsewhere.bind(str(tmp_path / "elsewhere.sock"))
+    elsewhere.listen()
+    path = str(tmp_path / "server.sock")
+    proc = subprocess.Popen([sys.executable, "-c", UNIX_SERVER, path, str(tmp_path / "elsewhere.sock")],
+                            stdout=subprocess.PIPE, text=True)
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        server = psutil.Process(proc.pid)
+        assert outlive.client_connections(server) == 0  # its listener, outbound and socketpair are not
+        for _ in range(2):
+            clients.append(socket.socket(socket.AF_UNIX))
+            clients[-1].connect(path)
+        wait_for(lambda: outlive.client_connections(server) == 2)
+        clients[0].sendall(b"fork")
+        wait_for(lambda: len(server.children()) == 1)
+        assert outlive.client_connections(server) == 2  # shared with the fork: once each
+        # A client gone while a fork still holds the server's end (a BGSAVE): counted until the fork exits.
+        held = len(server.net_connections(kind="unix"))
+        clients.pop().close()
+        wait_for(lambda: len(server.net_connections(kind="unix")) == held - 1)  # the server closed its end
+        assert outlive.client_connections(server) == 2
+        server.children()[0].kill()
+        wait_for(lambda: outlive.client_connections(server) == 1)
+    finally:
+        for client in clients:
+            client.close()
+        for child in psutil.Process(proc.pid).children():
+            child.kill()
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        elsewhere.close()
+
+
 @pytest.mark.parametrize(("returncode", "code"), [(0, 0), (3, 3), (-15, 143), (-9, 137), (None, 1)])
 def test_exit_code_follows_the_shell_convention(returncode: int | None, code: int) -> None:
     assert outlive.exit_code(returncode) == code

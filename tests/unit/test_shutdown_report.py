@@ -221,7 +221,10 @@ def test_arguments() -> None:
         "some/dir", "TERM", True, 3.0, 30, 2)
     assert parse_args(["d", "--url", "http://x/"]).up == 0.0  # a URL alone decides readiness
     assert parse_args(["d", "--url", "http://x/", "--up", "2"]).up == 2.0
-    for bad in (["d", "--signal", "KILL"], ["d", "--up", "-1"], []):
+    lines = parse_args(["d", "--ready-line", r"worker=ready\.$", "--ready-line", "beat=a=b"]).ready_lines
+    assert [(entry, regex.pattern) for entry, regex in lines] == [("worker", r"ready\.$"), ("beat", "a=b")]
+    for bad in (["d", "--signal", "KILL"], ["d", "--up", "-1"], [], ["d", "--ready-line", "worker"],
+                ["d", "--ready-line", "worker=("], ["d", "--ready-line", "web=x", "--manager", "foreman"]):
         with pytest.raises(SystemExit) as e:
             parse_args(bad)
         assert e.value.code == 2
