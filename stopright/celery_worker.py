@@ -19,11 +19,15 @@ What a stop does to a stock Celery worker, and what ``install`` changes:
   closed with their protocol's handshake, in the process that opened them.
 * The MainProcess follows its manager's death (no orphan worker) and
   writes every thread's stack on SIGURG.
+* Every pool stops the same bounded way (stopright/pools.py): the pool Celery
+  chose (``-P``, ``worker_pool``) is replaced by stopright's version of it
+  at ``worker_init``, and a pool it cannot stop stops the start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -32,10 +36,12 @@ from typing import Any
 from celery import Celery, current_app, signals
 from celery.concurrency import get_implementation, prefork
 
-from stopright import budget, checks, registry
+from stopright import budget, checks, pools, registry
 from stopright import signals as stop_signals
 from stopright.handback import HANDBACK_SIGNAL, QuietHandBack, interrupt
+from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
+from stopright.upstream import celery_consumer
 from stopright.upstream import kombu as kombu_internals
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
@@ -52,11 +58,13 @@ SETTINGS: dict[str, Any] = {
     # Reserve one message per pool child at most: nothing waits in a stopping
     # worker's memory while another worker could run it.
     "worker_prefetch_multiplier": 1,
-    # The pool and consumer without Celery's fixed sleeps at stop (stopright/upstream/celery.py).
-    "worker_pool": "stopright.upstream.celery:TaskPool",
-    "worker_consumer": "stopright.upstream.celery:Consumer",
-    # A lost broker connection lets running tasks finish: cancelling them would
-    # SIGTERM pool children, which ignore it. (Celery 6.0 may default to True.)
+    # The consumer without Celery's fixed sleeps at stop (stopright/upstream/celery.py). The pool is
+    # not set here: whichever Celery's -P or worker_pool names is replaced by stopright's version of
+    # it when the worker starts (stopright/pools.py), so a -P on the command line never swaps it.
+    "worker_consumer": "stopright.upstream.celery_consumer:Consumer",
+    # Celery's cancel on a lost broker connection SIGTERMs pool children (which ignore it) and
+    # marks the tasks RETRY; stopright hands them back instead (_hand_back_on_connection_loss).
+    # (Celery 6.0 may default to True.)
     "worker_cancel_long_running_tasks_on_connection_loss": False,
     # Off by default anyway; a soft shutdown sleeps its whole timeout even when
     # the tasks finish early. The grace bounds the warm shutdown instead.
@@ -65,7 +73,7 @@ SETTINGS: dict[str, Any] = {
 
 DEFAULT_BEAT_SCHEDULER = "celery.beat:PersistentScheduler"
 
-_installed: dict[str, Any] = {}  # grace, on_hand_back; the MainProcess's WorkerStop once ready
+_installed: dict[str, Any] = {}  # on_hand_back; the MainProcess's pid, Pool and WorkerStop once known
 
 
 def install(celery_app: Celery, *, grace: float | None = None,
@@ -127,18 +135,24 @@ def _connect() -> None:
     signals.worker_process_init.connect(_child_init, weak=False)
     signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
+    billiard_internals.after_signal_reset.append(_child_signals)
+    celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
     celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
 def _worker_starting(**_: object) -> None:
     """MainProcess, first thing: follow the manager's death; stack dumps; the budget's warnings."""
+    _installed["main_pid"] = os.getpid()
     stop_signals.stop_with_parent()
     stop_signals.enable_stack_dumps()
     budget.announce()
 
 
-def _worker_init(**_: object) -> None:
-    """MainProcess, before the pool forks: its kombu connections closed at exit."""
+def _worker_init(sender: Any = None, **_: object) -> None:
+    """MainProcess, before the pool is built (and forks): stopright's version of the pool Celery
+    chose; its kombu connections closed at exit."""
+    _installed["main_pid"] = os.getpid()
+    _installed["pool"] = pools.choose(sender)
     registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
@@ -159,14 +173,44 @@ def _check_beat(sender: Any, **_: object) -> None:
     checks.require_stopright_scheduler(sender.scheduler)
 
 
-def _install_stop_handlers(**_: object) -> None:
+def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
-    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"))
+    pool = _installed.get("pool") or pools.Pool("prefork")
+    pool.start(getattr(sender, "pool", None))
+    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool)
     _installed["stop"] = stop
     stop.start_watchdog()
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, stop.on_signal)
-    # The consumer's event loop wakes on these signals at once (upstream/celery.py wake_on_signals).
+    # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
+
+
+def _hand_back_on_connection_loss(connection: Any, running: list) -> None:
+    """MainProcess, broker connection lost: hand back the running late-ack tasks.
+
+    RabbitMQ requeues a lost connection's unacknowledged messages at once, and
+    kombu's Redis channel restores them when Celery closes it, if Redis still
+    answers: a task still running here would run again beside itself, on this
+    worker once it has reconnected, or on another. Celery's own answer
+    (``worker_cancel_long_running_tasks_on_connection_loss``) SIGTERMs the
+    child, which ignores it, and marks the task RETRY in the result backend;
+    the hand-back stops the run and stores nothing. Where the broker has the
+    message back, the delivery is forgotten (a reject would requeue it a
+    second time, or go to the dead channel); a Redis that does not answer
+    keeps it as unacknowledged, and the hand-back's refused requeue is done
+    once it is back (stopright/requeue.py).
+    """
+    pool = _installed.get("pool")
+    if not running or pool is None:
+        return
+    amqp = getattr(getattr(connection, "transport", None), "driver_type", "") == "amqp"
+    given_back = amqp or kombu_internals.answers(connection)
+    log.warning("broker connection lost: handing back %d running task(s)%s", len(running),
+                "; the broker gives them out again" if given_back else "; the broker does not answer")
+    for request in running:
+        if given_back:
+            celery_consumer.forget_delivery(request)
+        pool.hand_back(request)
 
 
 def _remote_shutdown() -> None:
@@ -180,26 +224,60 @@ def _child_init(**_: object) -> None:
 
     SIGTERM, SIGINT (a terminal's Ctrl+C) and SIGQUIT (supervisord's
     ``stopasgroup``) reach every process of the group; they are for the
-    MainProcess, which decides when this child's task must hand back.
+    MainProcess, which decides when this child's task must hand back. An
+    orphaned child (its MainProcess gone) takes them as a stop. Celery's
+    solo pool sends this signal in the MainProcess itself: nothing to do there.
     """
+    main = _installed.get("main_pid")
+    if main is None or os.getpid() == main:
+        return
+    if os.getppid() != main:  # the MainProcess died before Celery set our parent-death signal
+        os._exit(1)
     stop_signals.enable_stack_dumps()
     registry.register("celery broker connections", kombu_internals.close_pooled_connections)
     close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
     if close_backend is not None:
         registry.register("celery result backend", close_backend)
-    for signum in stop_signals.STOP_SIGNALS:
+    for signum in stop_signals.STOP_SIGNALS:  # billiard keeps SIG_IGN; _child_signals replaces it
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)
 
 
+def _child_signals() -> None:
+    """Pool child, once billiard has set its own handlers: the stop signals (:func:`_child_stop_signal`)."""
+    if _installed.get("main_pid") not in (None, os.getpid()):
+        for signum in stop_signals.STOP_SIGNALS:
+            signal.signal(signum, _child_stop_signal)
+
+
+def _child_stop_signal(signum: int, _frame: object) -> None:
+    """Pool child's SIGTERM/SIGINT/SIGQUIT: ignored while its MainProcess lives (the group's
+    broadcast); an orphan stops on it, as any process does.
+
+    Celery gives each child the kernel's SIGKILL when its MainProcess dies
+    (``PR_SET_PDEATHSIG``); a child that lost it (a library reset it, or the
+    MainProcess died before it was set) must still be stoppable with ``kill``.
+    Signal context: one ``getppid``, then the default action.
+    """
+    if os.getppid() == _installed.get("main_pid"):
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _child_shutdown(**_: object) -> None:
     """Pool child, leaving (billiard exits it with ``os._exit``: atexit never runs here)."""
-    registry.current().close_all()
+    if os.getpid() != _installed.get("main_pid"):
+        registry.current().close_all()
 
 
-def _worker_shutdown(**_: object) -> None:
-    """MainProcess, after the consumer's connection is closed (warm paths)."""
+def _worker_shutdown(sender: Any = None, **_: object) -> None:
+    """MainProcess, after the consumer's connection is closed (warm paths): the registry, then
+    the stop's watchdog ends the process (:meth:`WorkerStop.park`)."""
     registry.current().close_all(budget=CLOSE_SECONDS)
     stop = _installed.get("stop")
     if stop is not None:
+        stop.exit_code = getattr(sender, "exitcode", 0) or 0
         stop.closed.set()
+        if stop.started:
+            stop.park()

@@ -1,9 +1,11 @@
-"""The hand-back protocol, inside a pool child: a task that outlives the grace goes back to the queue.
+"""The hand-back protocol, where a task runs: a task that outlives the grace goes back to the queue.
 
 The worker's MainProcess (stopright/worker_stop.py) sends :data:`HANDBACK_SIGNAL`
 (SIGUSR2) to each pool child still running a task when the grace is used up.
 Here, in the child, that signal raises :class:`HandBack` inside the task's
-code; :class:`HandBackTask` turns it into ``Reject(requeue=True)``, so the
+code (under the other pools, stopright/pools.py raises it in the task's
+thread or throws it into its greenlet: :func:`interrupt_run`,
+:func:`interrupt_green`); :class:`HandBackTask` turns it into ``Reject(requeue=True)``, so the
 message (acknowledged late) goes back to the queue and another worker runs
 the task from the start. Tasks must therefore be idempotent, as Celery's
 ``acks_late`` already asks.
@@ -22,13 +24,16 @@ import contextlib
 import functools
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from celery import Task, states
+from celery import Task, current_task, states
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Reject
+
+from stopright.upstream import cpython as cpython_internals
 
 log = logging.getLogger("shutdown")
 
@@ -46,53 +51,175 @@ class HandBack(BaseException):
 
 
 class _Run:
-    """The task run of this pool child, as the signal handler sees it (one at a time: prefork)."""
+    """One task run, as the hand-back sees it: where it runs, and whether it may be cut now.
 
-    def __init__(self) -> None:
+    Written by the run's own thread (or greenlet) and read by whoever delivers
+    the hand-back: a signal handler in that same thread (prefork, solo), the
+    stop's watchdog thread (threads) or the event hub (gevent, eventlet).
+    ``lock`` serialises the run's section changes with a delivery from another
+    thread; a signal handler never takes it (it runs inside the thread that
+    may hold it).
+    """
+
+    def __init__(self, task_id: str | None = None) -> None:
+        self.task_id = task_id
+        self.ident = threading.get_ident()
+        self.greenlet = _greenlet()
         self.active = False
         self.interruptible = False
         self.reason: type[BaseException] = HandBack
         self.pending: type[BaseException] | None = None
+        self.delivered = False  # from another thread or the hub: once per run
+        self.lock = threading.Lock()
+
+
+#: The runs in progress in this process, by where they run (:func:`_here`) and by task id.
+_runs: dict[object, _Run] = {}
+_by_task: dict[str, _Run] = {}
+#: How a hand-back reaches a run: "signal" (prefork, solo: a handler in the run's thread),
+#: "thread" (threads: an exception raised in the run's thread), "green" (gevent, eventlet).
+_delivery = {"kind": "signal"}
+
+
+def configure(delivery: str) -> None:
+    """How hand-backs reach a run in this process (:data:`_delivery`); once, before any task runs."""
+    _delivery["kind"] = delivery
+
+
+def _greenlet() -> object | None:
+    module = sys.modules.get("greenlet") if _delivery["kind"] == "green" else None
+    return module.getcurrent() if module is not None else None
+
+
+def _here() -> object:
+    """This run's key: its greenlet under gevent and eventlet, else its thread."""
+    glet = _greenlet()
+    return id(glet) if glet is not None else threading.get_ident()
+
+
+def _current() -> _Run:
+    """The run of this thread (or greenlet); outside any run, an inactive one of its own."""
+    return _runs.get(_here()) or _Run()
+
+
+class _Runs:
+    """``_run``: the current thread's (or greenlet's) run, as HandBackTask and the shape tests use it."""
 
     @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        self.active, self.reason, self.pending = True, HandBack, None
+    def handling(self, task_id: str | None = None) -> Iterator[None]:
+        """Around one run of a task (``task_id``: default, the task Celery is running here)."""
+        key = _here()
+        outer = _runs.get(key)
+        if outer is not None and outer.active:  # a task called inside a task: part of the same run
+            yield
+            return
+        run = _Run(task_id or _task_id())
+        run.active = True
+        _runs[key] = run
+        if run.task_id is not None:
+            _by_task[run.task_id] = run
         try:
             yield
         finally:
-            self.active, self.interruptible, self.pending = False, False, None
+            with run.lock:
+                run.active, run.interruptible, run.pending = False, False, None
+            _runs.pop(key, None)
+            if run.task_id is not None and _by_task.get(run.task_id) is run:
+                del _by_task[run.task_id]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(_current(), name)
 
 
-_run = _Run()
+_run = _Runs()
+
+
+def _task_id() -> str | None:
+    """The id of the task this thread (or greenlet) is running, from Celery's task stack."""
+    request = getattr(current_task, "request", None)
+    return getattr(request, "id", None)
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """A section of the running task that the hand-back (or :func:`stop_run`) may cut short.
 
-    A signal that came while the task was outside any such section raises
-    here, on entry.
+    A hand-back that came while the task was outside any such section raises
+    here, on entry. The section is marked open before the check: a signal
+    landing between the two raises at once instead of being left pending.
     """
-    if _run.pending is not None:
-        raise _run.pending()
-    outer = _run.interruptible
-    _run.interruptible = True
+    run = _current()
+    with run.lock:
+        outer = run.interruptible
+        run.interruptible = True
+        if run.pending is not None:
+            raise run.pending()
     try:
         yield
     finally:
-        _run.interruptible = outer
+        with run.lock:  # a delivery from another thread lands here at the latest, still in the section
+            run.interruptible = outer
 
 
 def interrupt(_signum: int = HANDBACK_SIGNAL, _frame: object = None) -> None:
-    """The pool child's :data:`HANDBACK_SIGNAL` handler: raise in the task now, or at its next section.
+    """The :data:`HANDBACK_SIGNAL` handler (prefork child, solo MainProcess): raise in the task now, or
+    at its next section.
 
-    Signal context: assignments only, or the raise itself.
+    Signal context, in the thread that runs the task: assignments only, or the raise itself.
     """
-    if not _run.active:
+    run = _runs.get(_here())
+    if run is None or not run.active:
         return
-    if _run.interruptible:
-        raise _run.reason()
-    _run.pending = _run.reason
+    if run.interruptible:
+        raise run.reason()
+    run.pending = run.reason
+
+
+def interrupt_run(task_id: str, reason: type[BaseException] = HandBack) -> bool:
+    """From the worker's stop (another thread): hand back the run of ``task_id`` (threads pool).
+
+    The exception is raised in the run's thread at its next bytecode: a
+    thread blocked in a C call (``time.sleep``, a socket read) gets it only
+    when that call returns. False if no such run is in progress here.
+    """
+    run = _by_task.get(task_id)
+    if run is None:
+        return False
+    with run.lock:
+        if not run.active:
+            return False
+        if run.delivered:  # once: a second exception could land after the task caught the first
+            return True
+        run.delivered, run.reason = True, reason
+        if run.interruptible:
+            cpython_internals.raise_in_thread(run.ident, reason)
+        else:
+            run.pending = reason
+    return True
+
+
+def interrupt_green(task_id: str, reason: type[BaseException] = HandBack) -> bool:
+    """In the event hub (gevent, eventlet), every task greenlet paused: hand back the run of ``task_id``.
+
+    The exception is thrown into the task's greenlet where it waits (a
+    cooperative sleep or socket read); False if no such run is in progress.
+    """
+    run = _by_task.get(task_id)
+    if run is None or not run.active or run.greenlet is None:
+        return False
+    if run.delivered:
+        return True
+    run.delivered, run.reason = True, reason
+    if run.interruptible:
+        run.greenlet.throw(reason)
+    else:
+        run.pending = reason
+    return True
+
+
+def abandoned_threads() -> list[int]:
+    """The threads of the runs still in progress here (at the stop's end: those it gave up on)."""
+    return [run.ident for run in list(_by_task.values()) if run.active]
 
 
 def stop_run(reason: type[BaseException]) -> bool:
@@ -101,7 +228,9 @@ def stop_run(reason: type[BaseException]) -> bool:
     False where no hand-back handler is installed (not a pool child): nothing
     here can stop the run.
     """
-    _run.reason = reason
+    run = _runs.get(threading.main_thread().ident)
+    if run is not None:
+        run.reason = reason
     if signal.getsignal(HANDBACK_SIGNAL) is not interrupt:
         return False
     signal.pthread_kill(threading.main_thread().ident, HANDBACK_SIGNAL)

@@ -13,7 +13,9 @@ import ctypes
 import faulthandler
 import logging
 import os
+import posix
 import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -47,13 +49,22 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
     signal.signal(signum, handler)
 
 
+#: ``write(2)`` and ``read(2)`` as the C library does them. eventlet's ``os.write`` and ``os.read``
+#: wait in its hub until the descriptor is ready, even a non-blocking one: a signal handler (run in
+#: the hub) must not ("do not call blocking functions from the mainloop"), and a drain that expects
+#: ``BlockingIOError`` would wait for ever. gevent leaves both alone; ``posix`` is never patched.
+raw_write, raw_read = posix.write, posix.read
+
+
 class Wakeup:
     """A self-pipe: :meth:`set` from a signal handler, :meth:`wait` in a loop or a thread.
 
     ``set`` is one non-blocking ``write(2)``: no lock a signal could find
     held (a ``threading.Event`` takes one), no logging. ``wait`` wakes at
     once, even when the signal landed just before it started. One per
-    process, kept for its life (two file descriptors).
+    process, kept for its life (two file descriptors, whatever their
+    number: ``poll``, not ``select``, which refuses a descriptor of 1024 or
+    more and took the stop's watchdog down with it).
     """
 
     def __init__(self) -> None:
@@ -63,21 +74,36 @@ class Wakeup:
 
     def set(self) -> None:
         try:
-            os.write(self._write, b"!")
+            raw_write(self._write, b"!")
         except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
             pass
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until :meth:`set` (True; the wake-up is used up) or ``timeout`` seconds (False)."""
-        readable, _, _ = select.select([self._read], [], [], timeout)
-        if not readable:
+        if not _readable(self._read, timeout):
             return False
         try:
-            while os.read(self._read, 512):
+            while raw_read(self._read, 512):
                 pass
         except BlockingIOError:
             pass
         return True
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """``fd`` has data within ``timeout`` seconds (None: no limit); any descriptor number.
+
+    ``select.poll`` where it exists (gevent's cooperative one under gevent);
+    eventlet removes it, and its ``selectors`` wait in its hub instead.
+    """
+    poll = getattr(select, "poll", None)
+    if poll is not None:
+        poller = poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
 
 
 def report_signals(registry: ShutdownRegistry) -> Callable[[int], None]:
@@ -121,7 +147,7 @@ def exit_on_stop_signals() -> None:
     """
 
     def leave(signum: int, _frame: object) -> None:  # no logging in a handler: one write(2)
-        os.write(2, f"{signal.Signals(signum).name} before start-up finished: exiting\n".encode())
+        raw_write(2, f"{signal.Signals(signum).name} before start-up finished: exiting\n".encode())
         registry.current().record_signal(signum)  # a close on the way out then ignores repeats
         raise SystemExit(0)
 
@@ -284,7 +310,7 @@ def _watch_manager(pid: int, signum: int) -> None:
         return
 
     def wait() -> None:
-        select.select([pidfd], [], [])
+        _readable(pidfd, None)  # not select(): a descriptor of 1024 or more would end this thread
         log.warning("the process manager (pid %d) is gone: stopping", pid)
         os.kill(os.getpid(), signum)
 

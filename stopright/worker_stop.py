@@ -11,11 +11,14 @@ phases Sidekiq names:
    consumer stops fetching); running tasks go on;
 2. **stop**: running tasks finish within the grace (a second SIGINT or
    SIGQUIT ends it at once);
-3. **hand back**: each child still busy gets SIGUSR2 and hands its task back
-   (stopright/handback.py: the message is requeued), within
-   :data:`HANDBACK_SECONDS`, or is SIGKILLed (``task_reject_on_worker_lost``
+3. **hand back**: each task still running hands back (stopright/handback.py:
+   the message is requeued), the way its pool allows (stopright/pools.py:
+   SIGUSR2 to a prefork child, an exception raised in a thread or thrown
+   into a greenlet), within :data:`HANDBACK_SECONDS`; or its pool gives up
+   on it (a prefork child is SIGKILLed, ``task_reject_on_worker_lost``
    requeues its message; ``on_hand_back`` is told); then the children exit,
-   and the consumer and connections close, each phase with its deadline.
+   the consumer and connections close, and the ``atexit`` handlers run,
+   each phase with its deadline.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from typing import Any
 
 import psutil
 
-from stopright import registry, signals
-from stopright.handback import HANDBACK_SIGNAL
+from stopright import handback, registry, signals
+from stopright.budget import WORKER_AFTER_GRACE
+from stopright.pools import Pool
 from stopright.upstream import celery as celery_internals
+from stopright.upstream.cpython import run_atexit_handlers
 
 log = logging.getLogger("shutdown")
 
@@ -43,12 +48,18 @@ HANDBACK_SECONDS = 0.5
 ON_HAND_BACK_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
-#: Then how long the MainProcess has to close the consumer and its connections, and exit.
+#: Then how long the MainProcess has to close the consumer and its connections: at least this, or
+#: what is left of the stop budget (grace + :data:`stopright.budget.WORKER_AFTER_GRACE`) but
+#: :data:`EXIT_SECONDS`.
 CLOSE_SECONDS = 1.0
-#: Of which the interpreter's own exit, once everything is closed, has at least this.
+#: Then the ``atexit`` handlers (an error reporter's or a tracer's flush) get what is left of the
+#: stop budget (grace + :data:`stopright.budget.WORKER_AFTER_GRACE` from the signal), at least this.
 EXIT_SECONDS = 0.25
 #: When the MainProcess must exit at once: what its registry may still take.
 EXIT_CLOSE_SECONDS = 0.3
+#: Under gevent and eventlet, past the budget by this much, an OS thread exits the worker anyway
+#: (a task that never yields holds up the hub, and the watchdog with it).
+LAST_RESORT_SECONDS = 0.5
 
 
 class WorkerStop:
@@ -63,29 +74,44 @@ class WorkerStop:
     the phases, each with its deadline, all derived from the grace budget:
 
     1. running tasks finish, within ``SHUTDOWN_GRACE_SECONDS`` (a second
-       SIGINT or SIGQUIT ends it at once); then each child still busy hands
-       its job back (SIGUSR2), within :data:`HANDBACK_SECONDS`, or is killed;
-    2. the pool's children exit, within :data:`POOL_EXIT_SECONDS` of no task
-       running;
-    3. Celery closes the consumer, ``worker_shutdown`` runs the registry and
-       the process exits, within :data:`CLOSE_SECONDS`.
+       SIGINT or SIGQUIT ends it at once); then each task still running hands
+       back, within :data:`HANDBACK_SECONDS`, or its pool gives up on it;
+    2. the pool's children (prefork) exit, within :data:`POOL_EXIT_SECONDS`
+       of no task running;
+    3. Celery closes the consumer, ``worker_shutdown`` runs the registry,
+       within what is left of the budget (at least :data:`CLOSE_SECONDS`);
+    4. the ``atexit`` handlers run, in what is left of the budget (at least
+       :data:`EXIT_SECONDS`), and the watchdog ends the process.
 
     A phase that overruns is logged with the stack of every thread (children:
     their own dump, :data:`stopright.signals.STACK_DUMP_SIGNAL`) and cut short:
     the children are killed once their work is done or handed back; a
-    MainProcess that cannot finish closing is made to exit (code 1; 0 if
-    everything was closed and only the interpreter's exit hung). So the
-    whole stop ends within grace + 2 s (inside honcho's 5 s at the default
-    grace of 3 s), whatever hangs.
+    MainProcess that cannot finish closing is made to exit (code 1); handlers
+    still running at the deadline are left. So the whole stop ends within
+    grace + 2 s (inside honcho's 5 s at the default grace of 3 s), whatever
+    hangs.
     """
 
-    def __init__(self, grace: float, on_hand_back: Callable[[Any], object] | None = None) -> None:
+    def __init__(self, grace: float, on_hand_back: Callable[[Any], object] | None = None,
+                 pool: Pool | None = None) -> None:
         self.grace = grace
         self.on_hand_back = on_hand_back
+        self.pool = pool or Pool("prefork")
         self._started = False
+        self._begun_at = 0.0
         self._again: int | None = None  # a later SIGINT/SIGQUIT: hand back now
         self._wakeup = signals.Wakeup()  # the handler wakes the watchdog through it
         self.closed = threading.Event()  # set by worker_shutdown once the registry has run
+        self.exit_code = 0  # Celery's, as worker_shutdown found it
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def deadline(self) -> float:
+        """When the whole stop must be over (monotonic): grace + what the phases after it take."""
+        return self._begun_at + self.grace + WORKER_AFTER_GRACE
 
     def start_watchdog(self) -> None:
         """Start the watchdog thread, idle until the stop begins (not from a signal handler:
@@ -128,6 +154,7 @@ class WorkerStop:
         if self._started:
             return
         self._started = True
+        self._begun_at = time.monotonic()
         celery_internals.warm_shutdown()  # quiet: the consumer stops fetching
         self._wakeup.set()
 
@@ -141,23 +168,39 @@ class WorkerStop:
             # Quiet began in the handler (begin): the consumer fetches nothing more. The log
             # lines the handler could not write: "signal received", "graceful shutdown started".
             registry.current().begin(self._plan())
+            self.pool.last_resort(self.deadline + LAST_RESORT_SECONDS - time.monotonic(),
+                                  "the worker's event hub is held up (a task that does not yield?)")
             running = self._stop_within_grace()
-            if running:
-                self._hand_back(running)
-            if not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
+            if running and self._hand_back(running):
+                _exit_now(1, self.deadline)
+            if self.pool.has_children and not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
                 _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
                 _kill_pool_children()
-            deadline = time.monotonic() + CLOSE_SECONDS
-            if not self.closed.wait(CLOSE_SECONDS):
-                _overran(f"closing the consumer and connections took more than {CLOSE_SECONDS} s")
-                _exit_now(1)
-            # Everything is closed; Celery returns and the interpreter exits, taking this thread.
-            time.sleep(max(EXIT_SECONDS, deadline - time.monotonic()))
-            _overran("the process did not exit after closing its connections")
-            _exit_now(0)
+            # At least CLOSE_SECONDS, else what the earlier phases left (kombu's Redis consumer waits
+            # for its pending BRPOP, a second by default, and a loaded machine adds to it).
+            close_by = max(time.monotonic() + CLOSE_SECONDS, self.deadline - EXIT_SECONDS)
+            if not self.closed.wait(close_by - time.monotonic()):
+                _overran(f"closing the consumer and connections was not done {self._since():.1f} s "
+                         f"into the stop")
+                _exit_now(1, self.deadline)
+            # Everything is closed; Celery's main thread waits in worker_shutdown (:meth:`park`).
+            _exit_now(self.exit_code, self.deadline)
         except BaseException:  # noqa: BLE001 - this thread must never die silently
             log.exception("stop watchdog failed; exiting now")
-            _exit_now(1)
+            _exit_now(1, self.deadline)
+
+    def _since(self) -> float:
+        return time.monotonic() - self._begun_at
+
+    def park(self) -> None:
+        """Celery's main thread, after ``worker_shutdown``: wait here while the watchdog ends the process.
+
+        The watchdog runs the ``atexit`` handlers within what is left of the
+        budget and exits. The interpreter's own exit would first join every
+        non-daemon thread, with no time limit: a threads-pool task thread
+        blocked in a C call would hold it, and the handlers after it, for ever.
+        """
+        threading.Event().wait()
 
     def _stop_within_grace(self) -> list:
         """Phase 2, stop: running tasks finish within the grace (a second SIGINT/SIGQUIT ends it).
@@ -171,18 +214,22 @@ class WorkerStop:
             log.warning("%s again: handing back running tasks now", signal.Signals(self._again).name)
         return _running()
 
-    def _hand_back(self, running: list) -> None:
-        """Phase 3, hand back: each busy child hands its task back (requeued), or is killed."""
+    def _hand_back(self, running: list) -> bool:
+        """Phase 3, hand back: each running task hands back (requeued), or the pool gives up on it.
+
+        How depends on the pool (stopright/pools.py): never a signal to this
+        process itself, where the task runs elsewhere. True when the process
+        must exit now (solo: its main thread is stuck in the task).
+        """
         log.warning("grace of %.1f s used up: handing back %d running task(s)", self.grace, len(running))
         for request in running:
-            _kill(request.worker_pid, HANDBACK_SIGNAL)
+            self.pool.hand_back(request)
         _wait_until(lambda: not _still_running(running), HANDBACK_SECONDS)
         late = _still_running(running)
         for request in late:
-            log.error("pool child %s did not hand back task %s[%s] within %.1f s: SIGKILL",
-                      request.worker_pid, request.name, request.id, HANDBACK_SECONDS)
-            _kill(request.worker_pid, signal.SIGKILL)
-        self._handed_back_for(late)
+            self.pool.give_up(request, HANDBACK_SECONDS)
+        self._handed_back_for(late)  # with the close handlers (outages: bounded, after the kill)
+        return bool(late) and self.pool.kind == "solo"
 
     def _handed_back_for(self, requests: list) -> None:
         """The user's ``on_hand_back(request)`` for each task whose child was killed: after the kill, bounded.
@@ -254,16 +301,52 @@ def _kill_pool_children() -> None:
         _kill(child.pid, signal.SIGKILL)
 
 
-def _exit_now(code: int) -> None:
-    """Close what is left within the remaining budget, then leave without waiting for anything."""
+def _exit_now(code: int, deadline: float) -> None:
+    """Close what is left, then end the process as the interpreter would, within ``deadline``.
+
+    The interpreter's exit first joins every non-daemon thread, then runs the
+    ``atexit`` handlers (an error reporter's or a tracer's flush), neither
+    with a time limit. Here both get what is left of the stop budget (the
+    handlers at least :data:`EXIT_SECONDS`), each overrun is logged with the
+    stacks, and the process leaves. A task thread the stop gave up on
+    (threads pool) is not waited for.
+    """
     registry.current().close_all(budget=EXIT_CLOSE_SECONDS)
-    log.error("worker exits now (exit code %d)", code)
+    overran = False
+    stuck = _join_threads(deadline)
+    if stuck:
+        overran = True
+        _overran(f"the process did not exit after closing its connections: non-daemon thread(s) "
+                 f"{', '.join(stuck)} still running")
+    runner = threading.Thread(target=run_atexit_handlers, name="atexit", daemon=True)
+    started = time.monotonic()
+    runner.start()
+    runner.join(max(EXIT_SECONDS, deadline - started))
+    if runner.is_alive():
+        overran = True
+        _overran(f"the atexit handlers were still running after {time.monotonic() - started:.1f} s, "
+                 f"the rest of the stop budget")
+    if code or overran:
+        log.error("worker exits now (exit code %d)", code)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001, S110 - leaving anyway
             pass
     os._exit(code)
+
+
+def _join_threads(deadline: float) -> list[str]:
+    """Wait until ``deadline`` for the non-daemon threads (not the main one, nor an abandoned task's);
+    the names of those still running."""
+    main = threading.main_thread()
+    skip = {main.ident, threading.get_ident(), *handback.abandoned_threads()}
+    # eventlet lists the main thread twice, as its own and as the interpreter's (another ident)
+    waiting = [t for t in threading.enumerate()
+               if not t.daemon and t.ident not in skip and t.name != main.name]
+    for thread in waiting:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in waiting if t.is_alive()]
 
 
 _running = celery_internals.running_requests
@@ -274,9 +357,8 @@ def _still_running(requests: list) -> list:
     return [r for r in requests if id(r) in active]
 
 
-def _kill(pid: int | None, signum: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -7,6 +7,12 @@ a whole second added to every worker stop. :class:`QuickExit` is billiard's
 method without that sleep; the DEATH message is in the pipe before the
 child exits, so the parent reads it either way. Mixed into the pool's
 ``Worker`` class (a class attribute of the pool: stopright/upstream/celery.py).
+
+The same class runs :data:`after_signal_reset` once billiard has set the
+child's signals: billiard's ``after_fork`` runs the pool's initializer
+(Celery's, which sends ``worker_process_init``), then replaces every handler
+of SIGTERM, SIGQUIT, SIGHUP and SIGUSR1 that is not ``SIG_IGN`` with its own
+``sys.exit``. A handler the child needs on those signals is set after it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from billiard.pool import DEATH, EX_FAILURE, EX_OK, TERM_SIGNAL
 
@@ -22,7 +29,11 @@ REACHES = {
     "billiard.pool.Worker._do_exit": "copied below without its time.sleep(1); digest pinned",
     "billiard.pool.Pool.Worker": "the class the pool instantiates per child (a class attribute)",
     "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL": "the constants the copy uses",
+    "billiard.pool.Worker.after_fork: the initializer, then reset_signals (keeps SIG_IGN)":
+        "our after_fork sets the child's stop handlers after billiard's",
 }
+#: Called in each pool child once billiard has reset its signals (after ``worker_process_init``).
+after_signal_reset: list[Callable[[], object]] = []
 #: billiard 4.3.2's ``Worker._do_exit`` (its stopright.upstream.source_digest), which the copy follows.
 DO_EXIT_DIGEST = "365d96d5485a8b34"
 
@@ -32,6 +43,12 @@ class QuickExit:
 
     on_exit: object
     outq: object
+
+    def after_fork(self):
+        """billiard's (the initializer, then its signal handlers), then :data:`after_signal_reset`."""
+        super().after_fork()  # type: ignore[misc]
+        for call in after_signal_reset:
+            call()
 
     def _do_exit(self, pid, exitcode, exc=None):
         if exitcode is None:

@@ -19,8 +19,7 @@ All three methods are Celery's own code with only that change; their
 upstream digests are pinned (:data:`DIGESTS`). The pool's children exit
 without billiard's one-second sleep (stopright/upstream/billiard.py).
 
-**The consumer** (:class:`Consumer`, selected by ``worker_consumer``): it
-reconnects within seconds, and a stop signal wakes its event loop at once.
+**The consumer** is in stopright/upstream/celery_consumer.py.
 
 **The worker's state**: the running requests, and Celery's own warm
 shutdown (``state.should_stop``), read and set only here.
@@ -30,10 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import threading
-import time
 from collections.abc import Callable
 
 from billiard.compat import setblocking
@@ -43,11 +39,11 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import WorkerShutdown
 from celery.platforms import EX_OK
 from celery.worker import state
-from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.control import control_command
 from kombu.asynchronous import get_event_loop
 
 from stopright.upstream.billiard import QuickExit
+from stopright.upstream.cpython import weakset_snapshot
 
 #: What this module relies on that Celery does not promise (checked by tests/unit/test_upstream_shapes.py).
 REACHES = {
@@ -65,10 +61,9 @@ REACHES = {
     "celery.beat.Service.start / sync":
         "beat's loop ends on SystemExit and calls scheduler.close() (stopright/celery_beat.py)",
     "celery.worker.state.should_stop": "set to 0: Celery's warm shutdown",
-    "celery.worker.state.active_requests": "the requests a pool child is running",
+    "celery.worker.state.active_requests": "the requests a pool child is running (a WeakSet)",
     "celery.worker.request.Request.worker_pid": "which pool child runs a request",
     "celery.worker.control: the 'shutdown' command": "replaced by a bounded one (same name, Panel.data)",
-    "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers": "overridden, read",
     "celery._state._get_active_apps / _tls.current_app / Celery._after_fork":
         "each app's pools reset after os.fork",
     "celery.app.trace.build_tracer: a task class's own __call__ is called (task_has_custom)":
@@ -217,70 +212,6 @@ class TaskPool(prefork.TaskPool):
         self._pool = None
 
 
-# -- the consumer ----------------------------------------------------------------
-
-RETRY_START_SECONDS = 0.5
-RETRY_STEP_SECONDS = 0.5
-RETRY_MAX_SECONDS = 2.0
-
-
-_wakeup_fd: int | None = None  # read end of this process's signal wakeup pipe
-
-
-def wake_on_signals(hub) -> None:
-    """Let a signal end the event loop's poll at once; call each time the loop (re)starts.
-
-    Python runs a signal handler between bytecodes and then resumes the
-    interrupted ``epoll`` with its remaining timeout (PEP 475), so the loop
-    notices ``should_stop`` only when the poll times out (up to a second).
-    With ``signal.set_wakeup_fd`` writing to a pipe the hub reads, the signal
-    makes the poll return. The loop's hub is reset after a lost broker
-    connection (its readers dropped), so the reader is added again at every
-    start: without it, the first stop after a reconnection took 1.5 s instead
-    of 0.1 s (measured on RabbitMQ).
-    """
-    global _wakeup_fd
-    if hub is None:
-        return
-    if _wakeup_fd is None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        _wakeup_fd = read_fd
-    if _wakeup_fd not in hub.readers:
-        hub.add_reader(_wakeup_fd, _drain, _wakeup_fd)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
-
-
-class Consumer(CeleryConsumer):
-    """Celery's consumer: reconnects every 0.5 to 2 s (Celery: 2 to 30 s), woken by stop signals.
-
-    Celery retries a lost broker connection 2, 4, 6 ... seconds apart, up
-    to 30 s between tries (kombu's ``ensure_connection`` defaults, not a
-    setting): after a 6 s Redis outage the worker came back 6 s after Redis
-    did. A try against a broker that refuses connections costs microseconds.
-    """
-
-    def on_ready(self):
-        """Each start of the event loop, the first and after every reconnection."""
-        wake_on_signals(self.hub)
-        super().on_ready()
-
-    def ensure_connected(self, conn):
-        conn.ensure_connection = functools.partial(
-            conn.ensure_connection, interval_start=RETRY_START_SECONDS,
-            interval_step=RETRY_STEP_SECONDS, interval_max=RETRY_MAX_SECONDS)
-        return super().ensure_connected(conn)
-
-
 # -- the worker's state ----------------------------------------------------------
 
 
@@ -291,13 +222,13 @@ def warm_shutdown() -> None:
 
 
 def running_requests() -> list:
-    """Requests being executed by a pool child right now (MainProcess view)."""
-    for _ in range(10):  # the event loop may change the set while we copy it
-        try:
-            return [r for r in list(state.active_requests) if r.worker_pid]
-        except RuntimeError:
-            time.sleep(0.001)
-    return []
+    """Requests being executed by a pool child (or thread, or greenlet) right now (MainProcess view).
+
+    Read in one step (:func:`stopright.upstream.cpython.weakset_snapshot`):
+    iterating the set while another thread adds to it raised, and an answer
+    of "nothing" ends the grace (issue 14).
+    """
+    return [r for r in weakset_snapshot(state.active_requests) if r.worker_pid]
 
 
 def replace_shutdown_command(on_shutdown) -> None:

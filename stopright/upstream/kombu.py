@@ -94,3 +94,18 @@ def forget_inherited() -> None:
 
 
 os.register_at_fork(after_in_child=forget_inherited)
+
+
+
+def answers(connection: Connection, timeout: float = 0.5) -> bool:
+    """The broker of ``connection`` takes a new connection now (within about ``timeout`` seconds)."""
+    probe = connection.clone(connect_timeout=timeout, transport_options={
+        **connection.transport_options, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+    try:
+        probe.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        probe.default_channel  # noqa: B018  (Redis: the channel is where it talks to the server)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: it does not answer
+        return False
+    finally:
+        probe.release()

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
+import socket
+import time
 import weakref
 
 import billiard.compat
@@ -27,26 +26,30 @@ from celery.concurrency import asynpool, prefork
 from celery.exceptions import Reject, WorkerShutdown
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu import Connection
 from kombu import pidbox as kombu_pidbox
 from kombu.asynchronous import Hub
 
 from stopright import handback
-from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
-from stopright.upstream import cpython as cpython_internals
+from stopright.upstream import celery_consumer
 from tests import shapes
 
 CHECKS = shapes.Checks()
 shape = CHECKS
 #: The upstream modules whose reaches this file checks; every other one is checked in:
-HERE = {"stopright.upstream.celery", "stopright.upstream.billiard", "stopright.upstream.cpython"}
+HERE = {"stopright.upstream.celery", "stopright.upstream.celery_consumer"}
+POOLS = "tests/unit/test_upstream_shapes_pools.py"
 ELSEWHERE = {"stopright.upstream.gunicorn": "tests/unit/test_upstream_shapes_gunicorn.py",
-             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py"}
+             "stopright.upstream.kombu": "tests/unit/test_upstream_shapes_kombu.py",
+             **{f"stopright.upstream.{name}": POOLS
+                for name in ("billiard", "cpython", "celery_pools", "gevent", "eventlet")}}
 
 
 # -- Celery (stopright/upstream/celery.py) ------------------------------------------------------
 
 C = celery_internals
+CC = celery_consumer
 COPY_IN = "stopright/upstream/celery.py"
 
 
@@ -155,7 +158,7 @@ def _(key: str) -> None:
 @shape(C, "celery.worker.state.active_requests")
 def _(key: str) -> None:
     shapes.check_attributes(key, state, ["active_requests"])
-    assert isinstance(state.active_requests, weakref.WeakSet | set), (key, type(state.active_requests))
+    assert isinstance(state.active_requests, weakref.WeakSet), (key, type(state.active_requests))
     shapes.check_calls(key, state.task_accepted, ["add_active_request(request)"],
                        "a request a pool child accepted is in active_requests")
 
@@ -185,10 +188,10 @@ def _(key: str) -> None:
     assert called, f"{key}: the replaced command is not what Panel.data['shutdown'] runs"
 
 
-@shape(C, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
+@shape(CC, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers")
 def _(key: str) -> None:
-    shapes.check_override(key, C.Consumer, "on_ready")
-    shapes.check_override(key, C.Consumer, "ensure_connected")
+    shapes.check_override(key, CC.Consumer, "on_ready")
+    shapes.check_override(key, CC.Consumer, "ensure_connected")
     shapes.check_calls(key, loops.asynloop, ["obj.on_ready()"], "on_ready at every start of the loop")
     shapes.check_calls(key, CeleryConsumer.ensure_connected, ["conn.ensure_connection("],
                        "the retries go through conn.ensure_connection, which we give our intervals")
@@ -208,6 +211,35 @@ def _(key: str) -> None:
             os.close(write_fd)
     finally:
         hub.close()
+
+
+@shape(CC, "celery.worker.consumer.Consumer.on_connection_error_after_connected: before the reconnection")
+def _(key: str) -> None:
+    shapes.check_override(key, CC.Consumer, "on_connection_error_after_connected")
+    shapes.check_text(key, CeleryConsumer.on_connection_error_after_connected,
+                      ["self.connection.collect(", "if self.app.conf.worker_cancel_long_running_tasks_on_"
+                       "connection_loss:", "request.task.acks_late", "request.acknowledged"],
+                      "it closes the lost connection (restoring Redis's unacked messages), then cancels")
+    shapes.check_text(key, request.Request.reject, ["if not self.acknowledged:"],
+                      "forget_delivery: a request marked acknowledged is not rejected on the dead channel")
+    shapes.check_text(key, request.Request.acknowledge, ["if not self.acknowledged:"],
+                      "forget_delivery: nor acknowledged")
+
+
+@shape(CC, "celery.worker.loops.synloop: drain_events(timeout=2.0) between should_stop checks; loop_args")
+def _(key: str) -> None:
+    shapes.check_text(key, loops.synloop, ["connection.drain_events(timeout=2.0)", "state.maybe_shutdown()"],
+                      "gevent's and eventlet's loop waits for the broker between two checks of a stop")
+    shapes.check_override(key, CC.Consumer, "loop_args")
+    shapes.check_text(key, CeleryConsumer.__init__, ["loops.asynloop if hub else loops.synloop"],
+                      "synloop runs where the consumer has no hub")
+    with Connection("memory://") as conn:
+        CC.notice_stops_soon(conn)
+        CC.notice_stops_soon(conn)  # at each start of the loop: capped once
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=30)
+        assert time.monotonic() - started < 10, f"{key}: the cap did not shorten the wait"
 
 
 @shape(C, "celery._state._get_active_apps / _tls.current_app / Celery._after_fork")
@@ -270,58 +302,6 @@ def _(key: str) -> None:
     if not any(r.exc_info and isinstance(r.exc_info[1], Reject) for r in records):
         shapes.fail(key, f"Celery no longer logs a Reject with its traceback on {C.TRACE_LOGGER!r}",
                     "find where celery/app/trace.py logs it now; point TRACE_LOGGER there")
-
-
-# -- billiard (stopright/upstream/billiard.py) ---------------------------------------------------
-
-B = billiard_internals
-
-
-@shape(B, "billiard.pool.Worker._do_exit")
-def _(key: str) -> None:
-    shapes.check_digest(key, billiard.pool.Worker._do_exit, B.DO_EXIT_DIGEST,
-                        "stopright/upstream/billiard.py")
-    shapes.check_override(key, C.Worker, "_do_exit")
-    shapes.check_self_attributes(key, B.QuickExit._do_exit, billiard.pool.Worker)
-    if asynpool.Worker._do_exit is not billiard.pool.Worker._do_exit:
-        shapes.fail(key, "celery changed asynpool.Worker: it has a _do_exit of its own",
-                    "the copy in stopright/upstream/billiard.py follows billiard's; re-read both")
-    shapes.check_calls(key, billiard.pool.Worker.__call__, ["self.workloop(", "self._do_exit("],
-                       "the child leaves through _do_exit once its work loop ends")
-
-
-@shape(B, "billiard.pool.Pool.Worker")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool.Pool, ["Worker"])
-    assert billiard.pool.Pool.Worker is billiard.pool.Worker, key
-    shapes.check_calls(key, billiard.pool.Pool._create_worker_process, ["self.Worker("],
-                       "each child is built from the pool's class attribute")
-    assert C.AsynPool.Worker.__mro__[1] is B.QuickExit, f"{key}: QuickExit is not first in the Worker's MRO"
-
-
-@shape(B, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL")
-def _(key: str) -> None:
-    shapes.check_attributes(key, billiard.pool, ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
-    assert billiard.pool.TERM_SIGNAL in set(signal.Signals), key
-
-
-# -- CPython (stopright/upstream/cpython.py) -----------------------------------------------------
-
-
-@shape(cpython_internals, "atexit._run_exitfuncs")
-def _(key: str) -> None:
-    import atexit
-
-    shapes.check_attributes(key, atexit, ["_run_exitfuncs"])
-    # A builtin whose docstring differs between Pythons (3.13 dropped the signature line):
-    # what it does is checked instead, in a child: it runs the handlers once, newest first.
-    program = ("import atexit; atexit.register(print, 'first'); atexit.register(print, 'second'); "
-               "atexit._run_exitfuncs(); print('after')")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0 or done.stdout.split() != ["second", "first", "after"]:
-        shapes.fail(key, f"CPython changed atexit._run_exitfuncs (it printed {done.stdout.split()}, "
-                         f"rc {done.returncode}: {done.stderr.strip()[-200:]})",
-                    "re-read it and stopright/upstream/cpython.py run_atexit_handlers")
 
 
 # -- the tests -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The upgrade-shape checks can fail: each kind, fed a changed upstream shape, fails naming its reach.
 
-The registered checks of test_upstream_shapes.py and test_upstream_shapes_gunicorn.py are run
+The registered checks of test_upstream_shapes.py, _gunicorn.py and _pools.py are run
 against an upstream that pytest's ``monkeypatch`` changes for one test (a copied method with
 another body, a hook with other parameters or gone, a call site moved, a private attribute
 removed, a behaviour dropped, a reach added without its check); the helpers of tests/shapes.py
@@ -29,6 +29,7 @@ from tests.unit.test_upstream_shapes import CHECKS as CORE
 from tests.unit.test_upstream_shapes import HERE
 from tests.unit.test_upstream_shapes_gunicorn import BASE, GTHREAD, HANDLERS
 from tests.unit.test_upstream_shapes_gunicorn import CHECKS as GUNICORN
+from tests.unit.test_upstream_shapes_pools import CHECKS as POOLED  # billiard's, among others
 
 CELERY = "stopright.upstream.celery"
 BILLIARD = "stopright.upstream.billiard"
@@ -84,7 +85,7 @@ def test_a_copied_celery_method_with_another_body_fails(monkeypatch: pytest.Monk
 
 def test_billiards_exit_with_another_body_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(billiard.pool.Worker, "_do_exit", billiard_internals.QuickExit._do_exit)
-    _fails(CORE, BILLIARD, "billiard.pool.Worker._do_exit", f"pinned {billiard_internals.DO_EXIT_DIGEST}",
+    _fails(POOLED, BILLIARD, "billiard.pool.Worker._do_exit", f"pinned {billiard_internals.DO_EXIT_DIGEST}",
            "stopright/upstream/billiard.py")
 
 
@@ -102,7 +103,8 @@ def test_a_hook_with_other_parameters_fails(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_a_hook_gone_upstream_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(CeleryConsumer, "on_ready")
-    _fails(CORE, CELERY, "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers",
+    _fails(CORE, "stopright.upstream.celery_consumer",
+           "celery.worker.consumer.Consumer.on_ready / ensure_connected / hub.readers",
            "defines on_ready any more")
 
 
@@ -162,7 +164,7 @@ def test_a_call_the_copy_relies_on_gone_fails(monkeypatch: pytest.MonkeyPatch) -
         self.workloop(pid=0)
 
     monkeypatch.setattr(billiard.pool.Worker, "__call__", __call__)
-    _fails(CORE, BILLIARD, "billiard.pool.Worker._do_exit", "no call 'self._do_exit('")
+    _fails(POOLED, BILLIARD, "billiard.pool.Worker._do_exit", "no call 'self._do_exit('")
 
 
 # -- private attributes, behaviour --------------------------------------------------------------
@@ -170,7 +172,7 @@ def test_a_call_the_copy_relies_on_gone_fails(monkeypatch: pytest.MonkeyPatch) -
 
 def test_a_private_attribute_gone_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(billiard.pool, "TERM_SIGNAL")
-    _fails(CORE, BILLIARD, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL", "no TERM_SIGNAL")
+    _fails(POOLED, BILLIARD, "billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL", "no TERM_SIGNAL")
     monkeypatch.delattr(state, "active_requests")
     _fails(CORE, CELERY, "celery.worker.state.active_requests", "no active_requests")
 
