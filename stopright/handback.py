@@ -331,6 +331,10 @@ class HandBackTask(Task):
 
     #: The whole task may be cut short; False: only inside :func:`interruptible` sections.
     interrupt_anywhere = True
+    #: A lost broker connection hands the run back (the broker gives its message out again at once:
+    #: it would run twice at the same time). False for a task that fences its own runs (a ledger
+    #: claim, a lock): it runs on through the outage and the second delivery finds it fenced.
+    hand_back_on_connection_loss = True
     #: A requeue the broker refuses (down at the stop) is done once it is back (stopright/requeue.py).
     Request = "stopright.requeue:Request"
 

@@ -229,7 +229,9 @@ def _hand_back(job_id: str, attempt: int, started_at: datetime) -> None:
     raise Reject("interrupted by shutdown; the job is no longer this run's", requeue=False)
 
 
-@celery_app.task(name=TASK_NAME, interrupt_anywhere=False)  # only where it says: interruptible()
+# Cut only where it says (interruptible()); a lost broker connection does not hand it back: the
+# ledger claim fences a second delivery (a full disk's MISCONF is a "lost connection" too).
+@celery_app.task(name=TASK_NAME, interrupt_anywhere=False, hand_back_on_connection_loss=False)
 def run_job(job_id: str) -> None:
     settings = get_settings()
     try:

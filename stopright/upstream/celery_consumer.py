@@ -138,7 +138,8 @@ class Consumer(CeleryConsumer):
     def on_connection_error_after_connected(self, exc):
         """The broker connection is lost: first :data:`connection_lost_hooks` (the running late-ack
         tasks are handed back, stopright/celery_worker.py), then Celery's reconnection."""
-        running = [r for r in running_requests() if r.task.acks_late and not r.acknowledged]
+        running = [r for r in running_requests() if r.task.acks_late and not r.acknowledged
+                   and getattr(r.task, "hand_back_on_connection_loss", True)]
         for hook in connection_lost_hooks:
             try:
                 hook(self.connection, running)

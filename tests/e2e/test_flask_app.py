@@ -18,7 +18,6 @@ unexpectedly closed TCP connection``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -30,7 +29,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.e2e.checks import SEQUENCE, assert_shutdown_sequence
+from tests.e2e import examples
+from tests.e2e.examples import example_sets, load_result, run_load, start_ready
 from tests.e2e.test_rabbitmq import assert_every_connection_closed_properly, held_connections
 from tests.procset import ROOT, ProcessSet
 from tests.servers import PostgresServer, Vhost
@@ -38,8 +38,6 @@ from tests.servers import PostgresServer, Vhost
 EXAMPLE = ROOT / "examples" / "flask"
 PROCESSES = ("web", "worker", "beat")
 LONG_JOBS, LONG_SECONDS = 4, 15  # each outlives the 3 s grace, whatever the start costs
-CLIENTS, LOAD_SECONDS = 4, 6.0
-NEVER = ("reset", "closed", "truncated", "hung")
 ABRUPT_PG = "unexpected EOF"
 
 
@@ -50,40 +48,12 @@ def flask_sets(tmp_path: Path, postgres: PostgresServer,
     (tmp_path / "var").mkdir()  # beat's schedule file
     env = {"FLASK_SQLALCHEMY_DATABASE_URI": postgres.url, "FLASK_CELERY__broker_url": rabbitmq.url,
            "FLASK_CELERY__result_backend": "db+" + postgres.url,
-           "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": str(LONG_JOBS),
-           "PYTHONPATH": str(ROOT)}  # stopright, as `pip install` would put it on a user's path
+           "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": str(LONG_JOBS)}
     init = subprocess.run([sys.executable, "-m", "flask", "--app", "jobapp", "init-db"], cwd=EXAMPLE,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+                          env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=60)
     assert init.returncode == 0, init.stderr
-    started: list[ProcessSet] = []
-
-    def make() -> ProcessSet:
-        ps = ProcessSet(tmp_path, env=env, cwd=EXAMPLE)
-        started.append(ps)
-        return ps
-
-    yield make
-    for ps in started:
-        ps.cleanup()
-
-
-def start_ready(ps: ProcessSet) -> None:
-    ps.start()
-    ps.wait_for_line(r"\bready\.$", 60, name="worker")
-    ps.wait_for_line(r"beat: Starting", 30, name="beat")
-    deadline = time.monotonic() + 30
-    while ps.http("GET", "/healthz").status != 200:
-        assert time.monotonic() < deadline, ps.output
-        time.sleep(0.05)
-    ps.snapshot()
-
-
-def run_load(ps: ProcessSet) -> subprocess.Popen[str]:
-    """bench/load.py's job flow: POST /jobs, then GET /jobs/<id>, every request's outcome counted."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench.load", "--port", str(ps.port), "--flow", "jobs", "--wait", "0",
-         "--seconds", str(LOAD_SECONDS), "--concurrency", str(CLIENTS)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    yield from example_sets(tmp_path, env, EXAMPLE)
 
 
 def wait_queued(rabbitmq: Vhost, count: int, timeout: float = 30) -> None:
@@ -104,15 +74,7 @@ def stored_states(postgres: PostgresServer, ids: list[str]) -> dict[str, str]:
 
 
 def assert_stopped_right(ps: ProcessSet, rc: int) -> None:
-    out = ps.output
-    assert rc == 130, out
-    assert "SIGKILL" not in out, out  # neither honcho's nor the worker's own (a child not handing back)
-    assert "exits now (exit code" not in out and "stop phase overran" not in out, out
-    for name in PROCESSES:
-        assert re.search(rf"{name}\.1 stopped \(rc=(?:0|-15)\)", out), (name, out)
-        assert_shutdown_sequence(ps.lines(name), name, SEQUENCE)
-    survivors = ps.survivors()
-    assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+    examples.assert_stopped_right(ps, rc, PROCESSES)
 
 
 def test_flask_pattern_busy_ctrl_c_on_rabbitmq_and_postgres(flask_sets, postgres: PostgresServer,
@@ -133,16 +95,9 @@ def test_flask_pattern_busy_ctrl_c_on_rabbitmq_and_postgres(flask_sets, postgres
         held = held_connections(ps, rabbitmq)
         rc, stop_seconds = ps.stop_and_wait("ctrl_c", timeout=30)
     finally:
-        out, _ = loader.communicate(timeout=60)
-    result = json.loads(out)
+        result = load_result(loader)
 
     assert_stopped_right(ps, rc)
-    bad = [event for event in result["events"] if event[2] in NEVER or event[2].startswith("answered:5")]
-    assert not bad, (result["outcomes"], bad)
-    assert not [e for e in result["events"] if e[2].startswith(("error:", "connect:"))], result["events"]
-    answered = sum(n for counts in result["outcomes"].values() for kind, n in counts.items()
-                   if kind.startswith("answered:2"))
-    assert answered >= 20, result["outcomes"]
     for job_id in long_jobs:  # FlaskTask's own __call__ runs self.run: handed back all the same
         assert f"task jobapp.tasks.run_job[{job_id}] handed back to the queue" in ps.output, ps.output
     assert "WorkerLostError" not in ps.output and "Traceback" not in ps.output, ps.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.procset import ROOT
-from tests.unit.test_foreign_lines import is_subsequence, line_changes
+from tests.unit.test_foreign_lines import adopted_lines
 
 #: What README "Use it in your own app" says a Flask-pattern app adds or changes (blank lines not counted).
 LINES_ADDED = 6
@@ -35,17 +35,8 @@ def test_the_adopted_app_has_the_stock_files_and_no_other() -> None:
 
 
 def test_the_adopted_app_adds_exactly_the_lines_the_readme_counts() -> None:
-    added: list[str] = []
-    changed: list[tuple[str, str]] = []
-    for name in sorted(app_files(STOCK)):
-        file_added, file_changed = line_changes(STOCK / name, ADOPTED / name)
-        added += file_added
-        changed += file_changed
-    for old, new in changed:
-        assert is_subsequence(old, new), f"a stock line lost text:\n  {old}\n  {new}"
-    blank = [line for line in added if not line.strip()]
-    lines = [line for line in added if line.strip()] + [new for _, new in changed]
-    assert len(blank) == BLANK_LINES_ADDED, added
+    lines, blank = adopted_lines(STOCK, ADOPTED, app_files(STOCK))
+    assert len(blank) == BLANK_LINES_ADDED, blank
     # Each line is one of stopright's, or the app context its register() line needs (Flask-SQLAlchemy's
     # db.engine is per app).
     assert all("stopright" in line for line in lines if "app.app_context()" not in line), lines

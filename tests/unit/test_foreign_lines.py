@@ -33,11 +33,6 @@ def is_subsequence(old: str, new: str) -> bool:
     return all(char in rest for char in old)
 
 
-def diff(name: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(added lines, (old, new) pairs of changed lines) of one file, reference -> foreign."""
-    return line_changes(REFERENCE / name, FOREIGN / name)
-
-
 def line_changes(stock: Path, adopted: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """(added lines, (old, new) pairs of changed lines) of one file, stock -> adopted."""
     name = adopted.name
@@ -58,24 +53,30 @@ def line_changes(stock: Path, adopted: Path) -> tuple[list[str], list[tuple[str,
     return added, changed
 
 
+def adopted_lines(stock: Path, adopted: Path, names: set[str]) -> tuple[list[str], list[str]]:
+    """(lines added or changed, blank lines added) over the app's files, stock -> adopted;
+    a changed line must keep every character of its stock line, in order."""
+    added: list[str] = []
+    changed: list[tuple[str, str]] = []
+    for name in sorted(names):
+        file_added, file_changed = line_changes(stock / name, adopted / name)
+        added += file_added
+        changed += file_changed
+    for old, new in changed:
+        assert is_subsequence(old, new), f"a stock line lost text:\n  {old}\n  {new}"
+    blank = [line for line in added if not line.strip()]
+    return [line for line in added if line.strip()] + [new for _, new in changed], blank
+
+
 def test_the_foreign_app_has_the_reference_files_and_no_other() -> None:
     assert app_files(FOREIGN) == app_files(REFERENCE) == {"Procfile", "refapp.py", "reftasks.py"}
     assert (FOREIGN / "README.md").exists()
 
 
 def test_the_foreign_app_adds_exactly_the_lines_the_readme_counts() -> None:
-    added: list[str] = []
-    changed: list[tuple[str, str]] = []
-    for name in sorted(app_files(REFERENCE)):
-        file_added, file_changed = diff(name)
-        added += file_added
-        changed += file_changed
-    for old, new in changed:
-        assert is_subsequence(old, new), f"a stock line lost text:\n  {old}\n  {new}"
-    blank = [line for line in added if not line.strip()]
-    lines = [line for line in added if line.strip()] + [new for _, new in changed]
+    lines, blank = adopted_lines(REFERENCE, FOREIGN, app_files(REFERENCE))
     assert len(lines) == LINES_ADDED, lines
-    assert len(blank) == BLANK_LINES_ADDED, added
+    assert len(blank) == BLANK_LINES_ADDED, blank
     assert all("stopright" in line for line in lines), lines  # each line is one of stopright's
 
 

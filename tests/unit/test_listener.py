@@ -221,28 +221,33 @@ def test_nothing_is_refused_on_a_socket_another_server_holds(listener) -> None:
 
 
 SLEEPER = "import time; time.sleep(60)"
-# A child that starts a sleeper holding file descriptor argv[1], prints its pid and leaves.
+# A child that starts a sleeper holding file descriptor argv[1], prints its pid and waits for it:
+# the sleeper is another process's child, not ours. (An orphan would not do: in a pytest process
+# that an earlier test made a child subreaper, stopcheck's, it would come back to us.)
 SPAWNER = ("import subprocess, sys; fd = int(sys.argv[1]); "
-           f"print(subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], pass_fds=(fd,)).pid, flush=True)")
+           f"p = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], pass_fds=(fd,)); "
+           "print(p.pid, flush=True); p.wait()")
 
 
 def test_held_elsewhere_tells_this_servers_processes_from_others(listener) -> None:
     fd = listener.fileno()
     ours = subprocess.Popen([sys.executable, "-c", SLEEPER], pass_fds=(fd,))
     theirs = 0
+    spawner = None
     try:
         assert web_worker.held_elsewhere([listener], os.getpid()) is not True  # a child: one of ours
         spawner = subprocess.Popen([sys.executable, "-c", SPAWNER, str(fd)], pass_fds=(fd,),
                                    stdout=subprocess.PIPE, text=True)
-        theirs = int(spawner.stdout.readline())
-        spawner.wait()  # its child holds the socket, reparented: another server's
-        spawner.stdout.close()
+        theirs = int(spawner.stdout.readline())  # its child holds the socket: another server's
         assert web_worker.held_elsewhere([listener], os.getpid()) is True
     finally:
         ours.kill()
         ours.wait()
         if theirs:
             os.kill(theirs, 9)
+        if spawner is not None:
+            spawner.wait(10)
+            spawner.stdout.close()
 
 
 def test_an_inherited_filter_is_detached(listener) -> None:
