@@ -140,6 +140,9 @@ def post_worker_init(worker) -> None:
     for signum in stop_signals.STOP_SIGNALS:
         stop_signals.chain_signal(signum, record)
         signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
+    early = getattr(worker, "first_stop_signal", None)
+    if early is not None:  # came while the app loaded: the drain began, readiness must say so
+        record(early)
 
 
 def worker_exit(server, worker) -> None:

@@ -79,6 +79,9 @@ class _ClosingApp:
     wsgi: Callable[..., object]
     #: Serve on this long after the first stop signal (set by stopright's ``post_fork`` hook).
     drain_seconds = 0.0
+    #: The first stop signal, even one that came while the app was loading, before
+    #: ``post_worker_init`` chained the registry's recorder (which then records it).
+    first_stop_signal: int | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -109,6 +112,8 @@ class _ClosingApp:
         master's. A SIGTERM during the drain is a repeat (the master's own,
         or a group's); SIGINT and SIGQUIT end the drain at once.
         """
+        if self.first_stop_signal is None:
+            self.first_stop_signal = sig
         if self._draining and sig == signal.SIGTERM and not self._drained:
             return
         if not self._draining and self._drain_begins >= 0 and self.alive and self._master_listening():

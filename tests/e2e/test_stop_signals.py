@@ -9,6 +9,7 @@ nothing killed and no job lost.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import time
 
 import psutil
 
+from tests.e2e.bindserver import Gunicorn, Target, request
 from tests.e2e.checks import PROCESSES, assert_clean_stop, assert_shutdown_sequence
-from tests.procset import ROOT, ProcessSet
+from tests.procset import ROOT, ProcessSet, free_port
 
 DRAIN = 2.0
 
@@ -212,3 +214,44 @@ def test_gunicorn_sighup_reloads_without_a_refused_or_failed_request(tmp_path) -
         assert not ps.survivors()
     finally:
         ps.cleanup()
+
+
+SLOW_BOOT_APP = '''
+import os, time
+import stopright
+
+time.sleep(float(os.environ["APP_IMPORT_SECONDS"]))  # a large app's imports, or a busy machine
+
+
+def app(environ, start_response):
+    stopping = stopright.shutdown_registry().shutting_down.is_set()
+    start_response("503 Service Unavailable" if stopping else "200 OK", [("Content-Type", "text/plain")])
+    return [b"stopping" if stopping else b"ready"]
+'''
+
+
+def test_a_worker_signalled_while_it_boots_says_not_ready_through_the_drain(tmp_path) -> None:
+    # honcho's SIGTERM reached both workers while they were still loading the app (before
+    # post_worker_init): they drained, but their readiness said 200 through the drain.
+    drain = 4.0
+    target = Target("127.0.0.1", free_port())
+    server = Gunicorn(tmp_path, ["--bind", target.bind],
+                      env={"SHUTDOWN_DRAIN_SECONDS": str(drain), "APP_IMPORT_SECONDS": "1.5"})
+    (tmp_path / "bindapp.py").write_text(SLOW_BOOT_APP)
+    answers: list[str] = []
+    try:
+        server.start()
+        server.wait_for(r"Booting worker with pid", count=2)
+        signalled = time.monotonic()
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        while time.monotonic() < signalled + drain - 0.3:
+            outcome, body = request(target, timeout=10)
+            if outcome != "refused":
+                answers.append(f"{outcome}:{body.decode()}")
+            time.sleep(0.05)
+        rc = server.proc.wait(60)
+    finally:
+        server.cleanup()
+    assert rc == 0, server.output
+    assert len(answers) >= 5, (answers, server.output)  # the workers served during the drain
+    assert set(answers) == {"5xx:stopping"}, (answers, server.output)
