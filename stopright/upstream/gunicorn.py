@@ -64,10 +64,9 @@ REACHES = {
     "gunicorn.http.message.Request.force_close": "an answer that must say Connection: close",
 }
 
-#: How long a connection answered (with keep-alive) just before or during
-#: the stop stays open for the client's next request: long enough for a
-#: client that reuses its connection at once (well under a millisecond on a
-#: LAN), short enough not to hold the stop (stock gthread: 2 s).
+#: How long a connection answered (with keep-alive) just before or during the stop stays open for
+#: the client's next request: long enough for a client that reuses its connection at once (well
+#: under a millisecond on a LAN), short enough not to hold the stop (stock gthread: 2 s).
 STOP_IDLE_LINGER = 0.5
 
 
@@ -79,8 +78,7 @@ class _ClosingApp:
     wsgi: Callable[..., object]
     #: Serve on this long after the first stop signal (set by stopright's ``post_fork`` hook).
     drain_seconds = 0.0
-    #: The first stop signal, even one that came while the app was loading, before
-    #: ``post_worker_init`` chained the registry's recorder (which then records it).
+    #: The first stop signal, even one while the app loads (``post_worker_init`` then records it).
     first_stop_signal: int | None = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -112,8 +110,7 @@ class _ClosingApp:
         master's. A SIGTERM during the drain is a repeat (the master's own,
         or a group's); SIGINT and SIGQUIT end the drain at once.
         """
-        if self.first_stop_signal is None:
-            self.first_stop_signal = sig
+        self.first_stop_signal = self.first_stop_signal or sig
         if self._draining and sig == signal.SIGTERM and not self._drained:
             return
         if not self._draining and self._drain_begins >= 0 and self.alive and self._master_listening():
