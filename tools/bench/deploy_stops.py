@@ -1,15 +1,15 @@
-"""Stop figures per process manager and stop command, this set vs the stock reference (bench/reference).
+"""Stop figures per process manager and stop command, this set vs the stock reference (tools/bench/reference).
 
-    .venv/bin/python -m bench.deploy_stops [--only project|reference] [--managers supervisord,docker,...]
-                                           [--jsonl rows.jsonl]
-    .venv/bin/python -m bench.deploy_stops --render project.jsonl reference.jsonl   # one table
+    .venv/bin/python -m tools.bench.deploy_stops [--only project|reference]
+                                                 [--managers supervisord,docker,...] [--jsonl rows.jsonl]
+    .venv/bin/python -m tools.bench.deploy_stops --render project.jsonl reference.jsonl   # one table
 
-Each row: the set started by the manager, busy (bench/stop_sets.py), stopped with the manager's own
-command, then started again on the same data; the columns are described in bench/stop_table.py. This
+Each row: the set started by the manager, busy (tools/bench/stop_sets.py), stopped with the manager's own
+command, then started again on the same data; the columns are described in tools/bench/stop_table.py. This
 module runs the real managers: supervisord (this set: ``scripts/export supervisord``; the reference:
 ``honcho export supervisord`` as is, supervisord's PATH holding the virtualenv and redis-server, as a
 user who started it from an activated virtualenv), foreman and honcho (in a pty, as from a terminal).
-bench/platform_stops.py runs the simulated ones (systemd, docker, kubernetes, heroku). Prints the
+tools/bench/platform_stops.py runs the simulated ones (systemd, docker, kubernetes, heroku). Prints the
 markdown table, row by row.
 
 Whatever a stop leaves running is counted ("left"), then stopped by pid before the restart
@@ -30,7 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.stop_sets import (
+from tests.procset import AppClient, ProcessSet, free_port
+from tests.supervised import BIN, SERVICE_ENV, Supervisord, export, write_env
+from tests.workload import wait_ready
+from tools.bench.stop_sets import (
     REFERENCE,
     Window,
     busy,
@@ -41,10 +44,7 @@ from bench.stop_sets import (
     settings,
     terminate,
 )
-from bench.stop_table import Row, error_row, ordered, render
-from tests.procset import AppClient, ProcessSet, free_port
-from tests.supervised import BIN, SERVICE_ENV, Supervisord, export, write_env
-from tests.workload import wait_ready
+from tools.bench.stop_table import Row, error_row, ordered, render
 
 STOP_CAP = 30.0  # a process still running this long after the stop command is "left"
 
@@ -141,7 +141,7 @@ def terminal_case(manager: str, kind: str, how: str, tmp: Path) -> Row:
 
 def cases() -> list[tuple[str, str, object]]:
     """(manager, label, function of (kind, tmp) -> Row), in table order."""
-    from bench import platform_stops
+    from tools.bench import platform_stops
 
     out: list[tuple[str, str, object]] = []
     for how, label in [("stop all", "supervisorctl stop all"), ("shutdown", "supervisorctl shutdown"),

@@ -6,9 +6,9 @@ client keeps each connection alive when the server allows it (gunicorn's
 gthread does; its sync worker closes after every response) and reconnects
 when it does not, so each server is measured as a real client sees it.
 
-Usage: python -m bench.load --port P [--method POST --path /jobs --body JSON]
+Usage: python -m tools.bench.load --port P [--method POST --path /jobs --body JSON]
                             [--concurrency 16] (--count N | --seconds S) [--ids]
-       python -m bench.load --port P --flow jobs --seconds S [--wait W]
+       python -m tools.bench.load --port P --flow jobs --seconds S [--wait W]
 Prints one JSON object: requests, ok (2xx), errors by kind, started (the
 system-wide monotonic clock, so the caller can time end to end), seconds,
 rate (ok per second), and with --ids the ``id`` of each 2xx JSON body in

@@ -1,4 +1,4 @@
-"""The bench's measures of one set, each on fresh data directories and free ports (see bench/run.py)."""
+"""The bench's measures of one set, each on fresh data directories and free ports (see tools/bench/run.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.session import (
+from tests.procset import free_port
+from tools.bench.session import (
     CLIENTS,
     DROPPED,
     E2E_JOBS,
@@ -28,7 +29,6 @@ from bench.session import (
     Session,
     SetSpec,
 )
-from tests.procset import free_port
 
 
 def measure_rest(spec: SetSpec, base: Path) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def measure_loaded(spec: SetSpec, base: Path) -> dict[str, Any]:
         s.start()
         s.wait_first_job()
         loader = subprocess.Popen(
-            [sys.executable, "-m", "bench.load", "--port", str(s.ps.port), "--flow", "jobs",
+            [sys.executable, "-m", "tools.bench.load", "--port", str(s.ps.port), "--flow", "jobs",
              "--seconds", str(LOADED_SECONDS), "--concurrency", str(LOADED_CLIENTS), "--wait", "5"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         time.sleep(LOADED_STOP_AFTER)  # the moment to stop, with the load flowing

@@ -1,9 +1,9 @@
 """Stop figures under the simulated managers and platforms (stopcheck's engine, tests/managed.py).
 
-Rows for bench/deploy_stops.py (run that module): systemd, docker, kubernetes and heroku, each for this
-set and for the stock reference, busy (bench/stop_sets.py). The engine starts each unit in its own
+Rows for tools/bench/deploy_stops.py (run that module): systemd, docker, kubernetes and heroku, each for this
+set and for the stock reference, busy (tools/bench/stop_sets.py). The engine starts each unit in its own
 session (a container: PID 1 of its own PID namespace, root only), sends the manager's signals by its
-policy, and records how every process ended (stopcheck.report rows). The set is then started again
+policy, and records how every process ended (tools.stopcheck.report rows). The set is then started again
 by the same manager (new units: containers, dynos, services) on the same data, and every job accepted
 is checked 60 s later.
 
@@ -24,14 +24,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import stop_sets as sets
-from bench.stop_sets import GRACE, REF_PROCFILE, Window, busy, directory, health, row, settings, terminate
-from bench.stop_table import Row
-from stopcheck.managers import Options, Plan, plan
 from tests.managed import PROCFILE, ManagedSet, kubernetes_plan
 from tests.procset import free_port
 from tests.servers import RedisServer
 from tests.supervised import export, write_env
+from tools.bench import stop_sets as sets
+from tools.bench.stop_sets import (
+    GRACE,
+    REF_PROCFILE,
+    Window,
+    busy,
+    directory,
+    health,
+    row,
+    settings,
+    terminate,
+)
+from tools.bench.stop_table import Row
+from tools.stopcheck.managers import Options, Plan, plan
 
 SHELL_PATH_NOTE = ("units made from the Procfile, each line in `sh -c` with the caller's PATH: the "
                    "`ExecStart=/bin/sh -lc '...'` that `honcho export systemd` writes runs a login shell, "

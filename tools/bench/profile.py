@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.session import CLIENTS, E2E_JOBS, PROJECT, REFERENCE, RESULTS, Session, SetSpec, role_of
 from tests.procset import free_port
+from tools.bench.session import CLIENTS, E2E_JOBS, PROJECT, REFERENCE, RESULTS, Session, SetSpec, role_of
 
 PARTS = ("web", "worker")
 OWN_CODE = re.compile(r"\((app|tasks)/|\(ref(app|tasks)\.py")
@@ -112,5 +112,5 @@ def main() -> int:
         for spec in (PROJECT, REFERENCE):
             rate = profile_set(spec, Path(tmp) / spec.key, RESULTS, py_spy)
             print(f"{spec.label}: {rate:.0f} jobs/s under py-spy; "
-                  + ", ".join(f"bench/results/profile-{spec.key}-{part}.txt" for part in PARTS))
+                  + ", ".join(f"tools/bench/results/profile-{spec.key}-{part}.txt" for part in PARTS))
     return 0

@@ -15,13 +15,13 @@ Per set and round, four sessions:
      restart on the same data and count the jobs lost or failed;
   3. busy stop, long jobs (12 s, more than the grace budget): the same;
   4. busy stop under load: Ctrl+C while 32 clients post jobs and long-poll
-     them (bench/load.py --flow jobs); every request counted by outcome
+     them (tools/bench/load.py --flow jobs); every request counted by outcome
      (answered, refused, reset or dropped, 5xx), then a restart on the same
      data and the accepted jobs lost or failed.
 
-The parts: bench/session.py (the two sets, one running set), bench/measures.py
-(the four sessions), bench/summary.py (medians, targets, the table),
-bench/load.py (the load client), bench/profile.py (--profile).
+The parts: tools/bench/session.py (the two sets, one running set), tools/bench/measures.py
+(the four sessions), tools/bench/summary.py (medians, targets, the table),
+tools/bench/load.py (the load client), tools/bench/profile.py (--profile).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.measures import measure_round
-from bench.session import (
+from tools.bench.measures import measure_round
+from tools.bench.session import (
     CLIENTS,
     GRACE_SECONDS,
     PROJECT,
@@ -46,7 +46,7 @@ from bench.session import (
     WEB_PROCESSES,
     WORKER_PROCESSES,
 )
-from bench.summary import machine, markdown, summarize, targets
+from tools.bench.summary import machine, markdown, summarize, targets
 
 README = ROOT / "README.md"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: py-spy each set's web and worker during 1,000 jobs")
     args = parser.parse_args(argv)
     if args.profile:
-        from bench import profile
+        from tools.bench import profile
 
         return profile.main()
     began = time.monotonic()

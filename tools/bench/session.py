@@ -1,9 +1,9 @@
 """The two sets the bench compares, and one running set: its HTTP driver, stop timer and memory reading.
 
 Each set runs under honcho in a pseudo-terminal through the end-to-end
-tests' harness (tests/procset.py ProcessSet, on stopcheck.honcho's driver):
+tests' harness (tests/procset.py ProcessSet, on tools.stopcheck.honcho's driver):
 a free port, fresh data directories, Ctrl+C typed into the terminal.
-Used by bench/run.py (the timed rounds) and bench/profile.py (py-spy).
+Used by tools/bench/run.py (the timed rounds) and tools/bench/profile.py (py-spy).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from typing import Any
 
 import psutil
 
-from tests.procset import ProcessSet, redis_server_dir  # the e2e tests' harness
+from tests.procset import ROOT, ProcessSet, redis_server_dir  # the e2e tests' harness
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "tools" / "bench" / "results"
 
 WEB_PROCESSES = 2
 WORKER_PROCESSES = 2
@@ -32,7 +31,7 @@ SHORT_JOB, SHORT_STOP_AFTER = 1.5, 0.8  # Ctrl+C with about 0.7 s of work left
 LONG_JOB, LONG_STOP_AFTER = 12.0, 1.0
 E2E_JOBS, CLIENTS = 1000, 16
 LOADED_CLIENTS, LOADED_SECONDS, LOADED_STOP_AFTER = 32, 6.0, 1.5
-DROPPED = ("reset", "closed", "truncated", "hung")  # bench/load.py outcomes: never acceptable
+DROPPED = ("reset", "closed", "truncated", "hung")  # tools/bench/load.py outcomes: never acceptable
 HEALTHZ_SECONDS = 3.0
 STOP_TIMEOUT = 30.0
 TERMINAL = ("succeeded", "failed")
@@ -65,7 +64,7 @@ def _reference_env(workdir: Path) -> dict[str, str]:
 
 
 PROJECT = SetSpec("project", "this set", ROOT, _project_env)
-REFERENCE = SetSpec("reference", "stock reference", ROOT / "bench" / "reference", _reference_env)
+REFERENCE = SetSpec("reference", "stock reference", ROOT / "tools" / "bench" / "reference", _reference_env)
 
 
 # -- one running set ----------------------------------------------------------
@@ -110,7 +109,7 @@ class Session:
             raise RuntimeError(f"{self.spec.label} not ready in time:\n{self.ps.output[-3000:]}")
 
     def load(self, *extra: str) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "bench.load", "--port", str(self.ps.port), *extra],
+        out = subprocess.run([sys.executable, "-m", "tools.bench.load", "--port", str(self.ps.port), *extra],
                              cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
         return json.loads(out.stdout)
 

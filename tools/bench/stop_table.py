@@ -1,6 +1,6 @@
 """A row per (manager, stop command, set) and their markdown table (pure; tests/unit/test_stop_table.py).
 
-Columns (what bench/deploy_stops.py and bench/platform_stops.py measure):
+Columns (what tools/bench/deploy_stops.py and tools/bench/platform_stops.py measure):
 
 - stop s: from the stop command (or the platform's first signal) to the last process of the set gone;
   ``never`` when some were still running once the manager counted the set stopped (see "left").

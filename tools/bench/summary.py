@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from bench.session import (
+from tools.bench.session import (
     CLIENTS,
     E2E_JOBS,
     GRACE_SECONDS,

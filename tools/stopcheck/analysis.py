@@ -13,8 +13,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from stopcheck.session import Delivery, Run
-from stopcheck.text import (
+from tools.stopcheck.session import Delivery, Run
+from tools.stopcheck.text import (
     decode_wait_status,
     describe_exit,
     describe_signals,

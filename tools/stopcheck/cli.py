@@ -28,10 +28,10 @@ Exit status: 0 clean, 1 something was SIGKILLed or left running (or honcho
 did not exit in time), 2 the report could not run (no Procfile, bad
 arguments, the set did not come up).
 
-The parts: stopcheck.honcho (honcho in a pty), stopcheck.proctrack (/proc,
-the tree), stopcheck.connector (the proc connector), stopcheck.session (the
-stop), stopcheck.analysis (a row per process), stopcheck.render (text and
-JSON); ``--manager NAME``: stopcheck.report. This module: the arguments.
+The parts: tools.stopcheck.honcho (honcho in a pty), tools.stopcheck.proctrack (/proc,
+the tree), tools.stopcheck.connector (the proc connector), tools.stopcheck.session (the
+stop), tools.stopcheck.analysis (a row per process), tools.stopcheck.render (text and
+JSON); ``--manager NAME``: tools.stopcheck.report. This module: the arguments.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import stopcheck.report
-from stopcheck import render
-from stopcheck.session import NotReady, Run, wait_ready
-from stopcheck.text import parse_procfile
+import tools.stopcheck.report
+from tools.stopcheck import render
+from tools.stopcheck.session import NotReady, Run, wait_ready
+from tools.stopcheck.text import parse_procfile
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -84,7 +84,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="echo honcho's output to stderr")
     p.add_argument("--no-proc-connector", action="store_true",
                    help="observe by polling only (what a non-root user gets before Linux 6.6)")
-    stopcheck.report.add_arguments(p)
+    tools.stopcheck.report.add_arguments(p)
     args = p.parse_args(argv)
     args.ready_lines = []
     for spec in args.ready_line:
@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"shutdown-report: --ready-line for {', '.join(unknown)}: not in {procfile}", file=sys.stderr)
         return 2
-    if args.manager != "honcho":  # another manager's stop, simulated or real: stopcheck/report.py
+    if args.manager != "honcho":  # another manager's stop, simulated or real: tools/stopcheck/report.py
         with tempfile.TemporaryDirectory(prefix="shutdown-report-") as workdir:
-            return stopcheck.report.main(args, directory, entries, Path(workdir))
+            return tools.stopcheck.report.main(args, directory, entries, Path(workdir))
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt

@@ -1,8 +1,8 @@
 """The Linux proc connector: every fork, exec and exit on the machine, with exit statuses and kernel times.
 
 Netlink (``NETLINK_CONNECTOR``); before Linux 6.6 listening needs root
-(CAP_NET_ADMIN). :class:`ProcConnector` feeds a stopcheck.proctrack
-:class:`~stopcheck.proctrack.Tracker` from its own thread; without it, exit
+(CAP_NET_ADMIN). :class:`ProcConnector` feeds a tools.stopcheck.proctrack
+:class:`~tools.stopcheck.proctrack.Tracker` from its own thread; without it, exit
 times come from polling /proc.
 """
 
@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 
-from stopcheck.proctrack import Tracker
+from tools.stopcheck.proctrack import Tracker
 
 # Linux proc connector (include/uapi/linux/cn_proc.h, connector.h).
 NETLINK_CONNECTOR = 11

@@ -7,7 +7,7 @@ kernel's rules for PID 1 apply for real: a signal without a handler is
 dropped, and when PID 1 exits every other process of the namespace is
 SIGKILLed. The engine signals processes from outside, by host pid, like
 dockerd or the kubelet. What happens to each process is observed with
-stopcheck.proctrack (subreaper, /proc polls) and stopcheck.connector (the
+tools.stopcheck.proctrack (subreaper, /proc polls) and tools.stopcheck.connector (the
 proc connector); whatever the engine started is killed by pid in
 :meth:`Engine.cleanup`.
 """
@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stopcheck.connector import open_proc_connector
-from stopcheck.plans import Plan, Unit
-from stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
-from stopcheck.proctrack import (
+from tools.stopcheck.connector import open_proc_connector
+from tools.stopcheck.plans import Plan, Unit
+from tools.stopcheck.policy import GROUP, MAIN, REST, Send, UnitState, step
+from tools.stopcheck.proctrack import (
     POLL_INTERVAL,
     Proc,
     Tracker,
@@ -37,7 +37,7 @@ from stopcheck.proctrack import (
     read_stat,
     set_child_subreaper,
 )
-from stopcheck.text import disposition, signal_name
+from tools.stopcheck.text import disposition, signal_name
 
 UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
 
@@ -150,7 +150,7 @@ class Engine:
 
     def wait_up(self, up: float = 3.0, url: str | None = None, timeout: float = 60) -> None:
         """Every unit's main process is ``up`` seconds old (and ``url`` answers 2xx)."""
-        from stopcheck.traffic import url_answers
+        from tools.stopcheck.traffic import url_answers
 
         deadline = time.monotonic() + timeout
         while True:

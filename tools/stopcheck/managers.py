@@ -8,7 +8,7 @@
 - kubernetes: each entry its own container (PID 1), an optional preStop sleep
   first, then SIGTERM to PID 1, SIGKILL ``terminationGracePeriodSeconds``
   (30) after the start of the stop, preStop included. The Service keeps
-  routing new connections for a few seconds after that (see stopcheck.traffic).
+  routing new connections for a few seconds after that (see tools.stopcheck.traffic).
 - heroku: each entry alone in its dyno (``bash -c``); SIGTERM to every process
   of the dyno at once, SIGKILL to whatever is left 30 s later.
 - systemd: one service per entry (or the unit files you give). KillMode
@@ -36,9 +36,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from stopcheck.plans import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
-from stopcheck.policy import DONE, GROUP, KILL_REST, MAIN, TERM_REST, TREE, WAIT, Policy
-from stopcheck.supervisord import real_plan
+from tools.stopcheck.plans import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
+from tools.stopcheck.policy import DONE, GROUP, KILL_REST, MAIN, TERM_REST, TREE, WAIT, Policy
+from tools.stopcheck.supervisord import real_plan
 
 MANAGERS = ("honcho", "foreman", "supervisord", "systemd", "docker", "kubernetes", "heroku")
 KILL_MODES = ("control-group", "mixed", "process")

@@ -1,7 +1,7 @@
 """What a manager's stop is made of: units (what runs, how it is stopped) and the plan of them all.
 
-The data every part of stopcheck shares (stopcheck.managers makes plans,
-stopcheck.supervisord the real supervisord's, stopcheck.engine runs them),
+The data every part of stopcheck shares (tools.stopcheck.managers makes plans,
+tools.stopcheck.supervisord the real supervisord's, tools.stopcheck.engine runs them),
 so none of them imports another to get it.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stopcheck.policy import Policy
+from tools.stopcheck.policy import Policy
 
 DEFAULT_TIMEOUT = {"docker": 10.0, "kubernetes": 30.0, "heroku": 30.0, "systemd": 90.0, "supervisord": 10.0,
                    "foreman": 5.0}

@@ -1,13 +1,13 @@
 """What a stop report sees of a process tree by reading /proc: each process, its states, its end.
 
-Shared by ``scripts/shutdown-report`` (stopcheck.session) and the managers'
-simulation (stopcheck.engine), so both observe processes the same way:
+Shared by ``scripts/shutdown-report`` (tools.stopcheck.session) and the managers'
+simulation (tools.stopcheck.engine), so both observe processes the same way:
 
 - the observer is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so processes
   that daemonise or are orphaned are reparented to it and stay in its tree;
 - the tree is polled every 20 ms from ``/proc``: parent, process group,
   session, command line and signal dispositions (``SigIgn``/``SigCgt``);
-- the proc connector (stopcheck.connector) feeds the :class:`Tracker` the
+- the proc connector (tools.stopcheck.connector) feeds the :class:`Tracker` the
   fork, exec and exit events with the exit status and a kernel timestamp.
 """
 
@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from stopcheck.text import parse_status_masks
+from tools.stopcheck.text import parse_status_masks
 
 POLL_INTERVAL = 0.02
 FULL_SCAN_EVERY = 10  # with the proc connector, a full /proc scan every 10th poll (else every poll)

@@ -6,10 +6,10 @@ import os
 import textwrap
 from typing import Any
 
-from stopcheck import analysis
-from stopcheck.proctrack import POLL_INTERVAL
-from stopcheck.session import Run
-from stopcheck.text import format_table, signal_name
+from tools.stopcheck import analysis
+from tools.stopcheck.proctrack import POLL_INTERVAL
+from tools.stopcheck.session import Run
+from tools.stopcheck.text import format_table, signal_name
 
 
 def report(run: Run) -> tuple[str, dict[str, Any], int]:

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stopcheck.engine import Engine, NotReady
-from stopcheck.managers import KILL_MODES, MANAGERS, Options, Plan, plan
-from stopcheck.text import (
+from tools.stopcheck.engine import Engine, NotReady
+from tools.stopcheck.managers import KILL_MODES, MANAGERS, Options, Plan, plan
+from tools.stopcheck.text import (
     decode_wait_status,
     describe_exit,
     format_table,
@@ -29,7 +29,7 @@ from stopcheck.text import (
     shorten,
     signal_name,
 )
-from stopcheck.traffic import Traffic
+from tools.stopcheck.traffic import Traffic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """One stop of a Procfile's set under honcho, watched: start, readiness, the signal, the wait, the clean-up.
 
-The set runs under honcho in a pseudo-terminal (stopcheck.honcho). The
-report is a child subreaper and tracks the whole tree (stopcheck.proctrack,
-stopcheck.connector) while it stops the set the way a user or a platform
+The set runs under honcho in a pseudo-terminal (tools.stopcheck.honcho). The
+report is a child subreaper and tracks the whole tree (tools.stopcheck.proctrack,
+tools.stopcheck.connector) while it stops the set the way a user or a platform
 would: ``^C`` typed into honcho's terminal (SIGINT to its foreground group),
 SIGTERM to honcho, or the signal to every process at once. Whatever it
 started is killed by pid in :meth:`Run.cleanup`, whatever happened.
@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stopcheck.connector import ProcConnector, open_proc_connector
-from stopcheck.honcho import Honcho
-from stopcheck.proctrack import POLL_INTERVAL, Proc, Tracker, poll_until, set_child_subreaper
-from stopcheck.text import signal_name
-from stopcheck.traffic import url_answers
+from tools.stopcheck.connector import ProcConnector, open_proc_connector
+from tools.stopcheck.honcho import Honcho
+from tools.stopcheck.proctrack import POLL_INTERVAL, Proc, Tracker, poll_until, set_child_subreaper
+from tools.stopcheck.text import signal_name
+from tools.stopcheck.traffic import url_answers
 
 
 class NotReady(Exception):

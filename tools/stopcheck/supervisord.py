@@ -17,8 +17,8 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from stopcheck.plans import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
-from stopcheck.policy import GROUP, MAIN, TREE, Policy
+from tools.stopcheck.plans import DEFAULT_TIMEOUT, Options, Plan, Unit, command_argv
+from tools.stopcheck.policy import GROUP, MAIN, TREE, Policy
 
 
 def config_text(directory: Path, entries: Sequence[tuple[str, str]], workdir: Path, *,

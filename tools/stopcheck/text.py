@@ -1,7 +1,7 @@
 """Pure helpers shared by the shutdown reports: Procfiles, wait statuses, signals, plain-text tables.
 
-Shared so the honcho report (stopcheck.analysis, stopcheck.render) and the
-managers' simulation (stopcheck.managers, stopcheck.report) describe a stop
+Shared so the honcho report (tools.stopcheck.analysis, tools.stopcheck.render) and the
+managers' simulation (tools.stopcheck.managers, tools.stopcheck.report) describe a stop
 the same way.
 """
 

@@ -19,7 +19,7 @@ A broker or database in the same Procfile, kept up until its clients have gone::
 
     redis: python -m stopright.outlive -- redis-server --port $REDIS_PORT
 
-examples/foreign is the stock reference app (bench/reference) with these lines.
+examples/foreign is the stock reference app (tools/bench/reference) with these lines.
 
 Nothing here imports the demo (app/, core/, jobs/, tasks/, broker/).
 Every reach into Celery's, billiard's, kombu's and gunicorn's internals is
@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+#: The release (CHANGELOG.md); the distribution's metadata reads it from here when it is built.
+__version__ = "0.1.0"
 
 # Loaded on first use (PEP 562): a light process (the demo's broker watcher) imports
 # stopright.registry or stopright.signals without loading Celery or gunicorn.
