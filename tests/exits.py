@@ -3,7 +3,7 @@
 When honcho dies (SIGKILL) or its output reader does (``| tee`` and a
 Ctrl+C), nobody prints the programs' shutdown lines or honcho's ``stopped
 (rc=N)``: the exit status is the proof left. :class:`ExitWatch` follows every
-process forked under this one (stopcheck.proctrack's Tracker, fed by the
+process forked under this one (tools.stopcheck.proctrack's Tracker, fed by the
 kernel's proc connector: the exit status and time of each, orphans
 included). It never reaps anything: the test's ``Popen`` objects keep their
 own children.
@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from stopcheck.connector import open_proc_connector
-from stopcheck.proctrack import Proc, Tracker, poll_until
-from stopcheck.text import decode_wait_status, describe_exit
 from tests.servers import missing
+from tools.stopcheck.connector import open_proc_connector
+from tools.stopcheck.proctrack import Proc, Tracker, poll_until
+from tools.stopcheck.text import decode_wait_status, describe_exit
 
 
 class _Observer(Tracker):

@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from stopcheck import report
-from stopcheck.engine import Engine
-from stopcheck.managers import Options, Plan, Unit, plan
-from stopcheck.policy import MAIN, TREE, Policy
-from stopcheck.text import parse_procfile
 from tests.procset import ROOT, AppClient, free_port
 from tests.servers import missing
+from tools.stopcheck import report
+from tools.stopcheck.engine import Engine
+from tools.stopcheck.managers import Options, Plan, Unit, plan
+from tools.stopcheck.policy import MAIN, TREE, Policy
+from tools.stopcheck.text import parse_procfile
 
 OWN_SETTINGS = ("REDIS_URL", "BROKER_URL", "CELERY_BROKER_URL", "DATABASE_URL", "SHUTDOWN_GRACE_SECONDS",
                 "SHUTDOWN_DRAIN_SECONDS", "HONCHO_PROCESS_NAME", "DYNO", "PS")  # the developer's stay out
@@ -105,7 +105,8 @@ class ManagedSet(AppClient):
         self.engine.stop(names)
 
     def finish(self, settle: float = 2.0) -> list[dict[str, Any]]:
-        """After the stop: leftovers of the stopped units killed; one row per process (stopcheck.report)."""
+        """After the stop: leftovers of the stopped units killed; one row per process
+        (tools.stopcheck.report)."""
         self.engine.settle(settle)
         self._rows = report.rows(self.engine)
         return self._rows

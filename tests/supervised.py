@@ -1,6 +1,6 @@
 """Run an exported configuration under a real supervisord, in a temporary directory.
 
-Interface (tests/e2e/test_deploy_supervisord.py, bench/deploy_stops.py)::
+Interface (tests/e2e/test_deploy_supervisord.py, tools/bench/deploy_stops.py)::
 
     files = export("supervisord", outdir, env_file)      # scripts/export, this venv
     sv = Supervisord(workdir, include=files[0])           # own socket, log, pid file

@@ -21,8 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from stopcheck.managers import environment_file
 from tests.servers import missing
+from tools.stopcheck.managers import environment_file
 
 # systemd's PATH for a service without Environment=PATH (systemd 252, Debian 12).
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"

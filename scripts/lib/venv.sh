@@ -1,5 +1,7 @@
 # Sourced by scripts/start and scripts/test: make the venv and install a requirements file.
-# Re-installs only when the requirements file changed (a stamp holds its checksum).
+# Re-installs only when the requirements files or stopright/pyproject.toml changed (a stamp holds
+# their checksum). stopright is installed editable (requirements.txt): a change to its code needs
+# no reinstall; one to its metadata (dependencies, extras) does, hence its pyproject.toml here.
 # VENV=dir picks the venv (default .venv); PYTHON=python3.x picks the interpreter that makes it.
 
 # Every pinned requirement has wheels for these (no compiler needed), and the embedded
@@ -39,7 +41,7 @@ ensure_venv() {
     fi
   fi
   local stamp="$venv/.installed-$(basename "$requirements")"
-  local sum; sum=$(cat "$requirements" requirements*.txt 2>/dev/null | cksum)
+  local sum; sum=$(cat "$requirements" requirements*.txt stopright/pyproject.toml 2>/dev/null | cksum)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
     echo "==> installing $requirements" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procset import ROOT, ProcessTree
+from tests.procset import ProcessTree
 
 APP = '''
 import os, sys, time
@@ -76,7 +76,7 @@ class Gunicorn(ProcessTree):
         self.command = [*(launcher or []), sys.executable, "-m", "gunicorn", "-c", "python:bindconf", *args,
                         "bindapp:app"]
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SHUTDOWN_", "HONCHO_"))},
-                    "PYTHONPATH": f"{workdir}{os.pathsep}{ROOT}", "PYTHONUNBUFFERED": "1", **(env or {})}
+                    "PYTHONPATH": str(workdir), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = None
         self._seen = {}
 

@@ -1,7 +1,7 @@
 """What the example apps' busy stops share (test_foreign_app.py, test_flask_app.py).
 
 An example app runs under honcho from its own directory with stopright on its
-path; a request stream (bench/load.py's job flow) races the Ctrl+C; the same
+path; a request stream (tools/bench/load.py's job flow) races the Ctrl+C; the same
 verdicts hold for every app: no 5xx, no reset, no SIGKILL, every process's
 stop sequence, nothing left running.
 """
@@ -21,7 +21,7 @@ from tests.e2e.checks import SEQUENCE, assert_shutdown_sequence
 from tests.procset import ROOT, ProcessSet
 
 CLIENTS, LOAD_SECONDS = 4, 6.0
-#: Request outcomes a stop must never cause (bench/load.py's names).
+#: Request outcomes a stop must never cause (tools/bench/load.py's names).
 NEVER = ("reset", "closed", "truncated", "hung")
 
 
@@ -30,8 +30,8 @@ def example_sets(tmp_path: Path, env: dict[str, str], cwd: Path) -> Iterator[Cal
     started: list[ProcessSet] = []
 
     def make() -> ProcessSet:
-        ps = ProcessSet(tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, cwd=cwd)  # stopright, as
-        started.append(ps)  # `pip install` would put it on a user's path
+        ps = ProcessSet(tmp_path, env=env, cwd=cwd)  # stopright: installed, as a user installs it
+        started.append(ps)
         return ps
 
     yield make
@@ -52,9 +52,9 @@ def start_ready(ps: ProcessSet) -> None:
 
 
 def run_load(ps: ProcessSet) -> subprocess.Popen[str]:
-    """bench/load.py's job flow: POST /jobs, then GET /jobs/<id>, every request's outcome counted."""
+    """tools/bench/load.py's job flow: POST /jobs, then GET /jobs/<id>, every request's outcome counted."""
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.load", "--port", str(ps.port), "--flow", "jobs", "--wait", "0",
+        [sys.executable, "-m", "tools.bench.load", "--port", str(ps.port), "--flow", "jobs", "--wait", "0",
          "--seconds", str(LOAD_SECONDS), "--concurrency", str(CLIENTS)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly, require_root
 from tests.procset import ProcessSet
 from tests.workload import Workload, assert_handed_back_then_run
+from tools.stopcheck.managers import Options
 
 pytestmark = pytest.mark.e2e
 JOB_SECONDS = 8  # longer than the grace: handed back, then run again after the restart

@@ -50,7 +50,7 @@ def flask_sets(tmp_path: Path, postgres: PostgresServer,
            "FLASK_CELERY__result_backend": "db+" + postgres.url,
            "WEB_CONCURRENCY": "2", "WORKER_CONCURRENCY": str(LONG_JOBS)}
     init = subprocess.run([sys.executable, "-m", "flask", "--app", "jobapp", "init-db"], cwd=EXAMPLE,
-                          env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=60)
     assert init.returncode == 0, init.stderr
     yield from example_sets(tmp_path, env, EXAMPLE)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procset import ROOT, free_port
+from tests.procset import free_port
 
 APP = '''
 import atexit, os, sys
@@ -48,7 +48,7 @@ def gunicorn(tmp_path: Path):
     marks.mkdir()
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SHUTDOWN_", "HONCHO_"))},
-           "PYTHONPATH": str(ROOT), "ATEXIT_DIR": str(marks), "PYTHONUNBUFFERED": "1"}
+           "ATEXIT_DIR": str(marks), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:stopright.gunicorn_hooks",
                              "--bind", f"127.0.0.1:{port}", "--workers", str(WORKERS),
                              "--no-control-socket", "atexitapp:app"],

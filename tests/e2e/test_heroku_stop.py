@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly
 from tests.workload import Workload
+from tools.stopcheck.managers import Options
 
 pytestmark = pytest.mark.e2e
 GRACE = 25

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from stopcheck.honcho import Honcho
 from tests.e2e.test_deploy_foreman import foreman
 from tests.exits import Ended, ExitWatch
 from tests.procset import ProcessSet
 from tests.supervised import write_env
 from tests.workload import Outcomes, Workload, wait_ready
+from tools.stopcheck.honcho import Honcho
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from stopcheck.traffic import Traffic
 from tests.managed import (
     PROCFILE,
     ManagedSet,
@@ -26,6 +25,7 @@ from tests.managed import (
 )
 from tests.procset import ProcessSet
 from tests.workload import Workload, assert_handed_back_then_run
+from tools.stopcheck.traffic import Traffic
 
 pytestmark = pytest.mark.e2e
 GRACE = 3.0

@@ -1,6 +1,6 @@
 """A stop under load: 32 clients posting jobs and long-polling them when the stop comes (issue 7).
 
-Every request the clients made ends in exactly one outcome (bench/load.py
+Every request the clients made ends in exactly one outcome (tools/bench/load.py
 ``--flow jobs``): answered, refused (never accepted: allowed once the stop
 has begun), or reset / closed without an answer / truncated / hung (never
 allowed). Then the set is started again on the same data and every job that
@@ -27,7 +27,7 @@ NEVER = ("reset", "closed", "truncated", "hung")
 
 def run_load(ps: ProcessSet, seconds: float = LOAD_SECONDS) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.load", "--port", str(ps.port), "--flow", "jobs",
+        [sys.executable, "-m", "tools.bench.load", "--port", str(ps.port), "--flow", "jobs",
          "--seconds", str(seconds), "--concurrency", str(CLIENTS), "--wait", "5"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
 

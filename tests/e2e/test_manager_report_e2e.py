@@ -23,6 +23,7 @@ from tests.procset import ROOT, free_port, redis_server_dir
 
 pytestmark = pytest.mark.e2e
 SCRIPT = ROOT / "scripts" / "shutdown-report"
+REFERENCE = ROOT / "tools" / "bench" / "reference"
 MARK = "MANAGER_REPORT_TEST"
 
 
@@ -103,7 +104,7 @@ def test_this_set_stops_clean(marked: Path, manager: str) -> None:
 def test_reference_under_docker_is_sigkilled_at_the_timeout(marked: Path) -> None:
     require_root()
     env, url = reference_env(marked)
-    rc, out, data = run_report(marked, ROOT / "bench" / "reference", "docker", "--url", url, "--up", "3",
+    rc, out, data = run_report(marked, REFERENCE, "docker", "--url", url, "--up", "3",
                                "--kill-after", "3", env=env)
     assert rc == 1 and not data["clean"], out
     assert len(data["notes"]) == 4 and all("shell form" in n for n in data["notes"])
@@ -119,7 +120,7 @@ def test_reference_under_docker_is_sigkilled_at_the_timeout(marked: Path) -> Non
 
 def test_reference_under_heroku_loses_its_children(marked: Path) -> None:
     env, url = reference_env(marked)
-    rc, out, data = run_report(marked, ROOT / "bench" / "reference", "heroku", "--url", url, "--up", "3",
+    rc, out, data = run_report(marked, REFERENCE, "heroku", "--url", url, "--up", "3",
                                env=env)
     assert rc == 0, out  # nothing SIGKILLed: the verdict is about kills, the table shows the damage
     rows = data["processes"]

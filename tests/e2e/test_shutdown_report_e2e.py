@@ -342,15 +342,15 @@ def test_this_project_stops_clean(tmp_path: Path, report: Any, how: str) -> None
     assert not marked(tmp_path)
 
 
-# -- the stock reference set (bench/reference) ------------------------------------------------
+# -- the stock reference set (tools/bench/reference) ------------------------------------------------
 
 
 def test_reference_set_is_described(tmp_path: Path, report: Any) -> None:
     """The stock wiring: no `exec` in its Procfile, so each entry is a shell that dies of SIGTERM,
     and Celery's pool children do not exit 0 (they die of SIGTERM or exit 15)."""
-    reference = ROOT / "bench" / "reference"
+    reference = ROOT / "tools" / "bench" / "reference"
     if not (reference / "Procfile").is_file():
-        pytest.skip("bench/reference is not there")
+        pytest.skip("tools/bench/reference is not there")
     port, redis_port = free_port(), free_port()
     (tmp_path / "var").mkdir()  # redis-server --dir needs it to exist
     redis_bin = str(redis_server_dir(tmp_path / "bin"))  # its Procfile runs `redis-server`

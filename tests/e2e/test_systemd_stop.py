@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from stopcheck.managers import Options
 from tests.managed import ManagedSet, assert_stopped_cleanly
 from tests.procset import ROOT, ProcessSet, free_port
 from tests.workload import Workload, assert_handed_back_then_run
+from tools.stopcheck.managers import Options
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.checks import assert_shutdown_sequence
-from tests.procset import ROOT, ProcessSet
+from tests.procset import ProcessSet
 from tests.servers import Vhost
 
 CELERY = [sys.executable, "-m", "celery", "--app", "shapeapp"]
@@ -64,7 +64,7 @@ def shape_app(directory: Path, broker: str, extra: str = "") -> Path:
 
 
 def program(tmp_path: Path, command: list[str], cwd: Path) -> ProcessSet:
-    return ProcessSet(tmp_path, command=command, cwd=cwd, env={"PYTHONPATH": str(ROOT)})
+    return ProcessSet(tmp_path, command=command, cwd=cwd)
 
 
 def exit_code(ps: ProcessSet, timeout: float = 60) -> int:

@@ -30,7 +30,7 @@ def worker(tmp_path: Path, broker: str, *, pool: str = "prefork", concurrency: i
            **env: str) -> ProcessSet:
     command = [sys.executable, "-m", "celery", "--app", APP, "worker", "--loglevel", "INFO",
                "--concurrency", str(concurrency), "--pool", pool, "--without-mingle", "--without-gossip"]
-    return ProcessSet(tmp_path, command=command, env={"EDGE_BROKER": broker, "PYTHONPATH": str(ROOT), **env})
+    return ProcessSet(tmp_path, command=command, env={"EDGE_BROKER": broker, **env})
 
 
 def send(broker: str, seconds: float) -> str:
@@ -134,7 +134,7 @@ def test_an_atexit_flush_of_a_second_runs_to_completion_under_honcho(tmp_path: P
     path = str(redis_server_dir(tmp_path / "bin")) + os.pathsep + os.environ.get("PATH", "")
     ps = ProcessSet(tmp_path, procfile=procfile, cwd=ROOT,
                     env={"EDGE_BROKER": broker, "EDGE_ATEXIT": "1.0", "EDGE_MARK": str(mark),
-                         "REDIS_PORT": str(port), "PYTHONPATH": str(ROOT), "PATH": path})
+                         "REDIS_PORT": str(port), "PATH": path})
     (tmp_path / "var").mkdir(exist_ok=True)
     try:
         ps.start()

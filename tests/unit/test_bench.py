@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import run
-from bench.session import role_of
-from bench.summary import summarize, targets
 from tests.procset import free_port
+from tools.bench import run
+from tools.bench.session import role_of
+from tools.bench.summary import summarize, targets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def server() -> Iterator[int]:
 
 
 def load(port: int, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.load", "--port", str(port), *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "tools.bench.load", "--port", str(port), *args], cwd=ROOT,
                          check=True, capture_output=True, text=True, timeout=60)
     return json.loads(out.stdout)
 
@@ -163,7 +163,7 @@ def test_each_process_is_counted_in_its_part_of_the_set(cmdline: list[str], role
     assert role_of(cmdline) == role
 
 
-# -- the stop-under-load client (bench/load.py --flow jobs) ------------------------
+# -- the stop-under-load client (tools/bench/load.py --flow jobs) ------------------------
 
 
 def test_jobs_flow_posts_then_long_polls_each_job(server: int) -> None:

@@ -6,19 +6,28 @@
                  \\                       /
                   core/ (settings, logs, db, outages, broker probes, the Celery app)
                         \\
-                         stopright/ (the reusable lifecycle: imports nothing above)
+                         stopright/src/stopright/ (the reusable lifecycle: imports nothing above)
 
-Read from the real import graph (tests/unit/test_layout.py: ``ast``, function-level imports too).
+    examples/ (a user's apps): stopright only
+    tools/stopcheck/ (the report): nothing first-party
+    tools/bench/ (the bench): the report's driver and the tests' harness (tests/procset.py ...)
+
+Read from the real import graph (tests/unit/test_layout.py: ``ast``, function-level imports too;
+each tool is a package of its own there).
 """
 
 from __future__ import annotations
 
-from tests.unit.test_layout import ROOT, import_graph, is_test_module, parse
+from tests.unit.test_layout import ROOT, import_graph, is_test_module, package_of, parse
 
 DEMO = {"app", "core", "jobs", "tasks", "broker", "gunicorn"}  # gunicorn: gunicorn.conf.py's module name
 #: Each first-party package and what it may import (besides itself and third-party packages).
 MAY_IMPORT = {
     "stopright": set(),
+    "examples": {"stopright"},
+    "tools": set(),
+    "tools.stopcheck": set(),
+    "tools.bench": {"tools.stopcheck", "tests"},
     "core": {"stopright"},
     "jobs": {"core", "stopright"},
     "app": {"core", "jobs", "stopright"},
@@ -26,6 +35,9 @@ MAY_IMPORT = {
     "broker": {"core", "stopright"},
     "gunicorn": {"app", "core", "stopright"},  # gunicorn.conf.py: names app:create_app, hooks
 }
+#: Every first-party package: the ones above and the tests' harness, which none of them may import
+#: unless it says so (the bench does).
+FIRST_PARTY = {*MAY_IMPORT, "tests"}
 
 
 def imports_by_package() -> dict[str, dict[str, list[str]]]:
@@ -35,9 +47,9 @@ def imports_by_package() -> dict[str, dict[str, list[str]]]:
     for name, targets in graph.items():
         if is_test_module(name):
             continue
-        top = "gunicorn" if name == "gunicorn.conf" else name.split(".")[0]
+        top = "gunicorn" if name == "gunicorn.conf" else package_of(name)
         for target in targets:
-            other = "gunicorn" if target == "gunicorn.conf" else target.split(".")[0]
+            other = "gunicorn" if target == "gunicorn.conf" else package_of(target)
             if other != top:
                 out.setdefault(top, {}).setdefault(other, []).append(f"{name} -> {target}")
     return out
@@ -46,9 +58,15 @@ def imports_by_package() -> dict[str, dict[str, list[str]]]:
 def test_every_package_imports_only_the_layers_below_it() -> None:
     found = imports_by_package()
     wrong = [via for package, allowed in MAY_IMPORT.items()
-             for other, vias in found.get(package, {}).items() if other in MAY_IMPORT and other not in allowed
+             for other, vias in found.get(package, {}).items()
+             if other in FIRST_PARTY and other not in allowed
              for via in vias]
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
+
+
+def test_every_package_named_here_is_in_the_import_graph() -> None:
+    packages = {package_of(name) for name in import_graph(parse(ROOT))} | {"gunicorn"}
+    assert set(FIRST_PARTY) <= packages, set(FIRST_PARTY) - packages  # a moved package: a vacuous rule
 
 
 def test_the_lifecycle_package_imports_nothing_of_the_demo() -> None:

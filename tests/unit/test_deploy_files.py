@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from stopcheck.text import parse_procfile
 from tests.procset import ROOT
+from tools.stopcheck.text import parse_procfile
 
 PROCFILE = dict(parse_procfile((ROOT / "Procfile").read_text()))
 HAND_BACK_SECONDS = 2  # the worker's hand-back and closes after the grace (stopright/worker_stop.py)
@@ -135,3 +135,14 @@ def test_the_image_build_context_holds_no_secrets_nor_history(tmp_path) -> None:
 
     assert sorted(context) == ["Procfile", "app", "app/api.py", "deploy", "deploy/Dockerfile"]
     assert not [p for p in exclude_paths(str(ROOT), patterns) if p.split("/")[0] in (".git", ".env")]
+
+
+def test_dockerfile_copies_every_local_requirement_before_installing_the_requirements() -> None:
+    lines = dockerfile()
+    install = lines.index(("RUN", "pip install -r requirements.txt"))
+    copied = {args.split()[0] for ins, args in lines[:install] if ins == "COPY"}
+    local = {re.sub(r"\[.*\]$", "", line.removeprefix("-e").strip()).removeprefix("./")
+             for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.removeprefix("-e").strip().startswith(("./", "../"))}
+    assert local == {"stopright"}  # the only path requirement, as a user's app would name it
+    assert {"requirements.txt", *local} <= copied, lines[:install]

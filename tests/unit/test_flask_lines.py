@@ -18,7 +18,8 @@ BLANK_LINES_ADDED = 0
 
 STOCK = ROOT / "examples" / "flask" / "stock"
 ADOPTED = ROOT / "examples" / "flask"
-DOCS = {"README.md"}
+#: Not the app: its prose, and how it installs (tests/unit/test_distribution.py checks that file).
+DOCS = {"README.md", "requirements.txt"}
 
 
 def app_files(directory: Path) -> set[str]:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 PRINT_MANAGER = ("import os; from stopright import signals; "
                  "stat = open('/proc/%d/stat' % os.getppid()).read(); "
                  "print('manager', signals._manager_pid(), 'grandparent', stat.rsplit(')', 1)[1].split()[1], "
@@ -55,7 +53,7 @@ def words(out: str, key: str) -> int:
 
 def test_under_real_honcho_the_manager_is_honcho_not_its_reader(tmp_path: Path) -> None:
     (tmp_path / "Procfile").write_text(f"a: {program_line(PRINT_MANAGER)}\n")
-    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "--no-colour"], cwd=tmp_path, env=ENV,
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "--no-colour"], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               text=True)
     out, _ = honcho.communicate(timeout=60)
@@ -72,7 +70,7 @@ def test_the_walk_passes_multiprocessing_children_and_stops_at_the_manager(tmp_p
     script.write_text(MANAGER)
     # The manager is started by a shell that stays (a terminal's, or `nohup manager &`): not walked into.
     line = f"{sys.executable} {script} {method} {shlex.quote(program_line(PRINT_MANAGER))}; true"
-    outer = subprocess.run(["/bin/sh", "-c", line], env=ENV, capture_output=True, text=True, timeout=60)
+    outer = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=60)
     manager = words(outer.stdout, "pid")
     assert words(outer.stdout, "manager") == manager, outer.stdout + outer.stderr
     assert words(outer.stdout, "grandparent") != manager  # a multiprocessing child stood between
@@ -89,7 +87,7 @@ def test_a_program_stops_when_the_manager_behind_a_fork_and_a_shell_dies(tmp_pat
     script = tmp_path / "manager.py"
     script.write_text(MANAGER)
     manager = subprocess.Popen([sys.executable, str(script), "fork", f"{sys.executable} {program} > {out}"],
-                               env=ENV, stdout=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while "up" not in (out.read_text() if out.exists() else "") and time.monotonic() < deadline:

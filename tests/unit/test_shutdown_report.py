@@ -8,13 +8,13 @@ import struct
 
 import pytest
 
-from stopcheck.analysis import rc_to_wait_status
-from stopcheck.cli import parse_args
-from stopcheck.connector import parse_proc_events
-from stopcheck.honcho import HonchoEvent, parse_honcho_line
-from stopcheck.proctrack import read_masks, read_stat
-from stopcheck.render import sigkilled_by
-from stopcheck.text import (
+from tools.stopcheck.analysis import rc_to_wait_status
+from tools.stopcheck.cli import parse_args
+from tools.stopcheck.connector import parse_proc_events
+from tools.stopcheck.honcho import HonchoEvent, parse_honcho_line
+from tools.stopcheck.proctrack import read_masks, read_stat
+from tools.stopcheck.render import sigkilled_by
+from tools.stopcheck.text import (
     decode_wait_status,
     describe_exit,
     describe_signals,

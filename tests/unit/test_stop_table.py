@@ -1,9 +1,9 @@
-"""bench/stop_table.py, bench/stop_sets.py: a row's verdict, the markdown table, the traffic window."""
+"""tools/bench/stop_table.py, stop_sets.py: a row's verdict, the markdown table, the traffic window."""
 
 from __future__ import annotations
 
-from bench.stop_sets import window_counts
-from bench.stop_table import HEADER, Row, cells, error_row, ordered, render
+from tools.bench.stop_sets import window_counts
+from tools.bench.stop_table import HEADER, Row, cells, error_row, ordered, render
 
 
 def measured(**changes: object) -> Row:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stopcheck.managers import Options, command_argv, expand_exec, parse_unit, plan, unit_environment
-from stopcheck.policy import (
+from tools.stopcheck.managers import Options, command_argv, expand_exec, parse_unit, plan, unit_environment
+from tools.stopcheck.policy import (
     DONE,
     GROUP,
     KILL_REST,
@@ -140,7 +140,7 @@ def test_foreman_ctrl_c_goes_to_its_group_and_sigterm_to_foreman() -> None:
 
 
 def test_supervisord_simulated_stops_one_program_at_a_time() -> None:
-    from stopcheck.managers import supervisord_simulated
+    from tools.stopcheck.managers import supervisord_simulated
 
     units = supervisord_simulated(ENTRIES, Options()).units
     assert [u.policy.after for u in units] == [("broker",), ()]  # the last configured first
@@ -154,7 +154,7 @@ def test_honcho_is_not_simulated() -> None:
 
 def test_supervisord_config_runs_each_entry_without_a_shell_and_sends_output_to_supervisord(
         tmp_path: Path) -> None:
-    from stopcheck.supervisord import config_text
+    from tools.stopcheck.supervisord import config_text
 
     text = config_text(Path("/app"), ENTRIES, tmp_path, stopwaitsecs=7)
     assert "[program:web]\ncommand=gunicorn --config gunicorn.conf.py\n" in text

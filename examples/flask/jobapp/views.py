@@ -1,4 +1,4 @@
-"""The job API: the same shape as bench/reference (POST /jobs, GET /jobs/<id>, GET /healthz)."""
+"""The job API: the same shape as tools/bench/reference (POST /jobs, GET /jobs/<id>, GET /healthz)."""
 
 import uuid
 

@@ -1,0 +1,110 @@
+"""scripts/bench: this process set and the stock reference, side by side, in one run.
+
+The two sets run alternately (A B A B ...), each round on fresh data
+directories and free ports, because a shared machine drifts: only figures
+taken in the same run are compared. Every measure drives both sets through
+the same job API (POST /jobs, GET /jobs/<id>, GET /healthz) with the same
+harness as the end-to-end tests (tests/procset.py: honcho in a pseudo-terminal,
+Ctrl+C typed into it). Medians are reported with the ratio this/reference,
+and each target of the project is reported as met or not.
+
+Per set and round, four sessions:
+  1. start (time to the first finished job), /healthz rate, 1,000 zero-second
+     jobs (submit rate, end-to-end rate), memory at rest, then an idle Ctrl+C;
+  2. busy stop, short jobs: Ctrl+C with two jobs each needing under 1 s more;
+     restart on the same data and count the jobs lost or failed;
+  3. busy stop, long jobs (12 s, more than the grace budget): the same;
+  4. busy stop under load: Ctrl+C while 32 clients post jobs and long-poll
+     them (tools/bench/load.py --flow jobs); every request counted by outcome
+     (answered, refused, reset or dropped, 5xx), then a restart on the same
+     data and the accepted jobs lost or failed.
+
+The parts: tools/bench/session.py (the two sets, one running set), tools/bench/measures.py
+(the four sessions), tools/bench/summary.py (medians, targets, the table),
+tools/bench/load.py (the load client), tools/bench/profile.py (--profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.bench.measures import measure_round
+from tools.bench.session import (
+    CLIENTS,
+    GRACE_SECONDS,
+    PROJECT,
+    REFERENCE,
+    RESULTS,
+    ROOT,
+    WEB_PROCESSES,
+    WORKER_PROCESSES,
+)
+from tools.bench.summary import machine, markdown, summarize, targets
+
+README = ROOT / "README.md"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(table: str) -> bool:
+    text = README.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    README.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="A B pairs to run (default 3)")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: py-spy each set's web and worker during 1,000 jobs")
+    args = parser.parse_args(argv)
+    if args.profile:
+        from tools.bench import profile
+
+        return profile.main()
+    began = time.monotonic()
+    per_set: dict[str, list[dict[str, Any]]] = {"project": [], "reference": []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for n in range(args.rounds):
+            order = (PROJECT, REFERENCE) if n % 2 == 0 else (REFERENCE, PROJECT)
+            for spec in order:
+                t = time.monotonic()
+                result = measure_round(spec, Path(tmp) / f"{n}-{spec.key}")
+                per_set[spec.key].append(result)
+                print(f"round {n + 1}/{args.rounds} {spec.label}: {time.monotonic() - t:.0f} s "
+                      + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in result.items()), file=sys.stderr, flush=True)
+    medians = {k: summarize(v) for k, v in per_set.items()}
+    report = {
+        "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "rounds": args.rounds, "minutes": (time.monotonic() - began) / 60,
+        "machine": machine(),
+        "settings": {"web_processes": WEB_PROCESSES, "worker_processes": WORKER_PROCESSES,
+                     "grace_seconds": GRACE_SECONDS, "clients": CLIENTS},
+        "medians": medians, "targets": targets(medians["project"], medians["reference"]),
+        "rounds_raw": per_set,
+    }
+    table = markdown(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.md").write_text(table)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    if not args.no_readme:
+        print("README.md table updated" if update_readme(table) else "README.md has no bench markers",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

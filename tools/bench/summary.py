@@ -1,0 +1,168 @@
+"""The bench's figures: medians over the rounds, the project's targets met or not, the Markdown table."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tools.bench.session import (
+    CLIENTS,
+    E2E_JOBS,
+    GRACE_SECONDS,
+    LOADED_CLIENTS,
+    LOADED_STOP_AFTER,
+    LONG_JOB,
+    LONG_STOP_AFTER,
+    ROLES,
+    ROOT,
+    SHORT_JOB,
+    SHORT_STOP_AFTER,
+)
+
+
+@dataclass(frozen=True)
+class Measure:
+    key: str
+    label: str
+    unit: str
+    digits: int
+    lower_is_better: bool
+
+
+MEASURES = [
+    Measure("start_s", "start to ready (first job finished)", "s", 2, True),
+    Measure("idle_stop_s", "idle stop (Ctrl+C to every process gone)", "s", 2, True),
+    Measure("busy_short_stop_s",
+            f"busy stop, short jobs ({SHORT_JOB:g} s, Ctrl+C after {SHORT_STOP_AFTER:g} s)", "s", 2, True),
+    Measure("busy_short_lost", "  jobs lost (of 2 per round, all rounds)", "", 0, True),
+    Measure("busy_short_failed", "  jobs failed (of 2 per round, all rounds)", "", 0, True),
+    Measure("busy_long_stop_s", f"busy stop, long jobs ({LONG_JOB:g} s, Ctrl+C after {LONG_STOP_AFTER:g} s)",
+            "s", 2, True),
+    Measure("busy_long_lost", "  jobs lost (of 2 per round, all rounds)", "", 0, True),
+    Measure("busy_long_failed", "  jobs failed (of 2 per round, all rounds)", "", 0, True),
+    Measure("loaded_stop_s", f"busy stop under load ({LOADED_CLIENTS} clients posting and long-polling jobs,"
+            f" Ctrl+C after {LOADED_STOP_AFTER:g} s)", "s", 2, True),
+    Measure("loaded_dropped", "  requests reset or dropped (all rounds)", "", 0, True),
+    Measure("loaded_5xx", "  requests answered 5xx (all rounds)", "", 0, True),
+    Measure("loaded_refused", "  connections refused once stopping (all rounds)", "", 0, True),
+    Measure("loaded_lost", "  accepted jobs lost (all rounds)", "", 0, True),
+    Measure("loaded_failed", "  accepted jobs failed (all rounds)", "", 0, True),
+    Measure("submit_rate", f"submit rate (POST /jobs, {CLIENTS} clients)", "/s", 0, False),
+    Measure("e2e_rate", f"end-to-end rate ({E2E_JOBS:,} zero-second jobs)", "/s", 0, False),
+    Measure("healthz_rps", f"GET /healthz ({CLIENTS} clients)", "/s", 0, False),
+    Measure("pss_mib", "memory of the whole set at rest (PSS)", "MiB", 1, True),
+]
+COUNTS = {"busy_short_lost", "busy_short_failed", "busy_long_lost", "busy_long_failed",
+          "loaded_dropped", "loaded_5xx", "loaded_refused", "loaded_lost", "loaded_failed",
+          "loaded_accepted", "loaded_answered"}
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of each measure; job counts are totals over the rounds."""
+    out = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds]
+        if key in COUNTS or key.endswith(("_sigkills", "_errors", "_not_succeeded")):
+            out[key] = sum(values)
+        elif isinstance(values[0], bool):
+            out[key] = all(values)
+        else:
+            out[key] = statistics.median(values)
+    return out
+
+
+def targets(this: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
+    def row(name: str, figure: str, met: bool) -> dict[str, Any]:
+        return {"target": name, "figure": figure, "met": bool(met)}
+
+    short_over = this["busy_short_stop_s"] - this["busy_short_remaining_s"]
+    long_limit = GRACE_SECONDS + 0.5
+    long_bad = this["busy_long_lost"] + this["busy_long_failed"]
+    return [
+        row("idle stop no slower than the reference",
+            f"{this['idle_stop_s']:.2f} s vs {ref['idle_stop_s']:.2f} s",
+            this["idle_stop_s"] <= ref["idle_stop_s"]),
+        row("busy stop, short jobs: within 0.5 s of the longest remaining job",
+            f"{this['busy_short_stop_s']:.2f} s with {this['busy_short_remaining_s']:.2f} s of work left"
+            f" (+{short_over:.2f} s)", short_over <= 0.5),
+        row(f"busy stop, long jobs: within the grace budget + 0.5 s ({long_limit:g} s), 0 lost or failed",
+            f"{this['busy_long_stop_s']:.2f} s, {this['busy_long_lost']} lost,"
+            f" {this['busy_long_failed']} failed"
+            f" (reference: {ref['busy_long_lost']} lost, {ref['busy_long_failed']} failed)",
+            this["busy_long_stop_s"] <= long_limit and long_bad == 0),
+        row("busy stop under load: no request reset, dropped or 5xx, no accepted job lost or failed,"
+            " no SIGKILL",
+            f"{this['loaded_stop_s']:.2f} s, {this['loaded_dropped']} dropped, {this['loaded_5xx']} 5xx,"
+            f" {this['loaded_lost']} lost, {this['loaded_failed']} failed of {this['loaded_accepted']},"
+            f" {this['loaded_sigkills']} SIGKILL (reference: {ref['loaded_dropped']} dropped,"
+            f" {ref['loaded_5xx']} 5xx, {ref['loaded_lost']} lost, {ref['loaded_failed']} failed"
+            f" of {ref['loaded_accepted']})",
+            this["loaded_dropped"] + this["loaded_5xx"] + this["loaded_lost"] + this["loaded_failed"]
+            + this["loaded_sigkills"] == 0),
+        row("start to ready within 1.2x the reference",
+            f"{this['start_s']:.2f} s vs {ref['start_s']:.2f} s ({this['start_s'] / ref['start_s']:.2f}x)",
+            this["start_s"] <= 1.2 * ref["start_s"]),
+        row("end-to-end rate at least the reference's",
+            f"{this['e2e_rate']:.0f}/s vs {ref['e2e_rate']:.0f}/s", this["e2e_rate"] >= ref["e2e_rate"]),
+        row("submit rate at least the reference's",
+            f"{this['submit_rate']:.0f}/s vs {ref['submit_rate']:.0f}/s",
+            this["submit_rate"] >= ref["submit_rate"]),
+        row("memory within 1.1x the reference",
+            f"{this['pss_mib']:.1f} MiB vs {ref['pss_mib']:.1f} MiB"
+            f" ({this['pss_mib'] / ref['pss_mib']:.2f}x)",
+            this["pss_mib"] <= 1.1 * ref["pss_mib"]),
+    ]
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "commit": commit + ("+changes" if dirty else "")}
+
+
+def fmt(value: Any, m: Measure) -> str:
+    if m.key in COUNTS:
+        return str(value)
+    return f"{value:,.{m.digits}f}{' ' + m.unit if m.unit and not m.unit.startswith('/') else m.unit}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    this, ref, mach = report["medians"]["project"], report["medians"]["reference"], report["machine"]
+    lines = [
+        f"Run {report['finished']} on {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB,"
+        f" Linux {mach['kernel']}, Python {mach['python']}, commit {mach['commit']}:"
+        f" {report['rounds']} rounds, A B alternating, medians ({report['minutes']:.1f} min).",
+        "",
+        "| measure | this set | stock reference | this / reference |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in MEASURES:
+        a, b = this[m.key], ref[m.key]
+        ratio = "" if m.key in COUNTS or not b else f"{a / b:.2f}"
+        lines.append(f"| {m.label.strip()} | {fmt(a, m)} | {fmt(b, m)} | {ratio} |")
+    lines += ["", "Memory at rest by part of the set (PSS, MiB, medians):", "",
+              "| " + " | ".join(("", *ROLES)) + " |", "|---" * (len(ROLES) + 1) + "|"]
+    for key, label in (("project", "this set"), ("reference", "reference")):
+        lines.append(f"| {label} | " + " | ".join(f"{report['medians'][key][f'pss_{r}_mib']:.1f}"
+                                                   for r in ROLES) + " |")
+    kills = {k: v["idle_stop_sigkills"] + v["busy_short_sigkills"] + v["busy_long_sigkills"]
+             + v["loaded_sigkills"] for k, v in report["medians"].items()}
+    lines += ["", f"honcho had to SIGKILL: this set {kills['project']} times, the reference"
+              f" {kills['reference']} times, over all timed stops.", "",
+              "| target | figure | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else '**no**'} |"
+              for t in report["targets"]]
+    return "\n".join(lines) + "\n"
