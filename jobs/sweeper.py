@@ -9,7 +9,7 @@ them; :func:`sweep_once` republishes them.
 Why beat runs it, in a thread: the sweep used to be a Celery task that beat
 sent into the ``jobs`` queue, with ``expires`` = the interval. With every pool
 child busy it waited behind the jobs and expired unrun ("Discarding revoked
-task"), so stranded jobs waited for the backlog to clear (issue 7). A queue
+task"), so stranded jobs waited for the backlog to clear. A queue
 of its own would not help: a prefork worker sets no child aside for a queue.
 Beat is the one process of the set that is single by design (two beats
 would double every schedule), does nothing else, and already wakes on the
