@@ -18,7 +18,7 @@ so a due entry wakes this thread instead of sending a message. A thread, so
 that a database that does not answer never stalls beat's loop or its stop
 (the stop waits :data:`STOP_SECONDS` at most, then abandons it). The price:
 beat loads SQLAlchemy and the ledger and holds one database connection
-(README, "Memory").
+(docs/benchmarks.md, "Where the memory goes").
 
 The sweep survives any error: the database or the broker away is logged once
 per outage and the next sweep tries again.
