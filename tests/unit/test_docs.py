@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procset import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 MAX_README_LINES = 250
 MAX_README_CELL = 200
