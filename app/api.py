@@ -1,6 +1,6 @@
 """The HTTP API: health, readiness and jobs. Shapes are a contract; keep them.
 
-Outages are answers, not crashes (issue 7): a database that cannot be reached
+Outages are answers, not crashes: a database that cannot be reached
 is a 503 and a full disk under it a 507, each a JSON error with
 ``Retry-After`` (core/outages.py decides which is which); ``/readyz`` names
 the reason. A broker that is down costs a ``POST /jobs`` nothing: the job

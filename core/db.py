@@ -9,7 +9,7 @@ connections and registers their close in its own shutdown registry.
 
 A PostgreSQL that is up but not answering (frozen: a stuck disk, a paused VM)
 still acknowledges TCP, so no socket-level timeout ever fires and a query
-waits for ever (issue 14: requests and a worker's stop hung as long as the
+waits for ever (requests and a worker's stop hung as long as the
 freeze). Here every wait on it ends in the client, within
 ``DATABASE_TIMEOUT_SECONDS`` or a thread's shorter :func:`deadline`, as an
 outage (503): a statement's wait through psycopg's own bounded wait, after
@@ -201,7 +201,7 @@ class _Attempt:
     error in a reference cycle with the frame holding its socket, so the
     socket stayed open until the garbage collector ran, and the server, once
     awake, waited for a login that never came, then logged a reset when the
-    process exited (issue 14: 11 of them). The traceback is dropped here.
+    process exited. The traceback is dropped here.
     """
 
     def __init__(self, connect: Callable[[], Any]) -> None:

@@ -5,7 +5,7 @@ to the ledger before the MainProcess's SIGKILL. With the database frozen or
 away that write fails in time (core/db.py), and the message is requeued
 anyway; but the row stays ``running``, so the next delivery finds the job
 "running elsewhere" and drops the message, and the job waited for the
-sweeper: its lease, then two sweeps (issue 14: 52 s; 60 s by default).
+sweeper: its lease, then two sweeps (60 s by default).
 
 The child knows what the database could not be told: its run is over. It
 records the run here (``VAR_DIR/handed-back.jsonl``: job, attempt and the

@@ -17,7 +17,7 @@ what makes shutdown safe:
   (the database was away longer than the lease) renews as soon as it can
   and clears the mark in between, so an outage never starts a second run
   beside the first: the hazard that ran jobs five times in parallel and
-  failed them (issue 7);
+  failed them;
 * the row is the outbox: a job whose message could not be published (broker
   down) carries ``unpublished_since`` until it is, and the sweeper
   republishes such jobs at once, not after ``JOB_QUEUED_LEASE_SECONDS``.
@@ -70,7 +70,7 @@ jobs = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("lease_until", DateTime),
-    # Issue 7; both added to an existing table by ensure_schema().
+    # Both added to an existing table by ensure_schema().
     Column("lapsed_at", DateTime),  # when a sweep first saw the running job's lease lapsed
     Column("unpublished_since", DateTime),  # queued, but its message is not on the broker yet
 )

@@ -6,7 +6,7 @@ job can be accepted while the broker is down and published once it is back:
 * ``POST /jobs`` publishes inline, one connection attempt at most
   (core/celery_app.py: ``broker_transport_options``). With kombu's defaults
   each request waited about 6 s on a down broker (its connection retries),
-  and the job then waited for the queued lease (60 s) and a sweep (issue 7).
+  and the job then waited for the queued lease (60 s) and a sweep.
 * A job whose publish fails goes to this process's relay: a thread that
   republishes its jobs, oldest first, every :data:`RELAY_RETRY_SECONDS` until
   the broker answers, then clears their ``unpublished_since`` marks. While

@@ -9,7 +9,7 @@ them; :func:`sweep_once` republishes them.
 Why beat runs it, in a thread: the sweep used to be a Celery task that beat
 sent into the ``jobs`` queue, with ``expires`` = the interval. With every pool
 child busy it waited behind the jobs and expired unrun ("Discarding revoked
-task"), so stranded jobs waited for the backlog to clear (issue 7). A queue
+task"), so stranded jobs waited for the backlog to clear. A queue
 of its own would not help: a prefork worker sets no child aside for a queue.
 Beat is the one process of the set that is single by design (two beats
 would double every schedule), does nothing else, and already wakes on the
@@ -18,7 +18,7 @@ so a due entry wakes this thread instead of sending a message. A thread, so
 that a database that does not answer never stalls beat's loop or its stop
 (the stop waits :data:`STOP_SECONDS` at most, then abandons it). The price:
 beat loads SQLAlchemy and the ledger and holds one database connection
-(README, "Memory").
+(docs/benchmarks.md, "Where the memory goes").
 
 The sweep survives any error: the database or the broker away is logged once
 per outage and the next sweep tries again.

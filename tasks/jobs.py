@@ -5,7 +5,7 @@ claims the row first, so a message that arrives twice (handed back by a
 shutdown, restored after a crash, republished by the sweeper) never runs a
 finished job or one that is running elsewhere.
 
-Faults (issue 7), all in the pool child that runs the job:
+Faults, all in the pool child that runs the job:
 
 * **The database away** (PostgreSQL restarting, SQLite's disk full): the
   run's ledger writes (claim, result) wait it out with backoff
@@ -77,7 +77,7 @@ class _Lease:
 
     Why it never dies: a thread that raised is gone for good, and a job whose
     lease is never renewed again looks dead to the sweeper, which started a
-    second run beside the live one (issue 7: a database outage ran jobs five
+    second run beside the live one (a database outage ran jobs five
     times in parallel and failed them). Every exception is caught and logged
     once per streak, and a failed renewal is retried within
     :data:`RENEW_RETRY_SECONDS`, well inside the sweeper's confirmation window

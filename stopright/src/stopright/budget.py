@@ -160,6 +160,6 @@ def announce() -> StopBudget:
     for warning in budget.warnings:
         log.warning("%s", warning)
     if budget.manager is not None and budget.manager.name == "honcho" and budget.warnings:
-        log.warning("for a longer grace, run each entry under its own manager (deploy/, README "
-                    "\"Deploying\"), not honcho")
+        log.warning("for a longer grace, run each entry under its own manager (deploy/, docs/deploying.md), "
+                    "not honcho")
     return budget

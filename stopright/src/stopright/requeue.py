@@ -5,8 +5,8 @@ With the broker down at that moment the reject fails: kombu logged ``Couldn't
 reject ..., reason: network:ConnectionError`` at CRITICAL with a traceback,
 and on Redis the message stayed in the broker's ``unacked`` hash under its
 delivery tag, restored only once older than kombu's ``visibility_timeout``
-(1 h by default). Issue 14: the demo's ledger sweeper took the jobs back
-after 61.6 s; an app without a ledger waits the hour.
+(1 h by default). The demo's ledger sweeper takes such a job back after
+its lease; an app without a ledger waits the hour.
 
 Here, in the worker's MainProcess:
 

@@ -240,7 +240,7 @@ class WorkerStop:
         uses is closed), within :data:`ON_HAND_BACK_SECONDS` and the close
         phase's budget, its stack logged if it overruns: the demo's writes to a
         frozen database ran before the kill, with no limit, and held the stop
-        past honcho's SIGKILL (issue 14).
+        past honcho's SIGKILL.
         """
         if self.on_hand_back is None or not requests:
             return

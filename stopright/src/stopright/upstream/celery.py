@@ -226,7 +226,7 @@ def running_requests() -> list:
 
     Read in one step (:func:`stopright.upstream.cpython.weakset_snapshot`):
     iterating the set while another thread adds to it raised, and an answer
-    of "nothing" ends the grace (issue 14).
+    of "nothing" ends the grace.
     """
     return [r for r in weakset_snapshot(state.active_requests) if r.worker_pid]
 
