@@ -30,10 +30,6 @@ CONTENTS_FROM_LINES = 60
 README = ROOT / "README.md"
 LINKED_DOCS = [README, ROOT / "stopright" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_DIRS = {"var", "__pycache__", "node_modules", "tests"}
-#: The docs name the layout the library's own folder brings (tools/bench/results/ for the generated
-#: pages); until that move is merged into this tree, links into tools/ are expected to fail (xfail).
-#: Once tools/ exists this is False and every link is checked: then delete it.
-LAYOUT_MOVE_PENDING = not (ROOT / "tools").is_dir()
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -155,11 +151,7 @@ def test_the_readme_links_every_docs_page() -> None:
 @pytest.mark.parametrize("path", LINKED_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_link_resolves(path: Path) -> None:
     assert path.exists(), path
-    bad = broken_links(path)
-    pending = [b for b in bad if LAYOUT_MOVE_PENDING and b.startswith("../tools/")]
-    assert not [b for b in bad if b not in pending]
-    if pending:
-        pytest.xfail(f"the layout move (tools/) is not in this tree yet: {pending}")
+    assert not broken_links(path)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
