@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.procset import free_port
-from tools.bench import run
 from tools.bench.session import role_of
 from tools.bench.summary import summarize, targets
 
@@ -139,15 +138,6 @@ def test_summary_takes_medians_and_sums_job_counts() -> None:
               for v, lost, clean in ((0.3, 0, True), (0.9, 1, True), (0.5, 1, False))]
     summary = summarize(rounds)
     assert summary == {"idle_stop_s": 0.5, "busy_long_lost": 2, "idle_stop_clean": False}
-
-
-def test_readme_table_is_replaced_between_its_markers(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{run.README_START}\nold table\n{run.README_END}\nrest\n")
-    monkeypatch.setattr(run, "README", readme)
-    assert run.update_readme("| new |\n")
-    assert readme.read_text() == f"intro\n{run.README_START}\n| new |\n{run.README_END}\nrest\n"
 
 
 @pytest.mark.parametrize(("cmdline", "role"), [

@@ -42,30 +42,15 @@ from tools.bench.session import (
     PROJECT,
     REFERENCE,
     RESULTS,
-    ROOT,
     WEB_PROCESSES,
     WORKER_PROCESSES,
 )
 from tools.bench.summary import machine, markdown, summarize, targets
 
-README = ROOT / "README.md"
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def update_readme(table: str) -> bool:
-    text = README.read_text()
-    if README_START not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    README.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
-    return True
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="A B pairs to run (default 3)")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
     parser.add_argument("--profile", action="store_true",
                         help="instead: py-spy each set's web and worker during 1,000 jobs")
     args = parser.parse_args(argv)
@@ -100,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.md").write_text(table)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table)
-    if not args.no_readme:
-        print("README.md table updated" if update_readme(table) else "README.md has no bench markers",
-              file=sys.stderr)
     return 0
 
 
