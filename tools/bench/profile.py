@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 
 from tests.procset import free_port
-from tools.bench.session import CLIENTS, E2E_JOBS, PROJECT, REFERENCE, RESULTS, Session, SetSpec, role_of
+from tools.bench.session import CLIENTS, E2E_JOBS, RESULTS, SETS, Session, SetSpec, role_of
 
 PARTS = ("web", "worker")
-OWN_CODE = re.compile(r"\((app|tasks)/|\(ref(app|tasks)\.py")
+OWN_CODE = re.compile(r"\((app|tasks|core|jobs|stopright)/|\(ref(app|tasks)\.py")
 TOP = 25
 
 
@@ -109,7 +109,7 @@ def main() -> int:
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        for spec in (PROJECT, REFERENCE):
+        for spec in SETS:
             rate = profile_set(spec, Path(tmp) / spec.key, RESULTS, py_spy)
             print(f"{spec.label}: {rate:.0f} jobs/s under py-spy; "
                   + ", ".join(f"tools/bench/results/profile-{spec.key}-{part}.txt" for part in PARTS))

@@ -1,12 +1,15 @@
-"""scripts/bench: this process set and the stock reference, side by side, in one run.
+"""scripts/bench: this process set, the foreign app and the stock reference, side by side, in one run.
 
-The two sets run alternately (A B A B ...), each round on fresh data
-directories and free ports, because a shared machine drifts: only figures
-taken in the same run are compared. Every measure drives both sets through
+The three sets (tools/bench/session.py SETS: this set, examples/foreign, which
+is the reference plus stopright's lines, and tools/bench/reference) run
+alternately (A B C, then C B A, ...), each round on fresh data directories and
+free ports, because a shared machine drifts: only figures taken in the same
+run are compared. Every measure drives every set through
 the same job API (POST /jobs, GET /jobs/<id>, GET /healthz) with the same
 harness as the end-to-end tests (tests/procset.py: honcho in a pseudo-terminal,
-Ctrl+C typed into it). Medians are reported with the ratio this/reference,
-and each target of the project is reported as met or not.
+Ctrl+C typed into it). Medians are reported with the ratios this/reference
+and foreign/reference, and each target is reported as met or not: this set's,
+and stopright's cost (the foreign app's rates and memory against the reference's).
 
 Per set and round, four sessions:
   1. start (time to the first finished job), /healthz rate, 1,000 zero-second
@@ -19,7 +22,7 @@ Per set and round, four sessions:
      (answered, refused, reset or dropped, 5xx), then a restart on the same
      data and the accepted jobs lost or failed.
 
-The parts: tools/bench/session.py (the two sets, one running set), tools/bench/measures.py
+The parts: tools/bench/session.py (the three sets, one running set), tools/bench/measures.py
 (the four sessions), tools/bench/summary.py (medians, targets, the table),
 tools/bench/load.py (the load client), tools/bench/profile.py (--profile).
 """
@@ -39,18 +42,18 @@ from tools.bench.measures import measure_round
 from tools.bench.session import (
     CLIENTS,
     GRACE_SECONDS,
-    PROJECT,
-    REFERENCE,
     RESULTS,
+    SETS,
     WEB_PROCESSES,
     WORKER_PROCESSES,
+    round_order,
 )
-from tools.bench.summary import machine, markdown, summarize, targets
+from tools.bench.summary import cost_targets, machine, markdown, summarize, targets
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="A B pairs to run (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every set to run (default 3)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: py-spy each set's web and worker during 1,000 jobs")
     args = parser.parse_args(argv)
@@ -59,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return profile.main()
     began = time.monotonic()
-    per_set: dict[str, list[dict[str, Any]]] = {"project": [], "reference": []}
+    per_set: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in SETS}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for n in range(args.rounds):
-            order = (PROJECT, REFERENCE) if n % 2 == 0 else (REFERENCE, PROJECT)
-            for spec in order:
+            for spec in round_order(n):
                 t = time.monotonic()
                 result = measure_round(spec, Path(tmp) / f"{n}-{spec.key}")
                 per_set[spec.key].append(result)
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"web_processes": WEB_PROCESSES, "worker_processes": WORKER_PROCESSES,
                      "grace_seconds": GRACE_SECONDS, "clients": CLIENTS},
         "medians": medians, "targets": targets(medians["project"], medians["reference"]),
+        "cost_targets": cost_targets(medians["foreign"], medians["reference"]),
         "rounds_raw": per_set,
     }
     table = markdown(report)

@@ -1,4 +1,4 @@
-"""The two sets the bench compares, and one running set: its HTTP driver, stop timer and memory reading.
+"""The three sets the bench compares, and one running set: its HTTP driver, stop timer and memory reading.
 
 Each set runs under honcho in a pseudo-terminal through the end-to-end
 tests' harness (tests/procset.py ProcessSet, on tools.stopcheck.honcho's driver):
@@ -37,7 +37,7 @@ STOP_TIMEOUT = 30.0
 TERMINAL = ("succeeded", "failed")
 
 
-# -- the two sets -------------------------------------------------------------
+# -- the three sets -----------------------------------------------------------
 @dataclass(frozen=True)
 class SetSpec:
     key: str
@@ -63,8 +63,23 @@ def _reference_env(workdir: Path) -> dict[str, str]:
             "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", "")}
 
 
+def _foreign_env(workdir: Path) -> dict[str, str]:
+    # The reference's environment, plus stopright's grace (its default, said) and its spool of
+    # refused requeues kept in the round's data, not the user's ~/.local/state.
+    return {**_reference_env(workdir), "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+            "STOPRIGHT_SPOOL_DIR": str(workdir / "var")}
+
+
 PROJECT = SetSpec("project", "this set", ROOT, _project_env)
+#: The reference plus stopright's lines (examples/foreign/README.md): stopright's own cost.
+FOREIGN = SetSpec("foreign", "foreign app + stopright", ROOT / "examples" / "foreign", _foreign_env)
 REFERENCE = SetSpec("reference", "stock reference", ROOT / "tools" / "bench" / "reference", _reference_env)
+SETS = (PROJECT, FOREIGN, REFERENCE)
+
+
+def round_order(n: int) -> tuple[SetSpec, ...]:
+    """Round n's order, A B C then C B A: drift over a round hits every set alike."""
+    return SETS if n % 2 == 0 else SETS[::-1]
 
 
 # -- one running set ----------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The bench's figures: medians over the rounds, the project's targets met or not, the Markdown table."""
+"""The bench's figures: medians over the rounds, the targets met or not, the Markdown table.
+
+Two sets of targets: this set's against the stock reference, and stopright's cost (the foreign
+app, the reference plus stopright's lines, against the reference).
+"""
 
 from __future__ import annotations
 
@@ -120,6 +124,24 @@ def targets(this: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+#: stopright's cost: the foreign app's figure over the reference's, and the bound (a floor for rates).
+COST_GOALS = (("submit_rate", "submit rate", 0.98), ("e2e_rate", "end-to-end rate", 0.98),
+              ("pss_mib", "memory at rest (PSS)", 1.05))
+
+
+def cost_targets(foreign: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
+    """stopright's cost, foreign app over reference: rates over a floor, memory under a ceiling."""
+    rows = []
+    for key, name, bound in COST_GOALS:
+        ratio = foreign[key] / ref[key]
+        m = next(m for m in MEASURES if m.key == key)
+        rate = not m.lower_is_better
+        rows.append({"target": f"{name} {'at least' if rate else 'at most'} {bound:g}x the reference's",
+                     "figure": f"{fmt(foreign[key], m)} vs {fmt(ref[key], m)} ({ratio:.3f}x)",
+                     "ratio": ratio, "met": ratio >= bound if rate else ratio <= bound})
+    return rows
+
+
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
@@ -139,30 +161,41 @@ def fmt(value: Any, m: Measure) -> str:
     return f"{value:,.{m.digits}f}{' ' + m.unit if m.unit and not m.unit.startswith('/') else m.unit}"
 
 
+#: The generated page's columns, in order: (key, label).
+COLUMNS = (("project", "this set"), ("foreign", "foreign app + stopright"), ("reference", "stock reference"))
+
+
 def markdown(report: dict[str, Any]) -> str:
-    this, ref, mach = report["medians"]["project"], report["medians"]["reference"], report["machine"]
+    med, mach = report["medians"], report["machine"]
+    ref = med["reference"]
     lines = [
         f"Run {report['finished']} on {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB,"
         f" Linux {mach['kernel']}, Python {mach['python']}, commit {mach['commit']}:"
-        f" {report['rounds']} rounds, A B alternating, medians ({report['minutes']:.1f} min).",
+        f" {report['rounds']} rounds, A B C then C B A alternating, medians ({report['minutes']:.1f} min).",
         "",
-        "| measure | this set | stock reference | this / reference |",
-        "|---|---:|---:|---:|",
+        "This set is the demo (the Procfile at the root); the foreign app is the stock reference plus",
+        "stopright's lines (examples/foreign); the stock reference is tools/bench/reference.",
+        "",
+        "| measure | " + " | ".join(label for _, label in COLUMNS)
+        + " | this / reference | foreign / reference |",
+        "|---|" + "---:|" * (len(COLUMNS) + 2),
     ]
     for m in MEASURES:
-        a, b = this[m.key], ref[m.key]
-        ratio = "" if m.key in COUNTS or not b else f"{a / b:.2f}"
-        lines.append(f"| {m.label.strip()} | {fmt(a, m)} | {fmt(b, m)} | {ratio} |")
+        ratios = ["" if m.key in COUNTS or not ref[m.key] else f"{med[k][m.key] / ref[m.key]:.2f}"
+                  for k in ("project", "foreign")]
+        lines.append(f"| {m.label.strip()} | " + " | ".join(fmt(med[k][m.key], m) for k, _ in COLUMNS)
+                     + " | " + " | ".join(ratios) + " |")
     lines += ["", "Memory at rest by part of the set (PSS, MiB, medians):", "",
               "| " + " | ".join(("", *ROLES)) + " |", "|---" * (len(ROLES) + 1) + "|"]
-    for key, label in (("project", "this set"), ("reference", "reference")):
-        lines.append(f"| {label} | " + " | ".join(f"{report['medians'][key][f'pss_{r}_mib']:.1f}"
-                                                   for r in ROLES) + " |")
+    for key, label in COLUMNS:
+        lines.append(f"| {label} | " + " | ".join(f"{med[key][f'pss_{r}_mib']:.1f}" for r in ROLES) + " |")
     kills = {k: v["idle_stop_sigkills"] + v["busy_short_sigkills"] + v["busy_long_sigkills"]
-             + v["loaded_sigkills"] for k, v in report["medians"].items()}
-    lines += ["", f"honcho had to SIGKILL: this set {kills['project']} times, the reference"
-              f" {kills['reference']} times, over all timed stops.", "",
-              "| target | figure | met |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else '**no**'} |"
-              for t in report["targets"]]
+             + v["loaded_sigkills"] for k, v in med.items()}
+    lines += ["", "honcho had to SIGKILL, over all timed stops: "
+              + ", ".join(f"{label} {kills[k]} times" for k, label in COLUMNS) + "."]
+    for title, rows in (("This set against the stock reference:", report["targets"]),
+                        ("stopright's cost: the foreign app against the stock reference:",
+                         report["cost_targets"])):
+        lines += ["", title, "", "| target | figure | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else '**no**'} |" for t in rows]
     return "\n".join(lines) + "\n"
