@@ -1,4 +1,4 @@
-"""scripts/bench's own parts: the load client against a real HTTP server, and the verdicts."""
+"""scripts/bench's own parts: the load client against a real HTTP server, the sets, the verdicts, the page."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.procset import free_port
-from tools.bench.session import role_of
-from tools.bench.summary import summarize, targets
+from tools.bench.session import FOREIGN, PROJECT, REFERENCE, SETS, role_of, round_order
+from tools.bench.summary import COLUMNS, cost_targets, markdown, summarize, targets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,3 +197,79 @@ def test_jobs_flow_tells_a_dropped_request_from_a_reset_one(how: str, outcome: s
     finally:
         listener.close()
     assert result["outcomes"] == {"POST": {outcome: 5}}, result
+
+
+# -- the three sets, stopright's cost, the page ---------------------------------------
+
+
+def test_the_foreign_set_is_the_reference_plus_stopright_run_from_examples_foreign(tmp_path: Path) -> None:
+    assert FOREIGN.cwd == ROOT / "examples" / "foreign"
+    assert REFERENCE.cwd == ROOT / "tools" / "bench" / "reference"
+    assert "stopright" in (FOREIGN.cwd / "Procfile").read_text()
+    assert "stopright" not in (REFERENCE.cwd / "Procfile").read_text()
+    ref, foreign = REFERENCE.extra_env(tmp_path / "r"), FOREIGN.extra_env(tmp_path / "f")
+    # the same processes and PATH (a redis-server in the round's own bin/), stopright's settings on top
+    assert {k: v.replace("/f/", "/r/") for k, v in foreign.items() if k in ref} == ref
+    assert (tmp_path / "f" / "bin" / "redis-server").exists()
+    assert foreign["SHUTDOWN_GRACE_SECONDS"] == "3.0"
+    assert foreign["STOPRIGHT_SPOOL_DIR"] == str(tmp_path / "f" / "var")  # not the user's ~/.local/state
+
+
+def test_rounds_alternate_so_every_set_runs_first_and_last() -> None:
+    assert [s.key for s in SETS] == ["project", "foreign", "reference"]
+    assert round_order(0) == (PROJECT, FOREIGN, REFERENCE)
+    assert round_order(1) == (REFERENCE, FOREIGN, PROJECT)
+    assert round_order(2) == round_order(0)
+
+
+def cost_verdicts(foreign: dict, ref: dict) -> list[bool]:
+    return [t["met"] for t in cost_targets(foreign, ref)]
+
+
+def test_cost_targets_met_at_their_bounds() -> None:
+    ref = figures(submit_rate=1000.0, e2e_rate=500.0, pss_mib=200.0)
+    at_bounds = figures(submit_rate=980.0, e2e_rate=490.0, pss_mib=210.0)
+    rows = cost_targets(at_bounds, ref)
+    assert [t["met"] for t in rows] == [True, True, True]
+    assert [round(t["ratio"], 3) for t in rows] == [0.98, 0.98, 1.05]
+    assert rows[2]["figure"] == "210.0 MiB vs 200.0 MiB (1.050x)"
+
+
+@pytest.mark.parametrize(("override", "index"), [
+    ({"submit_rate": 979.0}, 0),   # < 0.98 x 1,000/s
+    ({"e2e_rate": 489.0}, 1),      # < 0.98 x 500/s
+    ({"pss_mib": 210.3}, 2),       # > 1.05 x 200 MiB
+])
+def test_each_cost_target_is_missed_just_past_its_bound(override: dict, index: int) -> None:
+    ref = figures(submit_rate=1000.0, e2e_rate=500.0, pss_mib=200.0)
+    met = cost_verdicts(figures(submit_rate=1000.0, e2e_rate=500.0, pss_mib=200.0) | override, ref)
+    assert [i for i, m in enumerate(met) if not m] == [index]
+
+
+def full_figures(**overrides: float) -> dict:
+    """Every key a round's summary has (the page reads them all)."""
+    from tools.bench.session import ROLES
+    from tools.bench.summary import MEASURES
+
+    base = {m.key: 1.0 for m in MEASURES} | {f"pss_{r}_mib": 1.0 for r in ROLES}
+    base |= {f"{k}_sigkills": 0 for k in ("idle_stop", "busy_short", "busy_long", "loaded")}
+    return figures() | base | {"busy_short_remaining_s": 0.7, "busy_long_remaining_s": 11.0} | overrides
+
+
+def test_the_page_has_a_column_per_set_and_both_ratios_and_both_target_tables() -> None:
+    medians = {"project": full_figures(submit_rate=900.0), "foreign": full_figures(submit_rate=950.0),
+               "reference": full_figures(submit_rate=1000.0)}
+    mach = {"cpu": "cpu", "cores": 2, "memory_gib": 4, "kernel": "k", "python": "3", "commit": "c"}
+    report = {"finished": "now", "rounds": 3, "minutes": 10.0, "medians": medians, "machine": mach,
+              "targets": targets(medians["project"], medians["reference"]),
+              "cost_targets": cost_targets(medians["foreign"], medians["reference"])}
+    page = markdown(report)
+    header = next(line for line in page.splitlines() if line.startswith("| measure |"))
+    assert [label for _, label in COLUMNS] == ["this set", "foreign app + stopright", "stock reference"]
+    assert header.count("|") == 7 and all(label in header for _, label in COLUMNS)
+    submit = next(line for line in page.splitlines() if line.startswith("| submit rate"))
+    assert submit.split("|")[2:7] == [" 900/s ", " 950/s ", " 1,000/s ", " 0.90 ", " 0.95 "]
+    assert "| submit rate at least 0.98x the reference's | 950/s vs 1,000/s (0.950x) | **no** |" in page
+    assert "| end-to-end rate at least 0.98x the reference's | 1/s vs 1/s (1.000x) | yes |" in page
+    for _, label in COLUMNS:  # the memory breakdown: a row per set
+        assert any(line.startswith(f"| {label} | 1.0 |") for line in page.splitlines())
