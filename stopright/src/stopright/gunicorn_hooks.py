@@ -34,11 +34,11 @@ import math
 import os
 import signal
 import sys
+from types import ModuleType
 
 from stopright import budget, registry
 from stopright import signals as stop_signals
 from stopright.listener import detach_filter
-from stopright.upstream import kombu as kombu_internals
 from stopright.upstream.cpython import run_atexit_handlers
 from stopright.upstream.gunicorn import end_drain_after, graceful_master, inherited_listeners, upgraded_from
 
@@ -65,6 +65,8 @@ def on_starting(server) -> None:
     signal graceful, after the drain."""
     # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
     stop_signals.stop_with_parent(after=upgraded_from(server) or None)
+    if "kombu" in sys.modules:  # a preloaded app that publishes: its workers forget its kombu pools
+        _kombu_internals()
     stop_signals.enable_stack_dumps()
     log_to_error_log(server)
     inherited, from_outside = inherited_listeners(server)
@@ -135,7 +137,7 @@ def post_worker_init(worker) -> None:
     """
     reg = registry.current()
     if "kombu" in sys.modules:  # the app publishes Celery tasks: its pooled connections
-        reg.register("celery broker connections", kombu_internals.close_pooled_connections)
+        reg.register("celery broker connections", _kombu_internals().close_pooled_connections)
     record = stop_signals.report_signals(reg)  # handlers only record; a thread logs
     for signum in stop_signals.STOP_SIGNALS:
         stop_signals.chain_signal(signum, record)
@@ -166,6 +168,14 @@ def worker_exit(server, worker) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(code)
+
+
+def _kombu_internals() -> ModuleType:
+    """stopright's kombu reaches, imported only where the app has loaded kombu: importing them
+    loads Celery, which a master that does not preload the app would otherwise carry into every fork."""
+    from stopright.upstream import kombu
+
+    return kombu
 
 
 def on_exit(server) -> None:
