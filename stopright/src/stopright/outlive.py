@@ -26,10 +26,12 @@ import signal
 import subprocess
 import sys
 import time
-
-import psutil
+from typing import TYPE_CHECKING
 
 from stopright import budget, registry, signals
+
+if TYPE_CHECKING:  # psutil is imported at the stop: at rest the watcher stays a small process
+    import psutil
 
 log = logging.getLogger("shutdown")
 
@@ -49,6 +51,8 @@ def client_connections(server: psutil.Process) -> int:
     it at once (TCP: CLOSE_WAIT; a Unix socket: once the server closes its
     end, which Redis and PostgreSQL do as soon as they read the end).
     """
+    import psutil
+
     try:
         tree = [server, *server.children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -58,6 +62,8 @@ def client_connections(server: psutil.Process) -> int:
 
 def _tcp_clients(tree: list[psutil.Process]) -> int:
     """Established connections to a port the tree listens on, not from the tree itself."""
+    import psutil
+
     connections = set()
     for process in tree:
         try:
@@ -132,10 +138,14 @@ def linger_seconds(stop_budget: budget.StopBudget) -> float:
     return seconds
 
 
-def linger(child: subprocess.Popen[bytes], server: psutil.Process, seconds: float) -> int:
+def linger(child: subprocess.Popen[bytes], seconds: float) -> int:
     """Wait until no client is connected (or the server is gone) or ``seconds`` are spent; what remains."""
+    import psutil
+
     deadline = time.monotonic() + seconds
-    remaining = waited = client_connections(server) if child.poll() is None else 0
+    # Not reaped while it runs, so its pid is still the child's.
+    server = psutil.Process(child.pid) if child.poll() is None else None
+    remaining = waited = client_connections(server) if server is not None else 0
     if waited:
         log.info("waiting up to %.1f s for %d client connection(s) to close", seconds, remaining)
     while remaining and time.monotonic() < deadline and child.poll() is None:
@@ -181,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     wait_for_clients = linger_seconds(stop_budget) if args.linger is None else args.linger
     name = os.path.basename(command[0])
     child = subprocess.Popen(command, start_new_session=True, preexec_fn=signals.die_with_parent)
-    server = psutil.Process(child.pid)
     signals.stop_with_parent()
     signals.enable_stack_dumps()
     reg.register(name, lambda: signals.terminate_and_wait(child, args.stop_wait, name),
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s exited with %s", name, child.returncode)
         return exit_code(child.returncode)
     reg.begin()  # "signal received", "graceful shutdown started"
-    linger(child, server, max(0.0, wait_for_clients - reg.elapsed_ms / 1000))
+    linger(child, max(0.0, wait_for_clients - reg.elapsed_ms / 1000))
     reg.close_all()
     return exit_code(child.returncode)
 
