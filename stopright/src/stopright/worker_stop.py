@@ -202,7 +202,7 @@ class WorkerStop:
         """
         threading.Event().wait()
 
-    def _stop_within_grace(self) -> list:
+    def _stop_within_grace(self) -> list[Any]:
         """Phase 2, stop: running tasks finish within the grace (a second SIGINT/SIGQUIT ends it).
 
         Returns the requests still running when it ends.
@@ -214,7 +214,7 @@ class WorkerStop:
             log.warning("%s again: handing back running tasks now", signal.Signals(self._again).name)
         return _running()
 
-    def _hand_back(self, running: list) -> bool:
+    def _hand_back(self, running: list[Any]) -> bool:
         """Phase 3, hand back: each running task hands back (requeued), or the pool gives up on it.
 
         How depends on the pool (stopright/pools.py): never a signal to this
@@ -231,7 +231,7 @@ class WorkerStop:
         self._handed_back_for(late)  # with the close handlers (outages: bounded, after the kill)
         return bool(late) and self.pool.kind == "solo"
 
-    def _handed_back_for(self, requests: list) -> None:
+    def _handed_back_for(self, requests: list[Any]) -> None:
         """The user's ``on_hand_back(request)`` for each task whose child was killed: after the kill, bounded.
 
         Its message is requeued anyway (``task_reject_on_worker_lost``); this
@@ -242,13 +242,14 @@ class WorkerStop:
         frozen database ran before the kill, with no limit, and held the stop
         past honcho's SIGKILL.
         """
-        if self.on_hand_back is None or not requests:
+        on_hand_back = self.on_hand_back
+        if on_hand_back is None or not requests:
             return
 
         def call_each() -> None:
             for request in requests:
                 try:
-                    self.on_hand_back(request)
+                    on_hand_back(request)
                 except Exception:  # noqa: BLE001 - the others still get theirs
                     log.exception("on_hand_back failed for task %s[%s]", request.name, request.id)
 
@@ -259,7 +260,7 @@ class WorkerStop:
 _POLL = 0.01
 
 
-def _wait_until(done, seconds: float) -> bool:
+def _wait_until(done: Callable[[], object], seconds: float) -> bool:
     """Poll ``done()`` until it is true (True) or ``seconds`` have passed (False)."""
     deadline = time.monotonic() + seconds
     while not done():
@@ -352,7 +353,7 @@ def _join_threads(deadline: float) -> list[str]:
 _running = celery_internals.running_requests
 
 
-def _still_running(requests: list) -> list:
+def _still_running(requests: list[Any]) -> list[Any]:
     active = {id(r) for r in _running()}
     return [r for r in requests if id(r) in active]
 
