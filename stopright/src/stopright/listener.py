@@ -84,7 +84,9 @@ class MasterNotes:
         self._mem[1] = self._SHARED if shared else self._REFUSING if refusing else self._ALONE
 
 
-def hand_over(listener: socket.socket, master: int, serve: Callable[..., None], notes: MasterNotes | None = None) -> None:
+def hand_over(
+    listener: socket.socket, master: int, serve: Callable[..., None], notes: MasterNotes | None = None
+) -> None:
     """Serve what the kernel queues on ``listener`` until nothing more can come; then close ours.
 
     The last process to close a listening socket resets every connection
