@@ -1,12 +1,9 @@
 """gunicorn worker classes whose stop never resets a connection the kernel accepted; the master's stop.
 
-The hazard (measured: 32 clients posting jobs and long-polling them, ^C):
-a stopping gunicorn worker stops calling ``accept()`` but keeps its copy of
-the listening socket open until it exits; when the last process closes the
-socket, every connection still queued there is reset (every request that
-started in the first ~60 ms after ^C). Stock gthread also keeps each
-kept-alive connection open for up to 2 s at stop, in case a request is on
-its way. What a stopping worker does here, on any stop signal:
+The hazard (docs/why.md, section 8): a stopping gunicorn worker keeps its copy of the listening
+socket until it exits; when the last process closes it, every connection still queued there is
+reset. Stock gthread also keeps each kept-alive connection open for up to 2 s at stop, in case a
+request is on its way. What a stopping worker does here, on any stop signal:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
@@ -21,9 +18,8 @@ its way. What a stopping worker does here, on any stop signal:
    :data:`STOP_IDLE_LINGER` ago is kept that long: its client may be sending
    the next request right now, and closing under it would drop that request.
 
-Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes
-subclass gunicorn 27's own workers and override only what is named here.
-The master's stop is made graceful here too (:func:`graceful_master`).
+Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes subclass gunicorn 27's own
+workers and override only what is named here. The master's graceful stop: :func:`graceful_master`.
 """
 
 from __future__ import annotations
@@ -34,9 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from concurrent.futures import Future
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gunicorn.arbiter import Arbiter
 from gunicorn.http.errors import ParseException
@@ -74,9 +68,8 @@ REACHES = {
     "gunicorn.http.message.Request.force_close": "an answer that must say Connection: close",
 }
 
-#: How long a connection answered (with keep-alive) just before or during the stop stays open for
-#: the client's next request: long enough for a client that reuses its connection at once (well
-#: under a millisecond on a LAN), short enough not to hold the stop (stock gthread: 2 s).
+#: How long a connection answered with keep-alive just before or during the stop stays open for the
+#: client's next request: enough for one that reuses it at once, not enough to hold the stop (gthread: 2 s).
 STOP_IDLE_LINGER = 0.5
 
 
@@ -110,7 +103,7 @@ class _ClosingApp(_Worker):
             begins, self._drain_begins = os.pipe()
             threading.Thread(target=self._drain, args=(begins,), name="drain", daemon=True).start()
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+    def handle_exit(self, sig: int, frame: Any) -> None:
         """A stop signal: stop now, or start the drain (only records: the drain's thread ends it).
 
         A worker forked after the master began its stop (the master's
@@ -172,9 +165,7 @@ class _ClosingApp(_Worker):
 class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
     """gthread, with the stop described in the module docstring."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._listening = True
+    _listening = True  # until the stop closes the listeners (set_accept_enabled)
 
     def handle_request(self, req: Request, conn: gthread.TConn) -> bool:  # in a pool thread
         self._request.req = req
@@ -225,7 +216,7 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
             conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))  # type: ignore
 
 
-    def finish_request(self, conn: gthread.TConn, fs: Future[bool]) -> None:
+    def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
         """Note when each kept-alive connection was answered; during the stop, keep it briefly."""
         super().finish_request(conn, fs)
         if self.keepalived_conns and self.keepalived_conns[-1] is conn:
@@ -297,9 +288,8 @@ class SyncWorker(_ClosingApp, sync.SyncWorker):
 _notes: MasterNotes | None = None
 
 
-def graceful_master(
-    server: Arbiter, on_stop: Callable[[int], bool], *, from_outside: bool = False
-) -> MasterNotes:
+def graceful_master(server: Arbiter, on_stop: Callable[[int], bool], *,
+                    from_outside: bool = False) -> MasterNotes:
     """The master: SIGINT and SIGQUIT as graceful as SIGTERM; ``on_stop`` may hold the stop (a drain).
 
     gunicorn's master only queues a signal in its handler and calls
@@ -307,9 +297,8 @@ def graceful_master(
     its loop, so ``on_stop(signum)`` runs there, free to log. It returns
     True to stop now (gunicorn's graceful stop), False to go on serving;
     :func:`end_drain_after` then stops. Stock gunicorn takes SIGINT and
-    SIGQUIT as its quick stop: requests in flight get HTTP 500 or a cut
-    answer; and during its graceful stop a later SIGINT or SIGQUIT turns it
-    into the quick one (SIGKILL 2 s later): here they are repeats.
+    SIGQUIT as its quick stop (:meth:`_ClosingApp.init_signals`); here, once
+    stopping, they are repeats (:func:`_repeats_only`).
 
     At the stop the master tells its workers (:class:`MasterNotes`) whether
     another server holds the listening sockets too, and when it closed its
@@ -382,7 +371,7 @@ def _tell_sharing(server: Arbiter, notes: MasterNotes, from_outside: bool) -> No
     outage. The master refuses TCP handshakes itself, just before closing:
     the socket filter may need a privilege its workers dropped (``user=``).
     """
-    listeners = server.LISTENERS
+    listeners = cast("list[socket.socket]", server.LISTENERS)  # gunicorn's sockets pass on what they lack
     old = server.master_pid  # the master before a USR2 upgrade: a holder till it is gone
     shared = bool(server.reexec_pid) or (old != 0 and old == os.getppid())
     if not shared and from_outside:
