@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 DEFAULT_HANDLER_TIMEOUT = 1.0
 #: What a handler gets when a stop's budget is spent: a close that does not hang takes milliseconds.

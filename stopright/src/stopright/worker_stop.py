@@ -40,7 +40,7 @@ from stopright.pools import Pool
 from stopright.upstream import celery as celery_internals
 from stopright.upstream.cpython import run_atexit_handlers
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
