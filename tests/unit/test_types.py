@@ -47,3 +47,4 @@ def test_type_checkers_see_every_lazy_export() -> None:
                         seen[alias.asname or alias.name] = (imported.module, alias.name)
     exports = stopright._EXPORTS
     assert seen == exports, f"TYPE_CHECKING imports {seen} != the lazy exports {exports}"
+    assert stopright.__all__ == sorted(exports), "__all__ is not the lazy exports' names, sorted"

@@ -156,7 +156,7 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
 
 
-def _hand_back_on_connection_loss(connection: Any, running: list) -> None:
+def _hand_back_on_connection_loss(connection: Any, running: list[Any]) -> None:
     """MainProcess, broker connection lost: hand back the running late-ack tasks.
 
     RabbitMQ requeues a lost connection's unacknowledged messages at once, and

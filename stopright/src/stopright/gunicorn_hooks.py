@@ -34,6 +34,7 @@ import math
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from stopright import budget, registry
 from stopright import signals as stop_signals
@@ -41,6 +42,10 @@ from stopright.listener import detach_filter
 from stopright.upstream import kombu as kombu_internals
 from stopright.upstream.cpython import run_atexit_handlers
 from stopright.upstream.gunicorn import end_drain_after, graceful_master, inherited_listeners, upgraded_from
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 __all__ = ["on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
            "worker_exit"]
@@ -58,7 +63,7 @@ CLOSE_BUDGET = 1.0
 fast_exit = True
 
 
-def on_starting(server) -> None:
+def on_starting(server: Arbiter) -> None:
     """Master: follow the manager's death, stack dumps, inherited sockets made whole, every stop
     signal graceful, after the drain."""
     # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
@@ -94,7 +99,7 @@ def on_starting(server) -> None:
     graceful_master(server, on_stop, from_outside=from_outside)
 
 
-def apply_graceful_timeout(server, grace: float) -> None:
+def apply_graceful_timeout(server: Arbiter, grace: float) -> None:
     """Master, at start: wait for the workers as long as the Celery worker's grace, unless yours is set.
 
     gunicorn cannot tell a value set to its default (30 s) from an unset
@@ -124,7 +129,7 @@ class _ErrorLogHandler(logging.Handler):
             self.error_log.handle(record)
 
 
-def log_to_error_log(server) -> None:
+def log_to_error_log(server: Arbiter) -> None:
     """Master, at start: where the app configures no logging, the stop's lines go to gunicorn's log.
 
     Python's last-resort handler prints warnings only, so a stock app would
@@ -135,18 +140,18 @@ def log_to_error_log(server) -> None:
     stopright_log = logging.getLogger("stopright")
     if logging.getLogger().handlers or stopright_log.handlers:
         return
-    stopright_log.addHandler(_ErrorLogHandler(server.log.error_log))
+    stopright_log.addHandler(_ErrorLogHandler(server.log.error_log))  # type: ignore[union-attr]  # set up
     if stopright_log.getEffectiveLevel() > logging.INFO:
         stopright_log.setLevel(logging.INFO)
 
 
-def post_fork(server, worker) -> None:
+def post_fork(server: Arbiter, worker: Worker) -> None:
     """Worker, just forked: stack dumps again (signals reset), and the drain it serves."""
     stop_signals.enable_stack_dumps()
-    worker.drain_seconds = budget.current().drain
+    worker.drain_seconds = budget.current().drain  # type: ignore[attr-defined]  # read by ours only
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Worker) -> None:
     """Worker, app loaded: stop signals recorded (a thread logs them); kombu's pools closed at exit.
 
     The worker class (upstream/gunicorn.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
@@ -163,7 +168,7 @@ def post_worker_init(worker) -> None:
         record(early)
 
 
-def worker_exit(server, worker) -> None:
+def worker_exit(server: Arbiter, worker: Worker) -> None:
     """Worker, leaving its loop after the requests in flight: close its connections, then leave.
 
     With :data:`fast_exit`, the worker then runs the ``atexit`` handlers
@@ -174,7 +179,7 @@ def worker_exit(server, worker) -> None:
     (the SystemExit on its way out). gunicorn also calls this hook in the
     master for a worker that vanished; the master has nothing to do then.
     """
-    if os.getpid() != worker.pid:
+    if os.getpid() != worker.pid:  # type: ignore[comparison-overlap]  # stubs: str (while it boots)
         return
     registry.current().close_all(budget=CLOSE_BUDGET)
     leaving = sys.exc_info()[1]
@@ -186,6 +191,6 @@ def worker_exit(server, worker) -> None:
         os._exit(code)
 
 
-def on_exit(server) -> None:
+def on_exit(server: Arbiter) -> None:
     """Master, last thing before exit."""
     registry.current().close_all(budget=CLOSE_BUDGET)

@@ -32,14 +32,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
-from gunicorn.arbiter import Arbiter
 from gunicorn.http.errors import ParseException
-from gunicorn.http.message import Request
 from gunicorn.workers import gthread, sync
 
 from stopright.listener import MasterNotes, hand_over, held_elsewhere, holds, refuse_handshakes
 
 if TYPE_CHECKING:  # the mixin below sees the worker it is mixed into; at run time it is a plain class
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.http.message import Request
     from gunicorn.workers.base import Worker as _Worker
 else:
     _Worker = object

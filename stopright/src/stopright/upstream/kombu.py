@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kombu import Connection, pools
+from kombu import pools
+from kombu.connection import Connection
 from kombu.resource import Resource
 
 from stopright.upstream import celery as celery_internals
@@ -59,7 +60,7 @@ def close_pooled_connections() -> None:
         for pool in list(group.values()):
             for resource in _empty(pool):
                 if isinstance(resource, Connection):  # not lazy: it was opened
-                    resource._close()
+                    resource._close()  # type: ignore[no-untyped-call]  # kombu leaves it untyped
 
 
 def _empty(pool: Resource) -> list[Any]:
@@ -116,8 +117,9 @@ def _after_fork() -> None:
 
 def answers(connection: Connection, timeout: float = 0.5) -> bool:
     """The broker of ``connection`` takes a new connection now (within about ``timeout`` seconds)."""
-    probe = connection.clone(connect_timeout=timeout, transport_options={
-        **connection.transport_options, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+    probe = connection.clone(connect_timeout=timeout, transport_options={  # type: ignore[no-untyped-call]
+        **connection.transport_options,  # type: ignore[dict-item]  # a dict once built
+        "socket_connect_timeout": timeout, "socket_timeout": timeout})
     try:
         probe.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         probe.default_channel  # noqa: B018  (Redis: the channel is where it talks to the server)
