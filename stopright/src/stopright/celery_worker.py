@@ -50,7 +50,7 @@ log = logging.getLogger("stopright")
 _installed: dict[str, Any] = {}  # on_hand_back; the MainProcess's pid, Pool and WorkerStop once known
 
 
-def install(celery_app: Celery, *, grace: float | None = None,
+def install(celery_app: Celery[Any], *, grace: float | None = None,
             on_hand_back: Callable[[Any], object] | None = None, keep: Collection[str] = ()) -> None:
     """Make ``celery_app``'s worker stop right. Call once, in the module the worker loads (``--app``).
 
