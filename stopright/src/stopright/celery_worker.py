@@ -148,7 +148,8 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
-    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool)
+    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool,
+                      hostname=getattr(sender, "hostname", ""))
     _installed["stop"] = stop
     stop.start_watchdog()
     for signum in stop_signals.STOP_SIGNALS:

@@ -64,4 +64,4 @@ def require_stopright_scheduler(scheduler: object) -> None:
             "(schedule saved, connections closed, every stop signal graceful). install() selects "
             "stopright.celery_beat:Scheduler in place of Celery's default; for a scheduler of your own "
             "(beat_scheduler or -S), mix stopright's in first: "
-            f"class Scheduler(stopright.celery_beat.StopRightBeat, {cls.__qualname__}).")
+            f"class Scheduler(stopright.StopRightBeat, {cls.__qualname__}).")

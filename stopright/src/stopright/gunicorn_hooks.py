@@ -164,8 +164,9 @@ def post_worker_init(worker: Worker) -> None:
         stop_signals.chain_signal(signum, record)
         signal.siginterrupt(signum, False)  # as gunicorn: let the request's I/O finish
     early = getattr(worker, "first_stop_signal", None)
-    if early is not None:  # came while the app loaded: the drain began, readiness must say so
-        record(early)
+    if early is not None:  # came while the app loaded: the drain began; not ready before the first request
+        reg.record_signal(early)
+        reg.begin()
 
 
 def worker_exit(server: Arbiter, worker: Worker) -> None:
