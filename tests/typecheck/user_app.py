@@ -17,7 +17,6 @@ from celery.beat import PersistentScheduler
 from flask import Flask
 
 import stopright
-from stopright.celery_beat import StopRightBeat
 
 _db: sqlite3.Connection | None = None
 
@@ -64,7 +63,7 @@ class Report(stopright.HandBackTask):
         return done
 
 
-class Scheduler(StopRightBeat, PersistentScheduler):  # type: ignore[misc]  # Celery's class: untyped
+class Scheduler(stopright.StopRightBeat, PersistentScheduler):  # type: ignore[misc]  # Celery's class: untyped
     """A beat scheduler of the user's own (``beat_scheduler``), with stopright's stop mixed in first."""
 
     close_budget = 1.0

@@ -54,7 +54,7 @@ _EXPORTS = {
 }
 # A literal list (the keys above, sorted: tests/unit/test_types.py): type checkers read no other kind.
 __all__ = [
-    "HandBack", "HandBackTask", "STOP_SIGNALS", "ShutdownRegistry", "StopBudget",
+    "HandBack", "HandBackTask", "STOP_SIGNALS", "ShutdownRegistry", "StopBudget", "StopRightBeat",
     "exit_on_stop_signals", "install", "interruptible", "register", "shutdown_registry",
     "stop_budget", "stop_run", "stop_with_parent",
 ]
@@ -62,6 +62,7 @@ __all__ = [
 if TYPE_CHECKING:  # the same names, for type checkers (they do not run __getattr__); nothing at run time
     from stopright.budget import StopBudget
     from stopright.budget import current as stop_budget
+    from stopright.celery_beat import StopRightBeat
     from stopright.celery_worker import install
     from stopright.handback import HandBack, HandBackTask, interruptible, stop_run
     from stopright.registry import ShutdownRegistry, register
