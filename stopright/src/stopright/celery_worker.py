@@ -43,6 +43,7 @@ from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import celery_consumer
 from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.support import applies
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
 log = logging.getLogger("shutdown")
@@ -90,21 +91,29 @@ def install(celery_app: Celery, *, grace: float | None = None,
     """
     if _program() in ("worker", "beat"):
         stop_signals.exit_on_stop_signals()  # until the handlers below are in place
-    if _program() == "beat":
+    if _program() == "beat" and applies("beat"):
         celery_internals.beat_without_sync_handler(celery_app)
     if grace is not None:
         budget.configure(grace=grace)
     if celery_app.configured:
         _apply_settings(celery_app)
     else:  # kept in the pending configuration; read nothing yet (reading would load it now)
-        celery_app.conf.update(SETTINGS)
+        celery_app.conf.update(_settings())
     celery_app.on_after_configure.connect(_apply_settings, weak=False, dispatch_uid="stopright.install")
     _installed["on_hand_back"] = on_hand_back
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
-    celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+    if _program() != "worker" or applies("requeue"):
+        celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+
+
+def _settings() -> dict[str, Any]:
+    """:data:`SETTINGS`, less the consumer in a worker whose Celery it does not fit (upstream/support.py)."""
+    if _program() == "worker" and not applies("consumer"):
+        return {name: value for name, value in SETTINGS.items() if name != "worker_consumer"}
+    return SETTINGS
 
 
 def _apply_settings(sender: Celery, **_: object) -> None:
@@ -114,8 +123,8 @@ def _apply_settings(sender: Celery, **_: object) -> None:
     (the Flask docs' ``celery_init_app``) builds the configuration anew and
     would drop what was set here; it is set again on every load.
     """
-    sender.conf.update(SETTINGS)
-    if sender.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
+    sender.conf.update(_settings())
+    if sender.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER and (_program() != "beat" or applies("beat")):
         sender.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
 
 
@@ -137,7 +146,8 @@ def _connect() -> None:
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
     billiard_internals.after_signal_reset.append(_child_signals)
     celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
-    celery_internals.replace_shutdown_command(_remote_shutdown)
+    if _program() == "worker" and applies("worker stop") and applies("remote shutdown"):
+        celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
 def _worker_starting(**_: object) -> None:
@@ -152,13 +162,15 @@ def _worker_init(sender: Any = None, **_: object) -> None:
     """MainProcess, before the pool is built (and forks): stopright's version of the pool Celery
     chose; its kombu connections closed at exit."""
     _installed["main_pid"] = os.getpid()
-    _installed["pool"] = pools.choose(sender)
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
+    if applies("worker stop"):
+        _installed["pool"] = pools.choose(sender)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
 def _check_worker(sender: Any, **_: object) -> None:
     """MainProcess, first thing: the settings the stop relies on are in effect, else stop here."""
-    checks.require_settings(sender.app, SETTINGS)
+    checks.require_settings(sender.app, _settings())
 
 
 def _warn_worker(instance: Any, **_: object) -> None:
@@ -170,11 +182,15 @@ def _warn_worker(instance: Any, **_: object) -> None:
 
 def _check_beat(sender: Any, **_: object) -> None:
     """Beat, its scheduler built: stopright's, or stop here with what to change."""
+    if not applies("beat"):
+        return
     checks.require_stopright_scheduler(sender.scheduler)
 
 
 def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
+    if not applies("worker stop"):
+        return
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
     stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool)
@@ -234,10 +250,13 @@ def _child_init(**_: object) -> None:
     if os.getppid() != main:  # the MainProcess died before Celery set our parent-death signal
         os._exit(1)
     stop_signals.enable_stack_dumps()
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections)
     close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
     if close_backend is not None:
         registry.register("celery result backend", close_backend)
+    if not applies("worker stop"):  # Celery's own stop: its children keep its signals
+        return
     for signum in stop_signals.STOP_SIGNALS:  # billiard keeps SIG_IGN; _child_signals replaces it
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)
