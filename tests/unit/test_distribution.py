@@ -23,7 +23,8 @@ PACKAGE = DIST / "src" / "stopright"
 EXAMPLES = {"foreign": ROOT / "examples" / "foreign", "flask": ROOT / "examples" / "flask"}
 #: A requirement line ``name[extras]==version  # comment``, or a path ``../x[extras]``.
 #: What the [gunicorn] extra is for: the modules a gunicorn process loads.
-GUNICORN_MODULES = ("stopright.gunicorn_hooks", "stopright.upstream.gunicorn", "stopright.upstream.checks_gunicorn")
+GUNICORN_MODULES = ("stopright.gunicorn_hooks", "stopright.upstream.gunicorn",
+                    "stopright.upstream.checks_gunicorn")
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)(\[[^\]]*\])?==(?P<version>\S+)$")
 PATH = re.compile(r"^(?P<path>\.{1,2}/\S*?)(\[(?P<extras>[^\]]*)\])?$")
 
