@@ -47,6 +47,7 @@ _EXPORTS = {
     "shutdown_registry": ("stopright.registry", "current"),
     "StopBudget": ("stopright.budget", "StopBudget"),
     "stop_budget": ("stopright.budget", "current"),
+    "StopRightBeat": ("stopright.celery_beat", "StopRightBeat"),
     "STOP_SIGNALS": ("stopright.signals", "STOP_SIGNALS"),
     "exit_on_stop_signals": ("stopright.signals", "exit_on_stop_signals"),
     "stop_with_parent": ("stopright.signals", "stop_with_parent"),

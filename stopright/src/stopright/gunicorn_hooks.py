@@ -43,17 +43,15 @@ from stopright.upstream.cpython import run_atexit_handlers
 from stopright.upstream.gunicorn import end_drain_after, graceful_master, inherited_listeners, upgraded_from
 from stopright.upstream.support import applies
 
-__all__ = ["graceful_timeout", "on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
+__all__ = ["on_exit", "on_starting", "post_fork", "post_worker_init", "worker_class",
            "worker_exit"]
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: gthread (a long poll holds a thread, not a process) and sync, each with the stop of upstream/gunicorn.py.
 THREAD_WORKER = "stopright.upstream.gunicorn.ThreadWorker"
 SYNC_WORKER = "stopright.upstream.gunicorn.SyncWorker"
 worker_class = THREAD_WORKER
-#: The master waits this long for its workers: the grace shared with the Celery worker.
-graceful_timeout = math.ceil(budget.current().grace)
 #: For the registry at exit: every connection closed, or given up, within it.
 CLOSE_BUDGET = 1.0
 #: A worker leaves right after closing its connections (and running atexit handlers), without
@@ -67,8 +65,6 @@ def on_starting(server) -> None:
     log_to_error_log(server)
     master = applies("gunicorn master")  # else gunicorn's own master stop (upstream/support.py)
     _stock_worker_class_unless_checked(server)
-    if "kombu" in sys.modules:  # decided here once, for every worker (they fork from here)
-        applies("broker connections")
     # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
     stop_signals.stop_with_parent(after=(upgraded_from(server) if master else 0) or None)
     stop_signals.enable_stack_dumps()
@@ -78,6 +74,9 @@ def on_starting(server) -> None:
             log.warning("the listening socket inherited as fd %d dropped new connections (a socket filter "
                         "a past server left on it): detached", fd)
     stop_budget = budget.announce()
+    apply_graceful_timeout(server, stop_budget.grace)
+    if applies("broker connections"):  # decided here once, for every worker (they fork from here)
+        kombu_internals.forget_inherited_in_forks()  # a preloaded app's publisher connections
     reg = registry.current()
     registry.warn_left_behind("gunicorn master, before it forks its workers (the app is preloaded)")
     drain = stop_budget.drain
@@ -118,6 +117,24 @@ def _gunicorn_worker(name: str) -> type:
     return gthread.ThreadWorker if name == "gthread" else sync.SyncWorker
 
 
+def apply_graceful_timeout(server, grace: float) -> None:
+    """Master, at start: wait for the workers as long as the Celery worker's grace, unless yours is set.
+
+    gunicorn cannot tell a value set to its default (30 s) from an unset
+    one: 30 counts as unset, and is replaced.
+    """
+    setting = server.cfg.settings["graceful_timeout"]
+    ours = math.ceil(grace)
+    if setting.value == setting.default:
+        server.cfg.set("graceful_timeout", ours)
+        log.info("graceful_timeout set to %d s (the grace; gunicorn's default %s s)", ours, setting.default)
+    elif setting.value < grace:
+        log.warning("graceful_timeout=%s kept (yours): shorter than the grace of %.1f s, a request still "
+                    "running then is cut", setting.value, grace)
+    else:
+        log.info("graceful_timeout=%s kept (yours)", setting.value)
+
+
 class _ErrorLogHandler(logging.Handler):
     """stopright's lines to gunicorn's error log, while the app has no root handler of its own."""
 
@@ -138,12 +155,12 @@ def log_to_error_log(server) -> None:
     ``shutdown complete``). Workers inherit the handler; it steps aside for
     an app that sets up root logging later (at import, in a worker).
     """
-    shutdown_log = logging.getLogger("shutdown")
-    if logging.getLogger().handlers or shutdown_log.handlers:
+    stopright_log = logging.getLogger("stopright")
+    if logging.getLogger().handlers or stopright_log.handlers:
         return
-    shutdown_log.addHandler(_ErrorLogHandler(server.log.error_log))
-    if shutdown_log.getEffectiveLevel() > logging.INFO:
-        shutdown_log.setLevel(logging.INFO)
+    stopright_log.addHandler(_ErrorLogHandler(server.log.error_log))
+    if stopright_log.getEffectiveLevel() > logging.INFO:
+        stopright_log.setLevel(logging.INFO)
 
 
 def post_fork(server, worker) -> None:

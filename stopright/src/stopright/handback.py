@@ -35,7 +35,7 @@ from celery.exceptions import Reject
 
 from stopright.upstream import cpython as cpython_internals
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: Sent by the worker's MainProcess to a pool child whose task must hand back now.
 HANDBACK_SIGNAL = signal.SIGUSR2

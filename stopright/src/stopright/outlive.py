@@ -31,7 +31,7 @@ import psutil
 
 from stopright import budget, registry, signals
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After its SIGTERM, how long the server has to exit (Redis saves first) before we leave without it.
 STOP_WAIT_SECONDS = 5.0

@@ -39,7 +39,7 @@ from stopright.handback import HANDBACK_SIGNAL
 from stopright.signals import raw_write
 from stopright.upstream import celery_pools
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: The start-up WARNING of each pool whose tasks the hand-back cannot always reach: what happens instead.
 LIMITS = {

@@ -47,7 +47,7 @@ from celery.worker.request import logger as celery_request_logger
 
 from stopright.upstream import kombu as kombu_internals
 
-log = logging.getLogger("requeue")
+log = logging.getLogger("stopright.requeue")
 
 SPOOL_ENV = "STOPRIGHT_SPOOL_DIR"
 SPOOL_NAME = "refused-requeues.jsonl"

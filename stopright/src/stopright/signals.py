@@ -26,7 +26,7 @@ from collections.abc import Callable
 from stopright import registry
 from stopright.registry import STOP_SIGNALS, ShutdownRegistry
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 
 def chain_signal(signum: int, before: Callable[[int], object]) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+from celery import signals as celery_signals
 
 from stopright import handback, registry, signals
 from stopright.budget import WORKER_AFTER_GRACE
@@ -40,12 +41,14 @@ from stopright.pools import Pool
 from stopright.upstream import celery as celery_internals
 from stopright.upstream.cpython import run_atexit_handlers
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
 #: How long the user's ``on_hand_back`` may take at the close, for every killed child's task together.
 ON_HAND_BACK_SECONDS = 0.5
+#: How long the app's ``worker_shutting_down`` receivers may take, out of the grace.
+RECEIVERS_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
 #: Then how long the MainProcess has to close the consumer and its connections: at least this, or
@@ -93,8 +96,9 @@ class WorkerStop:
     """
 
     def __init__(self, grace: float, on_hand_back: Callable[[Any], object] | None = None,
-                 pool: Pool | None = None) -> None:
+                 pool: Pool | None = None, hostname: str = "") -> None:
         self.grace = grace
+        self.hostname = hostname
         self.on_hand_back = on_hand_back
         self.pool = pool or Pool("prefork")
         self._started = False
@@ -168,6 +172,7 @@ class WorkerStop:
             # Quiet began in the handler (begin): the consumer fetches nothing more. The log
             # lines the handler could not write: "signal received", "graceful shutdown started".
             registry.current().begin(self._plan())
+            self._tell_receivers()
             self.pool.last_resort(self.deadline + LAST_RESORT_SECONDS - time.monotonic(),
                                   "the worker's event hub is held up (a task that does not yield?)")
             running = self._stop_within_grace()
@@ -188,6 +193,23 @@ class WorkerStop:
         except BaseException:  # noqa: BLE001 - this thread must never die silently
             log.exception("stop watchdog failed; exiting now")
             _exit_now(1, self.deadline)
+
+    def _tell_receivers(self) -> None:
+        """Celery's ``worker_shutting_down``, as its own stop handler sends it (a stop signal only).
+
+        From this thread, not the handler: receivers may log. Each gets
+        :data:`RECEIVERS_SECONDS` in all; one that blocks is left behind.
+        """
+        signum = registry.current().recorded_signal
+        if signum is None:  # the remote shutdown command: Celery sends nothing either
+            return
+        told = threading.Thread(target=celery_signals.worker_shutting_down.send, name="worker_shutting_down",
+                                kwargs={"sender": self.hostname, "sig": signal.Signals(signum).name,
+                                        "how": "Warm", "exitcode": 0}, daemon=True)
+        told.start()
+        told.join(RECEIVERS_SECONDS)
+        if told.is_alive():
+            _overran(f"worker_shutting_down receivers still running after {RECEIVERS_SECONDS} s")
 
     def _since(self) -> float:
         return time.monotonic() - self._begun_at

@@ -62,7 +62,7 @@ def wake_on_signals(hub) -> None:
         _chained_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         _wakeup_fd = read_fd
         if _chained_fd != -1:
-            logging.getLogger("shutdown").warning(
+            logging.getLogger("stopright").warning(
                 "signal wakeup descriptor %d was already set: stopright's event-loop wake-up passes every "
                 "signal on to it", _chained_fd)
     if _wakeup_fd not in hub.readers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+from celery import Celery, _state
 from celery.worker import request
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection
@@ -31,6 +32,10 @@ def pools() -> None:
     shapes.check_calls(key, Connection.release, ["self._close()"], "release() outside a pool is _close()")
     shapes.check_attributes("kombu.pools.connections / kombu.pools.producers", kombu_pools,
                             ["connections", "producers"])
+    key = "celery._state._get_active_apps / _tls.current_app / Celery._after_fork"
+    shapes.check_attributes(key, _state, ["_get_active_apps", "_tls"])
+    shapes.check_text(key, _state._get_active_apps, ["return _apps"], "every app, for the after-fork reset")
+    shapes.check_signature(key, Celery._after_fork, "self")
 
 
 def requeue() -> None:

@@ -13,7 +13,8 @@ pool children, beat).
 Across a fork nothing is inherited: a child forgets its parent's pools
 without closing them (an AMQP close from the child would end the parent's
 connection, whose socket it shares) and opens its own
-(:func:`forget_inherited`, run after every ``os.fork``).
+(:func:`forget_inherited`, run after each fork of a process that asked:
+:func:`forget_inherited_in_forks`).
 """
 
 from __future__ import annotations
@@ -93,8 +94,24 @@ def forget_inherited() -> None:
     celery_internals.reset_apps_after_fork()
 
 
-os.register_at_fork(after_in_child=forget_inherited)
+_forks_of: int | None = None  # the process whose direct children forget (None: no hook yet)
 
+
+def forget_inherited_in_forks() -> None:
+    """This process's forks (gunicorn's workers, pool children) forget its pools: :func:`forget_inherited`.
+
+    Only the direct children of the process that called this: a fork
+    elsewhere (the app's own multiprocessing) is left alone.
+    """
+    global _forks_of
+    if _forks_of is None:
+        os.register_at_fork(after_in_child=_after_fork)
+    _forks_of = os.getpid()
+
+
+def _after_fork() -> None:
+    if os.getppid() == _forks_of:
+        forget_inherited()
 
 
 def answers(connection: Connection, timeout: float = 0.5) -> bool:

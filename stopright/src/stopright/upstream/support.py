@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: Per library: the oldest version whose shapes all pass, and the first one not supported.
 #: Celery, kombu and billiard: below their next minor (stopright copies their methods, pinned by
@@ -66,8 +66,9 @@ PARTS: dict[str, Part] = {
         "beat's stop (no sync handler of Celery's, stopright's scheduler that closes connections)",
         "Celery's beat handlers and scheduler", ("celery",), _lazy("checks_celery", "beat")),
     "broker connections": Part(
-        "the close of kombu's pooled connections at exit, with the protocol's handshake",
-        "kombu's pooled connections left to the process's exit", ("kombu",), _lazy("checks_kombu", "pools")),
+        "the close of kombu's pooled connections at exit, with the protocol's handshake; forks forget them",
+        "kombu's pooled connections left to the process's exit (and kombu's own reset in forks)",
+        ("celery", "kombu"), _lazy("checks_kombu", "pools")),
     "requeue": Part(
         "the requeue of a hand-back the broker refused, once it is back",
         "Celery's reject (a refused requeue is logged and the message waits for the broker's own restore)",
