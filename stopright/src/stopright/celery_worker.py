@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
