@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -43,6 +42,7 @@ from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import celery_consumer
 from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.support import applies
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
 log = logging.getLogger("stopright")
@@ -70,7 +70,7 @@ def install(celery_app: Celery[Any], *, grace: float | None = None,
     budget.current()  # a bad SHUTDOWN_* variable: the error now, not in a signal handler later
     if _program() in ("worker", "beat"):
         stop_signals.exit_on_stop_signals()  # until the handlers below are in place
-    if _program() == "beat":
+    if _program() == "beat" and applies("beat"):
         celery_internals.beat_without_sync_handler(celery_app)
     if celery_app.configured:  # else read nothing yet (reading would load the configuration now)
         _apply_settings(celery_app)
@@ -80,7 +80,8 @@ def install(celery_app: Celery[Any], *, grace: float | None = None,
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
-    celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+    if _program() != "worker" or applies("requeue"):
+        celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
     celery_app.steps["worker"].add("stopright.checks:SettingsAtStart")
 
 
@@ -96,8 +97,7 @@ def _apply_settings(sender: Celery, **_: object) -> None:
 
 def _program() -> str:
     """``worker`` or ``beat`` under ``celery ... worker|beat``; else "" (a web process publishing)."""
-    args = sys.argv[1:]
-    return next((arg for arg in args if arg in ("worker", "beat")), "") if "celery" in sys.argv[0] else ""
+    return settings.program()
 
 
 def _connect() -> None:
@@ -111,13 +111,15 @@ def _connect() -> None:
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
     billiard_internals.after_signal_reset.append(_child_signals)
     celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
-    celery_internals.replace_shutdown_command(_remote_shutdown)
+    if _program() == "worker" and applies("worker stop") and applies("remote shutdown"):
+        celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
 def _worker_starting(**_: object) -> None:
     """MainProcess, first thing: follow the manager's death; stack dumps; the budget's warnings."""
     _installed["main_pid"] = os.getpid()
-    kombu_internals.forget_inherited_in_forks()  # the pool's children
+    if applies("broker connections"):
+        kombu_internals.forget_inherited_in_forks()  # the pool's children
     stop_signals.stop_with_parent()
     stop_signals.enable_stack_dumps()
     budget.announce()
@@ -127,8 +129,10 @@ def _worker_init(sender: Any = None, **_: object) -> None:
     """MainProcess, before the pool is built (and forks): stopright's version of the pool Celery
     chose; its kombu connections closed at exit."""
     _installed["main_pid"] = os.getpid()
-    _installed["pool"] = pools.choose(sender)
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
+    if applies("worker stop"):
+        _installed["pool"] = pools.choose(sender)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
 def _warn_worker(instance: Any, **_: object) -> None:
@@ -141,11 +145,14 @@ def _warn_worker(instance: Any, **_: object) -> None:
 def _check_beat(sender: Any, **_: object) -> None:
     """Beat, its scheduler built: stopright's, or stop here with what to change."""
     settings.at_start(sender.app)
-    checks.require_stopright_scheduler(sender.scheduler)
+    if applies("beat"):
+        checks.require_stopright_scheduler(sender.scheduler)
 
 
 def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
+    if not applies("worker stop"):
+        return
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
     stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool,
@@ -206,10 +213,13 @@ def _child_init(**_: object) -> None:
     if os.getppid() != main:  # the MainProcess died before Celery set our parent-death signal
         os._exit(1)
     stop_signals.enable_stack_dumps()
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections)
     close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
     if close_backend is not None:
         registry.register("celery result backend", close_backend)
+    if not applies("worker stop"):  # Celery's own stop: its children keep its signals
+        return
     for signum in stop_signals.STOP_SIGNALS:  # billiard keeps SIG_IGN; _child_signals replaces it
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)

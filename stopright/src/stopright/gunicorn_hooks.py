@@ -42,6 +42,7 @@ from stopright.listener import detach_filter
 from stopright.upstream import kombu as kombu_internals
 from stopright.upstream.cpython import run_atexit_handlers
 from stopright.upstream.gunicorn import end_drain_after, graceful_master, inherited_listeners, upgraded_from
+from stopright.upstream.support import applies
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -66,18 +67,21 @@ fast_exit = True
 def on_starting(server: Arbiter) -> None:
     """Master: follow the manager's death, stack dumps, inherited sockets made whole, every stop
     signal graceful, after the drain."""
-    # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
-    stop_signals.stop_with_parent(after=upgraded_from(server) or None)
-    stop_signals.enable_stack_dumps()
     log_to_error_log(server)
-    inherited, from_outside = inherited_listeners(server)
+    master = applies("gunicorn master")  # else gunicorn's own master stop (upstream/support.py)
+    _stock_worker_class_unless_checked(server)
+    # A master started by the USR2 upgrade outlives the one that started it: follow that one's manager.
+    stop_signals.stop_with_parent(after=(upgraded_from(server) if master else 0) or None)
+    stop_signals.enable_stack_dumps()
+    inherited, from_outside = inherited_listeners(server) if master else ([], False)
     for fd in inherited:  # a stopped server of an older stopright may have left its filter there
         if detach_filter(fd):
             log.warning("the listening socket inherited as fd %d dropped new connections (a socket filter "
                         "a past server left on it): detached", fd)
     stop_budget = budget.announce()
     apply_graceful_timeout(server, stop_budget.grace)
-    kombu_internals.forget_inherited_in_forks()  # a preloaded app's publisher connections
+    if applies("broker connections"):  # decided here once, for every worker (they fork from here)
+        kombu_internals.forget_inherited_in_forks()  # a preloaded app's publisher connections
     reg = registry.current()
     registry.warn_left_behind("gunicorn master, before it forks its workers (the app is preloaded)")
     drain = stop_budget.drain
@@ -96,7 +100,26 @@ def on_starting(server: Arbiter) -> None:
             return False  # a repeat during the drain; SIGINT or SIGQUIT end it
         return True
 
-    graceful_master(server, on_stop, from_outside=from_outside)
+    if master:
+        graceful_master(server, on_stop, from_outside=from_outside)
+
+
+def _stock_worker_class_unless_checked(server) -> None:
+    """Master: stopright's worker class only where its shapes fit this gunicorn; else gunicorn's own."""
+    global fast_exit
+    from stopright.upstream import gunicorn as ours  # noqa: PLC0415 - the worker classes, imported by now
+
+    stock = {ours.ThreadWorker: "gthread", ours.SyncWorker: "sync"}.get(server.worker_class)
+    if stock and not applies("gunicorn workers"):
+        server.worker_class = _gunicorn_worker(stock)
+        fast_exit = False  # relies on worker_exit inside gunicorn's SystemExit, a checked reach too
+
+
+def _gunicorn_worker(name: str) -> type:
+    """gunicorn's own class of the kind ours extends."""
+    from gunicorn.workers import gthread, sync  # noqa: PLC0415
+
+    return gthread.ThreadWorker if name == "gthread" else sync.SyncWorker
 
 
 def apply_graceful_timeout(server: Arbiter, grace: float) -> None:
@@ -157,7 +180,7 @@ def post_worker_init(worker: Worker) -> None:
     The worker class (upstream/gunicorn.py) makes SIGINT and SIGQUIT as graceful as SIGTERM.
     """
     reg = registry.current()
-    if "kombu" in sys.modules:  # the app publishes Celery tasks: its pooled connections
+    if "kombu" in sys.modules and applies("broker connections"):  # the app publishes Celery tasks
         reg.register("celery broker connections", kombu_internals.close_pooled_connections)
     record = stop_signals.report_signals(reg)  # handlers only record; a thread logs
     for signum in stop_signals.STOP_SIGNALS:

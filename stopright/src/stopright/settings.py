@@ -10,12 +10,15 @@ are an error when the app sets them otherwise: the worker does not start.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
 from celery.app.defaults import DEFAULTS
+
+from stopright.upstream.support import applies
 
 log = logging.getLogger("stopright")
 
@@ -39,6 +42,21 @@ REQUIRED = frozenset({"task_acks_late", "task_reject_on_worker_lost"})
 DEFAULT_BEAT_SCHEDULER = "celery.beat:PersistentScheduler"
 BEAT_SCHEDULER = "stopright.celery_beat:Scheduler"
 KEPT_BY_INSTALL = "install(keep=...)"
+NOT_APPLIED = "its part is not applied on these versions (the 'stopright: not applied' warning says why)"
+#: Setting: the program it is for, and its part (stopright/upstream/support.py), checked there.
+PARTS = {"worker_consumer": ("worker", "consumer"), "beat_scheduler": ("beat", "beat")}
+
+
+def program() -> str:
+    """``worker`` or ``beat`` under ``celery ... worker|beat``; else "" (a web process publishing)."""
+    args = sys.argv[1:]
+    return next((arg for arg in args if arg in ("worker", "beat")), "") if "celery" in sys.argv[0] else ""
+
+
+def _not_applied(name: str) -> bool:
+    """The setting's part does not fit the installed versions, in the program it is for."""
+    runs_in, part = PARTS.get(name, ("", ""))
+    return bool(part) and program() == runs_in and not applies(part)
 
 
 @dataclass
@@ -101,6 +119,8 @@ def apply(app: Celery) -> Outcome:
         set_by_app, theirs = _users(app, name, ours)
         if name in keep:
             outcome.kept.append((name, app.conf.get(name), KEPT_BY_INSTALL))
+        elif _not_applied(name):
+            outcome.kept.append((name, app.conf.get(name), NOT_APPLIED))
         elif not set_by_app or theirs == value:
             was = DEFAULTS.get(name, app.conf.get(name)) if not set_by_app else theirs
             app.conf[name] = ours[name] = value
@@ -112,6 +132,8 @@ def apply(app: Celery) -> Outcome:
             outcome.kept.append((name, theirs, f"the app's own (stopright would set {value!r}: {why})"))
     if "beat_scheduler" in keep:
         outcome.kept.append(("beat_scheduler", app.conf.beat_scheduler, KEPT_BY_INSTALL))
+    elif _not_applied("beat_scheduler"):
+        outcome.kept.append(("beat_scheduler", app.conf.beat_scheduler, NOT_APPLIED))
     elif app.conf.beat_scheduler in (DEFAULT_BEAT_SCHEDULER, ours.get("beat_scheduler")):
         app.conf.beat_scheduler = ours["beat_scheduler"] = BEAT_SCHEDULER
         outcome.changed.append(("beat_scheduler", DEFAULT_BEAT_SCHEDULER, BEAT_SCHEDULER))
@@ -124,7 +146,7 @@ def report(outcome: Outcome) -> None:
         log.info("Celery settings set by stopright: %s",
                  ", ".join(f"{name}={now!r} (was {was!r})" for name, was, now in outcome.changed))
     for name, value, why in outcome.kept:
-        level = logging.INFO if why == KEPT_BY_INSTALL else logging.WARNING
+        level = logging.INFO if why in (KEPT_BY_INSTALL, NOT_APPLIED) else logging.WARNING
         log.log(level, "Celery setting %s=%r left as it is: %s", name, value, why)
 
 

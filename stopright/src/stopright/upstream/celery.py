@@ -289,8 +289,8 @@ def result_backend_close(backend: object) -> Callable[[], None] | None:
     theirs in kombu's pools (closed with them) or in clients whose servers do
     not mind.
     """
-    manager = getattr(backend, "session_manager", None)
+    invalidate = getattr(getattr(backend, "session_manager", None), "invalidate", None)
     url = getattr(backend, "url", None)
-    if manager is None or not url:
+    if invalidate is None or not url:
         return None
-    return functools.partial(manager.invalidate, url)
+    return functools.partial(invalidate, url)
