@@ -104,12 +104,13 @@ def on_starting(server: Arbiter) -> None:
         graceful_master(server, on_stop, from_outside=from_outside)
 
 
-def _stock_worker_class_unless_checked(server) -> None:
+def _stock_worker_class_unless_checked(server: Arbiter) -> None:
     """Master: stopright's worker class only where its shapes fit this gunicorn; else gunicorn's own."""
     global fast_exit
     from stopright.upstream import gunicorn as ours  # noqa: PLC0415 - the worker classes, imported by now
 
-    stock = {ours.ThreadWorker: "gthread", ours.SyncWorker: "sync"}.get(server.worker_class)
+    kinds: dict[type, str] = {ours.ThreadWorker: "gthread", ours.SyncWorker: "sync"}
+    stock = kinds.get(server.worker_class)
     if stock and not applies("gunicorn workers"):
         server.worker_class = _gunicorn_worker(stock)
         fast_exit = False  # relies on worker_exit inside gunicorn's SystemExit, a checked reach too

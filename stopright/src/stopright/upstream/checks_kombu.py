@@ -11,8 +11,8 @@ import inspect
 from celery import Celery, _state
 from celery.worker import request
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Connection
 from kombu import pools as kombu_pools
+from kombu.connection import Connection
 from kombu.resource import Resource
 
 from stopright.upstream import shapes

@@ -13,7 +13,7 @@ import importlib.metadata
 import inspect
 import textwrap
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from stopright.upstream import source_digest
 
@@ -22,7 +22,7 @@ class ShapeChanged(Exception):
     """An upstream shape stopright relies on changed; the message says which and what to re-read."""
 
 
-def fail(reach: str, what: str, then: str) -> None:
+def fail(reach: str, what: str, then: str) -> NoReturn:
     """Raise :class:`ShapeChanged`: ``what`` changed upstream, ``then`` what to re-read, naming the reach."""
     raise ShapeChanged(f"{what}: {then}  [reach: {reach!r}]")
 
@@ -30,7 +30,7 @@ def fail(reach: str, what: str, then: str) -> None:
 def _library(obj: Any) -> str:
     """``celery 5.7.0`` for an object of Celery (the installed version): who changed."""
     if inspect.ismodule(obj):
-        module = obj.__name__
+        module: str | None = obj.__name__
     else:
         module = getattr(obj if inspect.isclass(obj) or callable(obj) else type(obj), "__module__", None)
     top = (module or "?").split(".")[0]
