@@ -213,7 +213,7 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
         """
         now = time.monotonic()
         for conn in self.keepalived_conns:  # ordered by timeout; this keeps the order
-            conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))  # type: ignore
+            conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))  # type: ignore[attr-defined]
 
 
     def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
