@@ -35,7 +35,6 @@ SHARED_MODULES = ("flask", "sqlalchemy.dialects.sqlite", "app.api", "core.celery
                   "celery.canvas", "celery.result", "celery.loaders.app", "kombu.transport.redis")
 
 # -- shutdown (stopright) ----------------------------------------------------
-graceful_timeout = stopright.graceful_timeout  # the grace, shared with the Celery worker
 keepalive = 2
 worker_exit = stopright.worker_exit  # close this worker's connections, atexit handlers, leave
 on_exit = stopright.on_exit  # the master's, last

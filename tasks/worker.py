@@ -25,7 +25,7 @@ from stopright import requeue  # noqa: E402
 from stopright.worker_stop import ON_HAND_BACK_SECONDS  # noqa: E402
 from tasks import jobs  # noqa: E402, F401  (registers the job task)
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("jobs")
 
 
 def _hand_back_ledger_row(request) -> None:

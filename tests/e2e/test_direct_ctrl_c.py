@@ -166,7 +166,7 @@ def test_shutdown_log_names_each_process(tmp_path: Path, broker: dict[str, str])
         ps.start()
         ps.wait_for_line(r"\bready\.$", timeout=60)
         ps.stop_and_wait("ctrl_c")
-        roles = set(re.findall(r" (worker(?:\.child)?)\[\d+\] INFO shutdown: shutdown complete", ps.output))
+        roles = set(re.findall(r" (worker(?:\.child)?)\[\d+\] INFO stopright: shutdown complete", ps.output))
         assert roles == {"worker", "worker.child"}, ps.output
     finally:
         ps.cleanup()

@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.checks import assert_shutdown_sequence
 from tests.procset import ProcessSet
 from tests.servers import Vhost
@@ -29,7 +31,7 @@ BEAT = [*CELERY, "beat", "--loglevel", "INFO"]
 
 APP = '''
 import os
-from celery import Celery, Task
+from celery import Celery, Task, signals
 import stopright
 
 stopright.register("app database", lambda: None)  # forks=None: a forked child lacks it
@@ -43,8 +45,12 @@ class Plain(Task):
 
 app = Celery("shapeapp", task_cls=stopright.HandBackTask)
 stopright.install(app)
-app.config_from_object({{"broker_url": "{broker}", "task_acks_late": False}})
+app.config_from_object({{"broker_url": "{broker}", "worker_prefetch_multiplier": 4}})
 {extra}
+
+@signals.worker_shutting_down.connect
+def told(sig, how, exitcode, **_):
+    print(f"worker_shutting_down: {{sig}} {{how}} {{exitcode}}", flush=True)
 
 @app.task(base=Plain)
 def legacy():
@@ -86,8 +92,13 @@ def test_worker_names_what_a_stop_cannot_hand_back_and_what_its_forks_leave_behi
         ps.wait_for_line(r"Task shapeapp.fine\[.*\] succeeded", 60)  # consumer and pool at work
         rc, _ = ps.stop_and_wait("sigterm", timeout=30)
         out = ps.output
-        # install() before config_from_object (which asked for early acks): the start's check passed.
-        assert rc == 0 and "stopright: Celery settings" not in out, out
+        # install() before config_from_object: what it set and what it kept, each said once.
+        assert rc == 0, out
+        [changed] = [line for line in ps.lines() if "Celery settings set by stopright: " in line]
+        assert "task_acks_late=True (was False)" in changed and "worker_prefetch_multiplier" not in changed
+        [kept] = [line for line in ps.lines() if "left as it is" in line]
+        assert "WARNING" in kept and "worker_prefetch_multiplier=4 left as it is: the app's own" in kept, out
+        assert "worker_shutting_down: SIGTERM Warm 0" in out, out  # the app's receiver still hears it
         handed = [line for line in ps.lines() if "will not be handed back at a stop" in line]
         assert len(handed) == 1 and "shapeapp.legacy" in handed[0] and "shapeapp.fine" not in handed[0], out
         assert "WARNING" in handed[0] and "stopright.HandBackTask" in handed[0], handed
@@ -103,19 +114,23 @@ def test_worker_names_what_a_stop_cannot_hand_back_and_what_its_forks_leave_behi
         ps.cleanup()
 
 
-def test_settings_changed_after_install_stop_the_worker_at_start(tmp_path: Path, rabbitmq: Vhost) -> None:
-    extra = """
+@pytest.mark.parametrize(("extra", "named"), [
+    ("""
     app.conf.timezone  # anything that reads the configuration loads it; the next line then stays
     app.conf.task_acks_late = False
-    """
+    """, "task_acks_late=False (the app's; stopright needs True: "),
+    ("app.conf.update(task_reject_on_worker_lost=False)", "task_reject_on_worker_lost=False (the app's; "),
+], ids=["assigned-after-the-load", "updated-before"])
+def test_a_setting_the_hand_back_needs_set_otherwise_stops_the_worker_at_start(
+        tmp_path: Path, rabbitmq: Vhost, extra: str, named: str) -> None:
     app = shape_app(tmp_path / "app", rabbitmq.url, extra)
     ps = program(tmp_path, WORKER, app)
     try:
         ps.start()
         rc = exit_code(ps)
         assert rc != 0, ps.output
-        assert "stopright: Celery settings that a stop relies on were changed after stopright.install(): " \
-               "task_acks_late=False (stopright sets True)" in ps.output, ps.output
+        assert "ValueError: stopright: Celery settings conflict with a stop that loses nothing: " in ps.output
+        assert named in ps.output, ps.output
         assert "ready." not in ps.output, ps.output
         assert not ps.survivors()
     finally:
@@ -152,7 +167,7 @@ def test_beat_with_a_scheduler_of_its_own_says_what_to_mix_in(tmp_path: Path, ra
         rc = exit_code(ps)
         assert rc != 0, ps.output
         assert "stopright: beat runs shapeapp.MyScheduler, which does not stop right" in ps.output, ps.output
-        assert "class Scheduler(stopright.celery_beat.StopRightBeat, MyScheduler)" in ps.output, ps.output
+        assert "class Scheduler(stopright.StopRightBeat, MyScheduler)" in ps.output, ps.output
         assert not ps.survivors()
     finally:
         ps.cleanup()

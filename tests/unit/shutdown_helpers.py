@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-LOGGER = "shutdown"
+LOGGER = "stopright"
 
 
 class FakeClock:

@@ -55,6 +55,7 @@ def test_a_forked_child_forgets_its_parents_pools_without_closing_them(memory_po
     conn = memory_pool.acquire()
     conn.connect()
     _ = celery_app.pool  # Celery's own cached pool, as after a publish
+    kombu_internals.forget_inherited_in_forks()  # as gunicorn's master and Celery's MainProcess do
     pid = os.fork()
     if pid == 0:  # the child: nothing of the parent's is left to use or close
         forgotten = not pools.connections and not pools.producers and celery_app._pool is None

@@ -85,11 +85,11 @@ def test_the_settings_come_from_the_environment_and_a_bad_one_stops_the_start(mo
         assert (budget.current().grace, budget.current().drain) == (7, 2)
         monkeypatch.setenv("SHUTDOWN_GRACE_SECONDS", "soon")
         budget.current.cache_clear()
-        with pytest.raises(SystemExit, match="SHUTDOWN_GRACE_SECONDS='soon': not a number"):
+        with pytest.raises(ValueError, match="SHUTDOWN_GRACE_SECONDS='soon': not a number"):
             budget.current()
         monkeypatch.setenv("SHUTDOWN_GRACE_SECONDS", "0")
         budget.current.cache_clear()
-        with pytest.raises(SystemExit, match="must be more than 0"):
+        with pytest.raises(ValueError, match="must be more than 0"):
             budget.current()
     finally:
         budget.current.cache_clear()

@@ -23,7 +23,8 @@ PACKAGE = DIST / "src" / "stopright"
 EXAMPLES = {"foreign": ROOT / "examples" / "foreign", "flask": ROOT / "examples" / "flask"}
 #: A requirement line ``name[extras]==version  # comment``, or a path ``../x[extras]``.
 #: What the [gunicorn] extra is for: the modules a gunicorn process loads.
-GUNICORN_MODULES = ("stopright.gunicorn_hooks", "stopright.upstream.gunicorn")
+GUNICORN_MODULES = ("stopright.gunicorn_hooks", "stopright.upstream.gunicorn",
+                    "stopright.upstream.checks_gunicorn")
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)(\[[^\]]*\])?==(?P<version>\S+)$")
 PATH = re.compile(r"^(?P<path>\.{1,2}/\S*?)(\[(?P<extras>[^\]]*)\])?$")
 
@@ -129,7 +130,8 @@ def test_every_dependency_is_a_range_that_admits_the_repositorys_pin() -> None:
         bounds = dict(re.findall(r"(>=|<)\s*([0-9][0-9.]*)", requirement))
         assert set(bounds) == {">=", "<"}, f"{requirement}: a lower and an upper bound"
         version = tuple(int(p) for p in pins[name].split("."))
-        assert tuple(int(p) for p in bounds[">="].split(".")) <= version < (int(bounds["<"]),), requirement
+        low, high = (tuple(int(p) for p in bounds[op].split(".")) for op in (">=", "<"))
+        assert low <= version < high, requirement
 
 
 def test_the_package_is_marked_typed_and_licensed() -> None:

@@ -110,7 +110,7 @@ def test_on_hand_back_runs_with_the_close_handlers_bounded_and_its_overrun_logge
     stop._handed_back_for([SimpleNamespace(name="t", id=str(n)) for n in range(2)])
     assert calls == []  # not before the kill's phase is over: with the close handlers
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="shutdown"):
+    with caplog.at_level(logging.INFO, logger="stopright"):
         registry.current().close_all()
     took = time.monotonic() - started
     stuck.set()
@@ -130,7 +130,7 @@ def test_on_hand_back_is_called_for_each_task_and_a_failure_does_not_stop_the_ot
 
     stop = worker_stop.WorkerStop(grace=1.0, on_hand_back=on_hand_back)
     stop._handed_back_for([SimpleNamespace(name="t", id="0"), SimpleNamespace(name="t", id="1")])
-    with caplog.at_level(logging.INFO, logger="shutdown"):
+    with caplog.at_level(logging.INFO, logger="stopright"):
         registry.current().close_all()
     assert calls == ["0", "1"]
     assert "on_hand_back failed for task t[0]" in caplog.text
@@ -183,7 +183,7 @@ def _request(broker: str) -> SimpleNamespace:
 def test_a_refused_requeue_on_redis_is_spooled_and_told_in_one_line(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setenv(requeue.SPOOL_ENV, str(tmp_path))
     reporter = requeue._RefusedRequeue(_request("redis://127.0.0.1:1/3"))
-    with caplog.at_level(logging.WARNING, logger="requeue"):
+    with caplog.at_level(logging.WARNING, logger="stopright.requeue"):
         reporter.critical("Couldn't reject %r, reason: %r", "tag-1", ConnectionError("down"),
                           exc_info=True)
     [entry] = [json.loads(line) for line in (tmp_path / requeue.SPOOL_NAME).read_text().splitlines()]
@@ -197,7 +197,7 @@ def test_a_refused_requeue_on_redis_is_spooled_and_told_in_one_line(tmp_path, mo
 def test_a_refused_requeue_on_rabbitmq_is_left_to_rabbitmq(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setenv(requeue.SPOOL_ENV, str(tmp_path))
     reporter = requeue._RefusedRequeue(_request("amqp://guest:secret@127.0.0.1:1//"))
-    with caplog.at_level(logging.WARNING, logger="requeue"):
+    with caplog.at_level(logging.WARNING, logger="stopright.requeue"):
         reporter.critical("Couldn't reject %r, reason: %r", 7, ConnectionError("down"), exc_info=True)
     assert not (tmp_path / requeue.SPOOL_NAME).exists()
     assert "RabbitMQ requeues the unacked messages" in caplog.text and "secret" not in caplog.text

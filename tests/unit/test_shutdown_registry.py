@@ -288,3 +288,17 @@ def test_a_close_without_a_stop_signal_leaves_the_handlers(registry):
     registry.close_all()
 
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_closer_bound_to_its_thread_closes_with_same_thread() -> None:
+    # SQLite's check_same_thread: its close() from another thread raises ProgrammingError.
+    import sqlite3
+
+    reg = ShutdownRegistry()
+    other, own = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    reg.register("on a thread of its own", other.close)
+    reg.register("on this thread", own.close, same_thread=True)
+    outcomes = {o.name: o.status for o in reg.close_all()}
+    assert outcomes == {"on this thread": "closed", "on a thread of its own": "failed"}
+    with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+        own.execute("select 1")

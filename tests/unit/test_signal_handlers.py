@@ -72,7 +72,7 @@ def test_the_recorded_signal_is_logged_by_begin_outside_the_handler(logs):
     registry.begin("detail")
     registry.close_all()
 
-    assert [r.getMessage() for r in logs.records if r.name == "shutdown"] == [
+    assert [r.getMessage() for r in logs.records if r.name == "stopright"] == [
         "signal received: SIGQUIT", "graceful shutdown started (detail)", "shutdown complete in 0 ms"]
 
 

@@ -14,7 +14,6 @@ from celery import Celery, Task
 import stopright
 from stopright import checks
 from stopright import registry as shutdown_registry
-from stopright.celery_worker import SETTINGS
 
 
 def forked(report) -> str:
@@ -69,28 +68,6 @@ def test_warn_left_behind_names_only_undeclared_handlers(caplog) -> None:
 
 def new_app() -> Celery:
     return Celery(f"shapes-{uuid.uuid4().hex[:6]}", set_as_current=False)
-
-
-@pytest.mark.parametrize("read_first", [False, True], ids=["lazy", "configuration-read-before-install"])
-def test_install_before_config_from_object_keeps_every_setting(read_first: bool) -> None:
-    app = new_app()
-    if read_first:
-        app.conf.timezone  # noqa: B018  (anything that reads the configuration loads it)
-    stopright.install(app)
-    app.config_from_object({"broker_url": "memory://", "task_acks_late": False, "task_ignore_result": True})
-    assert checks.settings_not_in_effect(app, SETTINGS) == []
-    assert app.conf.beat_scheduler == "stopright.celery_beat:Scheduler"
-    assert app.conf.task_ignore_result is True  # the user's own settings stay
-
-
-def test_a_setting_changed_after_the_configuration_is_loaded_is_named() -> None:
-    app = new_app()
-    stopright.install(app)
-    app.conf.timezone  # noqa: B018  (loads the configuration: a change now is not re-applied over)
-    app.conf.task_acks_late = False
-    assert checks.settings_not_in_effect(app, SETTINGS) == ["task_acks_late=False (stopright sets True)"]
-    with pytest.raises(SystemExit, match=r"task_acks_late=False \(stopright sets True\)"):
-        checks.require_settings(app, SETTINGS)
 
 
 def test_tasks_whose_base_is_not_handbacktask_are_named() -> None:

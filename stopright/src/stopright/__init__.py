@@ -29,7 +29,7 @@ in stopright/upstream/, one module per library, each checked by a test.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 #: The release (CHANGELOG.md); the distribution's metadata reads it from here when it is built.
 __version__ = "0.1.0"
@@ -47,11 +47,27 @@ _EXPORTS = {
     "shutdown_registry": ("stopright.registry", "current"),
     "StopBudget": ("stopright.budget", "StopBudget"),
     "stop_budget": ("stopright.budget", "current"),
+    "StopRightBeat": ("stopright.celery_beat", "StopRightBeat"),
     "STOP_SIGNALS": ("stopright.signals", "STOP_SIGNALS"),
     "exit_on_stop_signals": ("stopright.signals", "exit_on_stop_signals"),
     "stop_with_parent": ("stopright.signals", "stop_with_parent"),
 }
-__all__ = sorted(_EXPORTS)
+# A literal list (the keys above, sorted: tests/unit/test_types.py): type checkers read no other kind.
+__all__ = [
+    "HandBack", "HandBackTask", "STOP_SIGNALS", "ShutdownRegistry", "StopBudget", "StopRightBeat",
+    "exit_on_stop_signals", "install", "interruptible", "register", "shutdown_registry",
+    "stop_budget", "stop_run", "stop_with_parent",
+]
+
+if TYPE_CHECKING:  # the same names, for type checkers (they do not run __getattr__); nothing at run time
+    from stopright.budget import StopBudget
+    from stopright.budget import current as stop_budget
+    from stopright.celery_beat import StopRightBeat
+    from stopright.celery_worker import install
+    from stopright.handback import HandBack, HandBackTask, interruptible, stop_run
+    from stopright.registry import ShutdownRegistry, register
+    from stopright.registry import current as shutdown_registry
+    from stopright.signals import STOP_SIGNALS, exit_on_stop_signals, stop_with_parent
 
 
 def __getattr__(name: str) -> Any:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from stopright import signals
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After the grace, the worker's hand-back (0.5 s), pool exit (0.5 s) and close (1 s).
 WORKER_AFTER_GRACE = 2.0
@@ -128,14 +128,14 @@ def configure(*, grace: float | None = None, drain: float | None = None) -> None
 
 
 def _checked(name: str, value: object, *, low: float | None) -> float:
-    """A number of seconds in range, or exit at start naming the setting (no traceback)."""
+    """A number of seconds in range, or ValueError naming the setting."""
     try:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SystemExit(f"invalid settings: {name}={value!r}: not a number of seconds") from None
+        raise ValueError(f"invalid settings: {name}={value!r}: not a number of seconds") from None
     if not (seconds >= low if low is not None else seconds > 0) or seconds > MAX_SECONDS:
         bound = "0 or more" if low is not None else "more than 0"
-        raise SystemExit(f"invalid settings: {name}={value!r}: must be {bound} and at most {MAX_SECONDS:g}")
+        raise ValueError(f"invalid settings: {name}={value!r}: must be {bound} and at most {MAX_SECONDS:g}")
     return seconds
 
 

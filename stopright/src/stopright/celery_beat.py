@@ -22,6 +22,7 @@ from celery.beat import PersistentScheduler
 from stopright import budget, registry
 from stopright import signals as stop_signals
 from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.support import applies
 
 
 class StopRightBeat:
@@ -44,7 +45,8 @@ class StopRightBeat:
         try:
             super().setup_schedule()  # type: ignore[misc]
             reg = registry.current()
-            reg.register("celery broker connections", kombu_internals.close_pooled_connections)
+            if applies("broker connections"):
+                reg.register("celery broker connections", kombu_internals.close_pooled_connections)
             reg.register("beat schedule store and connection", super().close)  # type: ignore[misc]
             for signum in stop_signals.STOP_SIGNALS:
                 signal.signal(signum, functools.partial(_stop, reg))

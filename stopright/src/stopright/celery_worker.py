@@ -29,55 +29,29 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from celery import Celery, current_app, signals
 from celery.concurrency import get_implementation, prefork
 
-from stopright import budget, checks, pools, registry
+from stopright import budget, checks, pools, registry, settings
 from stopright import signals as stop_signals
 from stopright.handback import HANDBACK_SIGNAL, QuietHandBack, interrupt
 from stopright.upstream import billiard as billiard_internals
 from stopright.upstream import celery as celery_internals
 from stopright.upstream import celery_consumer
 from stopright.upstream import kombu as kombu_internals
+from stopright.upstream.support import applies
 from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
-log = logging.getLogger("shutdown")
-
-#: The Celery settings ``install`` sets, each for the stop. A setting the app already has is replaced.
-SETTINGS: dict[str, Any] = {
-    # Ack after the run: a run cut short by a stop leaves its message unacked,
-    # and kombu puts unacked messages back on the queue when the channel closes.
-    "task_acks_late": True,
-    # A pool child killed mid-run (SIGKILL, OOM) requeues its message instead
-    # of acking it as FAILURE.
-    "task_reject_on_worker_lost": True,
-    # Reserve one message per pool child at most: nothing waits in a stopping
-    # worker's memory while another worker could run it.
-    "worker_prefetch_multiplier": 1,
-    # The consumer without Celery's fixed sleeps at stop (stopright/upstream/celery.py). The pool is
-    # not set here: whichever Celery's -P or worker_pool names is replaced by stopright's version of
-    # it when the worker starts (stopright/pools.py), so a -P on the command line never swaps it.
-    "worker_consumer": "stopright.upstream.celery_consumer:Consumer",
-    # Celery's cancel on a lost broker connection SIGTERMs pool children (which ignore it) and
-    # marks the tasks RETRY; stopright hands them back instead (_hand_back_on_connection_loss).
-    # (Celery 6.0 may default to True.)
-    "worker_cancel_long_running_tasks_on_connection_loss": False,
-    # Off by default anyway; a soft shutdown sleeps its whole timeout even when
-    # the tasks finish early. The grace bounds the warm shutdown instead.
-    "worker_soft_shutdown_timeout": 0,
-}
-
-DEFAULT_BEAT_SCHEDULER = "celery.beat:PersistentScheduler"
+log = logging.getLogger("stopright")
 
 _installed: dict[str, Any] = {}  # on_hand_back; the MainProcess's pid, Pool and WorkerStop once known
 
 
-def install(celery_app: Celery, *, grace: float | None = None,
-            on_hand_back: Callable[[Any], object] | None = None) -> None:
+def install(celery_app: Celery[Any], *, grace: float | None = None,
+            on_hand_back: Callable[[Any], object] | None = None, keep: Collection[str] = ()) -> None:
     """Make ``celery_app``'s worker stop right. Call once, in the module the worker loads (``--app``).
 
     ``grace``: seconds running tasks have to finish once a stop begins
@@ -86,49 +60,49 @@ def install(celery_app: Celery, *, grace: float | None = None,
     in the MainProcess for a task whose pool child had to be killed because
     it did not hand back in time (its message is requeued anyway), for what
     the task kept elsewhere. For the hand-back itself, give the app
-    ``task_cls=stopright.HandBackTask``.
+    ``task_cls=stopright.HandBackTask``. ``keep``: Celery settings of
+    :data:`stopright.settings.SETTINGS` to leave as they are (logged at start).
+    Raises ValueError for a bad argument or ``SHUTDOWN_*`` variable.
     """
-    if _program() in ("worker", "beat"):
-        stop_signals.exit_on_stop_signals()  # until the handlers below are in place
-    if _program() == "beat":
-        celery_internals.beat_without_sync_handler(celery_app)
+    settings.keep_on(celery_app, keep)
     if grace is not None:
         budget.configure(grace=grace)
-    if celery_app.configured:
+    budget.current()  # a bad SHUTDOWN_* variable: the error now, not in a signal handler later
+    if _program() in ("worker", "beat"):
+        stop_signals.exit_on_stop_signals()  # until the handlers below are in place
+    if _program() == "beat" and applies("beat"):
+        celery_internals.beat_without_sync_handler(celery_app)
+    if celery_app.configured:  # else read nothing yet (reading would load the configuration now)
         _apply_settings(celery_app)
-    else:  # kept in the pending configuration; read nothing yet (reading would load it now)
-        celery_app.conf.update(SETTINGS)
     celery_app.on_after_configure.connect(_apply_settings, weak=False, dispatch_uid="stopright.install")
     _installed["on_hand_back"] = on_hand_back
     if not _installed.get("connected"):
         _installed["connected"] = True
         _connect()
         logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
-    celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+    if _program() != "worker" or applies("requeue"):
+        celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
+    celery_app.steps["worker"].add("stopright.checks:SettingsAtStart")
 
 
 def _apply_settings(sender: Celery, **_: object) -> None:
-    """:data:`SETTINGS` and beat's scheduler, on the app's configuration as loaded now.
+    """stopright's Celery settings, on the app's configuration as loaded now (stopright/settings.py).
 
     Connected to ``on_after_configure``: ``config_from_object`` after ``install``
     (the Flask docs' ``celery_init_app``) builds the configuration anew and
     would drop what was set here; it is set again on every load.
     """
-    sender.conf.update(SETTINGS)
-    if sender.conf.beat_scheduler == DEFAULT_BEAT_SCHEDULER:
-        sender.conf.beat_scheduler = "stopright.celery_beat:Scheduler"
+    settings.apply(sender)
 
 
 def _program() -> str:
     """``worker`` or ``beat`` under ``celery ... worker|beat``; else "" (a web process publishing)."""
-    args = sys.argv[1:]
-    return next((arg for arg in args if arg in ("worker", "beat")), "") if "celery" in sys.argv[0] else ""
+    return settings.program()
 
 
 def _connect() -> None:
     signals.celeryd_init.connect(_worker_starting, weak=False)
     signals.worker_init.connect(_worker_init, weak=False)
-    signals.worker_init.connect(_check_worker, weak=False)
     signals.celeryd_after_setup.connect(_warn_worker, weak=False)
     signals.beat_init.connect(_check_beat, weak=False)
     signals.worker_ready.connect(_install_stop_handlers, weak=False)
@@ -137,12 +111,15 @@ def _connect() -> None:
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
     billiard_internals.after_signal_reset.append(_child_signals)
     celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
-    celery_internals.replace_shutdown_command(_remote_shutdown)
+    if _program() == "worker" and applies("worker stop") and applies("remote shutdown"):
+        celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
 def _worker_starting(**_: object) -> None:
     """MainProcess, first thing: follow the manager's death; stack dumps; the budget's warnings."""
     _installed["main_pid"] = os.getpid()
+    if applies("broker connections"):
+        kombu_internals.forget_inherited_in_forks()  # the pool's children
     stop_signals.stop_with_parent()
     stop_signals.enable_stack_dumps()
     budget.announce()
@@ -152,13 +129,10 @@ def _worker_init(sender: Any = None, **_: object) -> None:
     """MainProcess, before the pool is built (and forks): stopright's version of the pool Celery
     chose; its kombu connections closed at exit."""
     _installed["main_pid"] = os.getpid()
-    _installed["pool"] = pools.choose(sender)
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
-
-
-def _check_worker(sender: Any, **_: object) -> None:
-    """MainProcess, first thing: the settings the stop relies on are in effect, else stop here."""
-    checks.require_settings(sender.app, SETTINGS)
+    if applies("worker stop"):
+        _installed["pool"] = pools.choose(sender)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
 def _warn_worker(instance: Any, **_: object) -> None:
@@ -170,14 +144,19 @@ def _warn_worker(instance: Any, **_: object) -> None:
 
 def _check_beat(sender: Any, **_: object) -> None:
     """Beat, its scheduler built: stopright's, or stop here with what to change."""
-    checks.require_stopright_scheduler(sender.scheduler)
+    settings.at_start(sender.app)
+    if applies("beat"):
+        checks.require_stopright_scheduler(sender.scheduler)
 
 
 def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
+    if not applies("worker stop"):
+        return
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
-    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool)
+    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool,
+                      hostname=getattr(sender, "hostname", ""))
     _installed["stop"] = stop
     stop.start_watchdog()
     for signum in stop_signals.STOP_SIGNALS:
@@ -185,7 +164,7 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
 
 
-def _hand_back_on_connection_loss(connection: Any, running: list) -> None:
+def _hand_back_on_connection_loss(connection: Any, running: list[Any]) -> None:
     """MainProcess, broker connection lost: hand back the running late-ack tasks.
 
     RabbitMQ requeues a lost connection's unacknowledged messages at once, and
@@ -234,10 +213,13 @@ def _child_init(**_: object) -> None:
     if os.getppid() != main:  # the MainProcess died before Celery set our parent-death signal
         os._exit(1)
     stop_signals.enable_stack_dumps()
-    registry.register("celery broker connections", kombu_internals.close_pooled_connections)
+    if applies("broker connections"):
+        registry.register("celery broker connections", kombu_internals.close_pooled_connections)
     close_backend = celery_internals.result_backend_close(current_app.backend)  # this thread's: the tasks'
     if close_backend is not None:
         registry.register("celery result backend", close_backend)
+    if not applies("worker stop"):  # Celery's own stop: its children keep its signals
+        return
     for signum in stop_signals.STOP_SIGNALS:  # billiard keeps SIG_IGN; _child_signals replaces it
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(HANDBACK_SIGNAL, interrupt)

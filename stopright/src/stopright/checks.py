@@ -12,34 +12,24 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
-from stopright import registry
+from stopright import registry, settings
 from stopright.handback import HandBackTask
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 
-def settings_not_in_effect(app: Celery, expected: dict[str, Any]) -> list[str]:
-    """``key=value (stopright sets X)`` for each setting of ``expected`` the app's configuration lacks."""
-    return [f"{key}={app.conf.get(key)!r} (stopright sets {value!r})"
-            for key, value in expected.items() if app.conf.get(key) != value]
+class SettingsAtStart(bootsteps.Step):
+    """Worker start, logging set up: stopright's settings once more, logged; a conflict stops the worker.
 
-
-def require_settings(app: Celery, expected: dict[str, Any]) -> None:
-    """Worker start: stop with one message if a setting the stop depends on was changed after ``install``.
-
-    A late ``conf.update`` or assignment would silently bring back what the
-    settings prevent: early acks (a stopped task lost), prefetched messages,
-    Celery's own pool and consumer.
+    A bootstep, not a signal receiver: Celery logs and swallows a receiver's
+    exception, and the worker would start with a stop that loses tasks.
     """
-    wrong = settings_not_in_effect(app, expected)
-    if wrong:
-        raise SystemExit(
-            "stopright: Celery settings that a stop relies on were changed after stopright.install(): "
-            + "; ".join(wrong) + ". Remove them from your configuration or set them before install() "
-            "(install re-applies its settings whenever config_from_object reloads the configuration, "
-            "but not after a later conf.update or assignment).")
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        settings.raise_conflicts(settings.at_start(parent.app))
 
 
 def tasks_not_handed_back(app: Celery) -> list[str]:
@@ -74,4 +64,4 @@ def require_stopright_scheduler(scheduler: object) -> None:
             "(schedule saved, connections closed, every stop signal graceful). install() selects "
             "stopright.celery_beat:Scheduler in place of Celery's default; for a scheduler of your own "
             "(beat_scheduler or -S), mix stopright's in first: "
-            f"class Scheduler(stopright.celery_beat.StopRightBeat, {cls.__qualname__}).")
+            f"class Scheduler(stopright.StopRightBeat, {cls.__qualname__}).")

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from celery import Task, current_task, states
 from celery.backends.base import DisabledBackend
@@ -35,7 +35,7 @@ from celery.exceptions import Reject
 
 from stopright.upstream import cpython as cpython_internals
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: Sent by the worker's MainProcess to a pool child whose task must hand back now.
 HANDBACK_SIGNAL = signal.SIGUSR2
@@ -86,7 +86,7 @@ def configure(delivery: str) -> None:
     _delivery["kind"] = delivery
 
 
-def _greenlet() -> object | None:
+def _greenlet() -> Any:  # a greenlet.greenlet, or None
     module = sys.modules.get("greenlet") if _delivery["kind"] == "green" else None
     return module.getcurrent() if module is not None else None
 
@@ -233,7 +233,7 @@ def stop_run(reason: type[BaseException]) -> bool:
         run.reason = reason
     if signal.getsignal(HANDBACK_SIGNAL) is not interrupt:
         return False
-    signal.pthread_kill(threading.main_thread().ident, HANDBACK_SIGNAL)
+    signal.pthread_kill(cast(int, threading.main_thread().ident), HANDBACK_SIGNAL)  # started: an ident
     return True
 
 

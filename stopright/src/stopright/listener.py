@@ -31,6 +31,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 #: How long a stopping worker waits for the master to close its copy of the
 #: listening socket (it does so as soon as it handles the stop signal). Only
@@ -83,7 +84,9 @@ class MasterNotes:
         self._mem[1] = self._SHARED if shared else self._REFUSING if refusing else self._ALONE
 
 
-def hand_over(listener, master: int, serve: Callable[..., None], notes: MasterNotes | None = None) -> None:
+def hand_over(
+    listener: socket.socket, master: int, serve: Callable[..., None], notes: MasterNotes | None = None
+) -> None:
     """Serve what the kernel queues on ``listener`` until nothing more can come; then close ours.
 
     The last process to close a listening socket resets every connection
@@ -125,12 +128,12 @@ def hand_over(listener, master: int, serve: Callable[..., None], notes: MasterNo
     listener.close()
 
 
-def _serve_pending(listener, serve: Callable[..., None]) -> None:
+def _serve_pending(listener: socket.socket, serve: Callable[..., None]) -> None:
     for client, addr in _accept_pending(listener):
         serve(listener, client, addr)
 
 
-def holds(pid: int, listener, notes: MasterNotes | None = None) -> bool:
+def holds(pid: int, listener: socket.socket, notes: MasterNotes | None = None) -> bool:
     """Whether process ``pid`` (the master) still has ``listener`` open.
 
     Linux /proc; where it cannot be read (another user's process: gunicorn's
@@ -152,7 +155,7 @@ def holds(pid: int, listener, notes: MasterNotes | None = None) -> bool:
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
-def held_elsewhere(listeners: Iterable, server: int) -> bool | None:
+def held_elsewhere(listeners: Iterable[socket.socket], server: int) -> bool | None:
     """Whether a process outside ``server`` (that pid and its children) has one of ``listeners`` open.
 
     Linux /proc, every process's open files; None when that cannot be told:
@@ -215,7 +218,7 @@ _DROP_NEW_SYN = (_SockFilter * 5)(
 )
 
 
-def refuse_handshakes(listener) -> bool:
+def refuse_handshakes(listener: socket.socket) -> bool:
     """Make a TCP listening socket ignore new connection attempts; False where unsupported.
 
     Linux's ``SO_ATTACH_FILTER`` (some kernels ask a privilege for it). The
@@ -260,7 +263,7 @@ def detach_filter(fd: int) -> bool:
     return True
 
 
-def _refuse_connections(listener) -> None:
+def _refuse_connections(listener: socket.socket) -> None:
     """A Unix listening socket: ``connect()`` is refused from now on; those already queued stay.
 
     ``shutdown(SHUT_RD)`` on the listening socket (Linux; there is no way
@@ -289,9 +292,9 @@ def _handshakes_in_progress(port: int) -> bool:
     return False
 
 
-def _accept_pending(listener) -> list[tuple[socket.socket, object]]:
+def _accept_pending(listener: socket.socket) -> list[tuple[socket.socket, Any]]:
     """Every connection already in ``listener``'s accept queue, without waiting."""
-    accepted = []
+    accepted: list[tuple[socket.socket, Any]] = []
     listener.setblocking(False)
     while True:
         try:

@@ -33,7 +33,7 @@ from stopright import budget, registry, signals
 if TYPE_CHECKING:  # psutil is imported at the stop: at rest the watcher stays a small process
     import psutil
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After its SIGTERM, how long the server has to exit (Redis saves first) before we leave without it.
 STOP_WAIT_SECONDS = 5.0

@@ -32,14 +32,15 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from stopright import handback
 from stopright.handback import HANDBACK_SIGNAL
 from stopright.signals import raw_write
 from stopright.upstream import celery_pools
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: The start-up WARNING of each pool whose tasks the hand-back cannot always reach: what happens instead.
 LIMITS = {
@@ -91,7 +92,7 @@ class Pool:
         if self.kind == "prefork":
             _kill(request.worker_pid, HANDBACK_SIGNAL)
         elif self.kind == "solo":
-            signal.pthread_kill(threading.main_thread().ident, HANDBACK_SIGNAL)
+            signal.pthread_kill(cast(int, threading.main_thread().ident), HANDBACK_SIGNAL)
         elif self.kind == "threads":
             handback.interrupt_run(request.id)
         else:
@@ -124,7 +125,7 @@ class Pool:
             return
         message = f"stop deadline passed: {what}; worker exits now (exit code 1)\n".encode()
 
-        def wait(sleep) -> None:
+        def wait(sleep: Callable[[float], None]) -> None:
             sleep(seconds)
             raw_write(2, message)  # eventlet's os.write waits in its hub
             os._exit(1)

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 DEFAULT_HANDLER_TIMEOUT = 1.0
 #: What a handler gets when a stop's budget is spent: a close that does not hang takes milliseconds.
@@ -57,6 +57,7 @@ class _Handler:
     close: Callable[[], object]
     timeout: float
     forks: bool | None = None  # see ShutdownRegistry.register
+    same_thread: bool = False
 
 
 class ShutdownRegistry:
@@ -77,8 +78,14 @@ class ShutdownRegistry:
 
     # -- registration -----------------------------------------------------
     def register(self, name: str, close: Callable[[], object], *, timeout: float | None = None,
-                 forks: bool | None = None) -> None:
+                 forks: bool | None = None, same_thread: bool = False) -> None:
         """Add a close handler; it runs at shutdown, before those registered earlier.
+
+        Each handler runs on a thread of its own, so that ``timeout`` can bound
+        it. ``same_thread=True``: on the thread that closes the registry instead
+        (the process's main thread in gunicorn's workers and master, Celery's
+        MainProcess and pool children, and beat), for a closer bound to its
+        thread (SQLite's ``check_same_thread``); no timeout then.
 
         ``forks``: whether a child this process forks after now inherits the handler.
         ``True``: it does, and runs it at its own stop; for a close that closes only
@@ -90,7 +97,8 @@ class ShutdownRegistry:
         ``None`` (the default): it does not, and :func:`warn_left_behind` names it at the
         start of a process that forks (Celery's prefork pool, gunicorn ``--preload``).
         """
-        handler = _Handler(name, close, self._handler_timeout if timeout is None else timeout, forks)
+        handler = _Handler(name, close, self._handler_timeout if timeout is None else timeout, forks,
+                           same_thread)
         with self._lock:
             late = self._closed
             if not late:
@@ -199,11 +207,15 @@ class ShutdownRegistry:
                 errors.append(exc)
 
         started = self._clock()
-        thread = threading.Thread(target=target, name=f"close-{handler.name}", daemon=True)
-        thread.start()
-        thread.join(timeout)
+        if handler.same_thread:
+            target()
+            thread = None
+        else:
+            thread = threading.Thread(target=target, name=f"close-{handler.name}", daemon=True)
+            thread.start()
+            thread.join(timeout)
         elapsed = self._clock() - started
-        if thread.is_alive():
+        if thread is not None and thread.is_alive():
             log.error("closing %s timed out after %.1f s; abandoned", handler.name, timeout)
             frame = sys._current_frames().get(thread.ident or 0)
             if frame is not None:
@@ -256,9 +268,9 @@ def current() -> ShutdownRegistry:
 
 
 def register(name: str, close: Callable[[], object], *, timeout: float | None = None,
-             forks: bool | None = None) -> None:
+             forks: bool | None = None, same_thread: bool = False) -> None:
     """Close ``close`` when this process stops (its registry; see :meth:`ShutdownRegistry.register`)."""
-    current().register(name, close, timeout=timeout, forks=forks)
+    current().register(name, close, timeout=timeout, forks=forks, same_thread=same_thread)
 
 
 def warn_left_behind(forking: str) -> None:

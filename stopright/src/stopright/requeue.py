@@ -47,7 +47,7 @@ from celery.worker.request import logger as celery_request_logger
 
 from stopright.upstream import kombu as kombu_internals
 
-log = logging.getLogger("requeue")
+log = logging.getLogger("stopright.requeue")
 
 SPOOL_ENV = "STOPRIGHT_SPOOL_DIR"
 SPOOL_NAME = "refused-requeues.jsonl"
@@ -65,6 +65,8 @@ def spool_path() -> Path:
 class Request(CeleryRequest):
     """Celery's Request; a requeue the broker refuses is reported in one line and done once it is back."""
 
+    on_reject: Any  # Celery's: kombu's message.reject, or what it is given instead
+
     def reject(self, requeue: bool = False) -> None:
         if requeue and not self.acknowledged:
             self.on_reject = _ReportingTo(self.on_reject, _RefusedRequeue(self))
@@ -78,7 +80,7 @@ class _ReportingTo:
         self._reject = reject
         self._reporter = reporter
 
-    def __call__(self, _logger: Any, errors: tuple, requeue: bool) -> Any:
+    def __call__(self, _logger: Any, errors: tuple[type[BaseException], ...], requeue: bool) -> Any:
         return self._reject(self._reporter, errors, requeue)
 
 

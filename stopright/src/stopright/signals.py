@@ -22,11 +22,13 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from types import FrameType
 
 from stopright import registry
-from stopright.registry import STOP_SIGNALS, ShutdownRegistry
+from stopright.registry import STOP_SIGNALS as STOP_SIGNALS  # re-exported: the public name lives here
+from stopright.registry import ShutdownRegistry
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 
 def chain_signal(signum: int, before: Callable[[int], object]) -> None:
@@ -38,7 +40,7 @@ def chain_signal(signum: int, before: Callable[[int], object]) -> None:
     """
     previous = signal.getsignal(signum)
 
-    def handler(sig: int, frame: object) -> None:
+    def handler(sig: int, frame: FrameType | None) -> None:
         before(sig)
         if callable(previous):
             previous(sig, frame)
@@ -321,7 +323,7 @@ def parent_death_signal(signum: int) -> bool:
     """``prctl(PR_SET_PDEATHSIG)``: the kernel sends ``signum`` when our parent dies."""
     if not sys.platform.startswith("linux"):
         return False
-    return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum) == 0
+    return bool(ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum) == 0)
 
 
 def die_with_parent() -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+from celery import signals as celery_signals
 
 from stopright import handback, registry, signals
 from stopright.budget import WORKER_AFTER_GRACE
@@ -40,12 +41,14 @@ from stopright.pools import Pool
 from stopright.upstream import celery as celery_internals
 from stopright.upstream.cpython import run_atexit_handlers
 
-log = logging.getLogger("shutdown")
+log = logging.getLogger("stopright")
 
 #: After SIGUSR2, how long a pool child has to hand its job back before SIGKILL.
 HANDBACK_SECONDS = 0.5
 #: How long the user's ``on_hand_back`` may take at the close, for every killed child's task together.
 ON_HAND_BACK_SECONDS = 0.5
+#: How long the app's ``worker_shutting_down`` receivers may take, out of the grace.
+RECEIVERS_SECONDS = 0.5
 #: Once no task runs, how long the pool's children have to exit.
 POOL_EXIT_SECONDS = 0.5
 #: Then how long the MainProcess has to close the consumer and its connections: at least this, or
@@ -93,8 +96,9 @@ class WorkerStop:
     """
 
     def __init__(self, grace: float, on_hand_back: Callable[[Any], object] | None = None,
-                 pool: Pool | None = None) -> None:
+                 pool: Pool | None = None, hostname: str = "") -> None:
         self.grace = grace
+        self.hostname = hostname
         self.on_hand_back = on_hand_back
         self.pool = pool or Pool("prefork")
         self._started = False
@@ -168,6 +172,7 @@ class WorkerStop:
             # Quiet began in the handler (begin): the consumer fetches nothing more. The log
             # lines the handler could not write: "signal received", "graceful shutdown started".
             registry.current().begin(self._plan())
+            self._tell_receivers()
             self.pool.last_resort(self.deadline + LAST_RESORT_SECONDS - time.monotonic(),
                                   "the worker's event hub is held up (a task that does not yield?)")
             running = self._stop_within_grace()
@@ -189,6 +194,23 @@ class WorkerStop:
             log.exception("stop watchdog failed; exiting now")
             _exit_now(1, self.deadline)
 
+    def _tell_receivers(self) -> None:
+        """Celery's ``worker_shutting_down``, as its own stop handler sends it (a stop signal only).
+
+        From this thread, not the handler: receivers may log. Each gets
+        :data:`RECEIVERS_SECONDS` in all; one that blocks is left behind.
+        """
+        signum = registry.current().recorded_signal
+        if signum is None:  # the remote shutdown command: Celery sends nothing either
+            return
+        told = threading.Thread(target=celery_signals.worker_shutting_down.send, name="worker_shutting_down",
+                                kwargs={"sender": self.hostname, "sig": signal.Signals(signum).name,
+                                        "how": "Warm", "exitcode": 0}, daemon=True)
+        told.start()
+        told.join(RECEIVERS_SECONDS)
+        if told.is_alive():
+            _overran(f"worker_shutting_down receivers still running after {RECEIVERS_SECONDS} s")
+
     def _since(self) -> float:
         return time.monotonic() - self._begun_at
 
@@ -202,7 +224,7 @@ class WorkerStop:
         """
         threading.Event().wait()
 
-    def _stop_within_grace(self) -> list:
+    def _stop_within_grace(self) -> list[Any]:
         """Phase 2, stop: running tasks finish within the grace (a second SIGINT/SIGQUIT ends it).
 
         Returns the requests still running when it ends.
@@ -214,7 +236,7 @@ class WorkerStop:
             log.warning("%s again: handing back running tasks now", signal.Signals(self._again).name)
         return _running()
 
-    def _hand_back(self, running: list) -> bool:
+    def _hand_back(self, running: list[Any]) -> bool:
         """Phase 3, hand back: each running task hands back (requeued), or the pool gives up on it.
 
         How depends on the pool (stopright/pools.py): never a signal to this
@@ -231,7 +253,7 @@ class WorkerStop:
         self._handed_back_for(late)  # with the close handlers (outages: bounded, after the kill)
         return bool(late) and self.pool.kind == "solo"
 
-    def _handed_back_for(self, requests: list) -> None:
+    def _handed_back_for(self, requests: list[Any]) -> None:
         """The user's ``on_hand_back(request)`` for each task whose child was killed: after the kill, bounded.
 
         Its message is requeued anyway (``task_reject_on_worker_lost``); this
@@ -242,13 +264,14 @@ class WorkerStop:
         frozen database ran before the kill, with no limit, and held the stop
         past honcho's SIGKILL.
         """
-        if self.on_hand_back is None or not requests:
+        on_hand_back = self.on_hand_back
+        if on_hand_back is None or not requests:
             return
 
         def call_each() -> None:
             for request in requests:
                 try:
-                    self.on_hand_back(request)
+                    on_hand_back(request)
                 except Exception:  # noqa: BLE001 - the others still get theirs
                     log.exception("on_hand_back failed for task %s[%s]", request.name, request.id)
 
@@ -259,7 +282,7 @@ class WorkerStop:
 _POLL = 0.01
 
 
-def _wait_until(done, seconds: float) -> bool:
+def _wait_until(done: Callable[[], object], seconds: float) -> bool:
     """Poll ``done()`` until it is true (True) or ``seconds`` have passed (False)."""
     deadline = time.monotonic() + seconds
     while not done():
@@ -352,7 +375,7 @@ def _join_threads(deadline: float) -> list[str]:
 _running = celery_internals.running_requests
 
 
-def _still_running(requests: list) -> list:
+def _still_running(requests: list[Any]) -> list[Any]:
     active = {id(r) for r in _running()}
     return [r for r in requests if id(r) in active]
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from typing import Any
 
 
-def source_digest(obj: object) -> str:
+def source_digest(obj: Any) -> str:
     """A short digest of ``obj``'s source, blank lines and indentation ignored: what the shape tests pin."""
     lines = [line.strip() for line in inspect.getsource(obj).splitlines() if line.strip()]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]

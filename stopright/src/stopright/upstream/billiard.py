@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from billiard.pool import DEATH, EX_FAILURE, EX_OK, TERM_SIGNAL
 
@@ -41,16 +42,16 @@ DO_EXIT_DIGEST = "365d96d5485a8b34"
 class QuickExit:
     """Pool child: billiard's ``_do_exit``, minus ``time.sleep(1)`` before ``os._exit``."""
 
-    on_exit: object
-    outq: object
+    on_exit: Callable[[int, int], object] | None
+    outq: Any
 
-    def after_fork(self):
+    def after_fork(self) -> None:
         """billiard's (the initializer, then its signal handlers), then :data:`after_signal_reset`."""
         super().after_fork()  # type: ignore[misc]
         for call in after_signal_reset:
             call()
 
-    def _do_exit(self, pid, exitcode, exc=None):
+    def _do_exit(self, pid: int, exitcode: int | None, exc: BaseException | None = None) -> None:
         if exitcode is None:
             exitcode = EX_FAILURE if exc else EX_OK
 

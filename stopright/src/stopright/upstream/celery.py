@@ -31,6 +31,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from billiard.compat import setblocking
 from billiard.pool import CLOSE, RUN, TERMINATE, WorkersJoined
@@ -89,7 +90,7 @@ RESULT_WAIT = 0.02  # per child pipe and pass while draining (Celery: poll, then
 
 
 class ResultHandler(asynpool.ResultHandler):
-    def on_stop_not_started(self):
+    def on_stop_not_started(self) -> None:
         """Read the children's results until every child has exited (Celery: until none is pending).
 
         At the warm shutdown Celery's ``AsynPool.flush`` drops from its cache
@@ -114,7 +115,7 @@ class ResultHandler(asynpool.ResultHandler):
         while outqueues and self._state != TERMINATE:  # Celery: while cache and outqueues and ...
             if check_timeouts is not None:
                 check_timeouts()
-            pending_remove_fd = set()
+            pending_remove_fd: set[int] = set()
             for fd in outqueues:
                 asynpool.iterate_file_descriptors_safely(
                     [fd], self.fileno_to_outq, self._flush_outqueue,
@@ -125,7 +126,10 @@ class ResultHandler(asynpool.ResultHandler):
                     return
             outqueues.difference_update(pending_remove_fd)
 
-    def _flush_outqueue(self, fd, remove, process_index, on_state_change):
+    def _flush_outqueue(
+        self, fd: int, remove: Callable[[int], Any], process_index: dict[int, Any],
+        on_state_change: Callable[[Any], object],
+    ) -> Any:
         try:
             proc = process_index[fd]
         except KeyError:
@@ -169,13 +173,14 @@ class AsynPool(asynpool.AsynPool):
 
 class TaskPool(prefork.TaskPool):
     Pool = AsynPool
+    _pool: Any  # Celery's: the AsynPool, None once stopped
 
     def on_stop(self) -> None:
         """Gracefully stop the pool (warm shutdown)."""
         if self._pool is None or self._pool._state not in (RUN, CLOSE):
             return
         self._pool.close()
-        hub = get_event_loop()
+        hub: Any = get_event_loop()
         if hub is None:
             self._pool.join()
             self._pool = None
@@ -221,7 +226,7 @@ def warm_shutdown() -> None:
     state.should_stop = 0
 
 
-def running_requests() -> list:
+def running_requests() -> list[Any]:
     """Requests being executed by a pool child (or thread, or greenlet) right now (MainProcess view).
 
     Read in one step (:func:`stopright.upstream.cpython.weakset_snapshot`):
@@ -231,7 +236,7 @@ def running_requests() -> list:
     return [r for r in weakset_snapshot(state.active_requests) if r.worker_pid]
 
 
-def replace_shutdown_command(on_shutdown) -> None:
+def replace_shutdown_command(on_shutdown: Callable[[], object]) -> None:
     """``celery control shutdown``: call ``on_shutdown()``, then Celery's own warm shutdown.
 
     Celery's command only raises WorkerShutdown: a warm shutdown with no
@@ -239,7 +244,7 @@ def replace_shutdown_command(on_shutdown) -> None:
     one, registered under the same name, lets the caller bound it.
     """
 
-    @control_command(name="shutdown")
+    @control_command(name="shutdown")  # type: ignore[untyped-decorator]  # Celery's, untyped
     def shutdown(_state: object, **_: object) -> None:
         """Shutdown worker(s), within the grace (replaces Celery's ``shutdown`` command)."""
         on_shutdown()
@@ -256,7 +261,7 @@ def reset_apps_after_fork() -> None:
         app._after_fork()
 
 
-def beat_without_sync_handler(app) -> None:
+def beat_without_sync_handler(app: Any) -> None:
     """``celery beat``: no SIGTERM/SIGINT handler of Celery's between its banner and the scheduler's.
 
     Celery's handler syncs the schedule in signal context: a signal in the
@@ -268,7 +273,7 @@ def beat_without_sync_handler(app) -> None:
     base = app.Beat
 
     class Beat(base):  # type: ignore[misc, valid-type]
-        def install_sync_handler(self, service) -> None:
+        def install_sync_handler(self, service: object) -> None:
             return None
 
     app.Beat = Beat
@@ -284,8 +289,8 @@ def result_backend_close(backend: object) -> Callable[[], None] | None:
     theirs in kombu's pools (closed with them) or in clients whose servers do
     not mind.
     """
-    manager = getattr(backend, "session_manager", None)
+    invalidate = getattr(getattr(backend, "session_manager", None), "invalidate", None)
     url = getattr(backend, "url", None)
-    if manager is None or not url:
+    if invalidate is None or not url:
         return None
-    return functools.partial(manager.invalidate, url)
+    return functools.partial(invalidate, url)

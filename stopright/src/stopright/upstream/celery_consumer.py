@@ -13,6 +13,8 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
@@ -38,7 +40,7 @@ _wakeup_fd: int | None = None  # read end of this process's signal wakeup pipe
 _chained_fd = -1  # the wakeup descriptor the app had set before ours: it still gets every signal
 
 
-def wake_on_signals(hub) -> None:
+def wake_on_signals(hub: Any) -> None:
     """Let a signal end the event loop's poll at once; call each time the loop (re)starts.
 
     Python runs a signal handler between bytecodes and then resumes the
@@ -62,7 +64,7 @@ def wake_on_signals(hub) -> None:
         _chained_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         _wakeup_fd = read_fd
         if _chained_fd != -1:
-            logging.getLogger("shutdown").warning(
+            logging.getLogger("stopright").warning(
                 "signal wakeup descriptor %d was already set: stopright's event-loop wake-up passes every "
                 "signal on to it", _chained_fd)
     if _wakeup_fd not in hub.readers:
@@ -86,7 +88,7 @@ def _drain(fd: int) -> None:
 STOP_CHECK_SECONDS = 0.25
 
 
-def notice_stops_soon(connection) -> None:
+def notice_stops_soon(connection: Any) -> None:
     """Cap every ``drain_events`` wait of ``connection`` at :data:`STOP_CHECK_SECONDS`.
 
     ``synloop`` checks ``state.should_stop`` only between two waits of 2 s,
@@ -99,7 +101,7 @@ def notice_stops_soon(connection) -> None:
     if getattr(drain, "capped", False):
         return
 
-    def drain_events(timeout=None, **kwargs):
+    def drain_events(timeout: float | None = None, **kwargs: Any) -> Any:
         capped = STOP_CHECK_SECONDS if timeout is None else min(timeout, STOP_CHECK_SECONDS)
         return drain(timeout=capped, **kwargs)
 
@@ -108,10 +110,10 @@ def notice_stops_soon(connection) -> None:
 
 
 #: Called with (the lost connection, the running late-ack requests) when the consumer loses its broker.
-connection_lost_hooks: list = []
+connection_lost_hooks: list[Callable[[Any, list[Any]], object]] = []
 
 
-def forget_delivery(request) -> None:
+def forget_delivery(request: Any) -> None:
     """The broker took this delivery back (its connection is gone): Celery must neither ack nor reject it.
 
     Either would go to the dead channel and log ``Couldn't reject ...`` at
@@ -130,12 +132,12 @@ class Consumer(CeleryConsumer):
     did. A try against a broker that refuses connections costs microseconds.
     """
 
-    def on_ready(self):
+    def on_ready(self) -> None:
         """Each start of the event loop, the first and after every reconnection."""
         wake_on_signals(self.hub)
         super().on_ready()
 
-    def on_connection_error_after_connected(self, exc):
+    def on_connection_error_after_connected(self, exc: BaseException) -> Any:
         """The broker connection is lost: first :data:`connection_lost_hooks` (the running late-ack
         tasks are handed back, stopright/celery_worker.py), then Celery's reconnection."""
         running = [r for r in running_requests() if r.task.acks_late and not r.acknowledged
@@ -147,13 +149,13 @@ class Consumer(CeleryConsumer):
                 logger.exception("hand-back on connection loss failed")
         return super().on_connection_error_after_connected(exc)
 
-    def loop_args(self):
+    def loop_args(self) -> Any:
         """Each start of the event loop: under gevent and eventlet (no hub), notice a stop soon."""
         if self.hub is None and self.connection is not None:
             notice_stops_soon(self.connection)
         return super().loop_args()
 
-    def ensure_connected(self, conn):
+    def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = functools.partial(
             conn.ensure_connection, interval_start=RETRY_START_SECONDS,
             interval_step=RETRY_STEP_SECONDS, interval_max=RETRY_MAX_SECONDS)

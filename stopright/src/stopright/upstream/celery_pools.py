@@ -16,8 +16,10 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from concurrent.futures import FIRST_COMPLETED
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
+from typing import Any, cast
 
 from celery import concurrency
 from celery.concurrency import base, solo, thread
@@ -48,12 +50,15 @@ class ThreadTaskPool(thread.TaskPool):
     channel closes, and the thread ends with the process.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._futures: set = set()
+        self._futures: set[Future[Any]] = set()
         self._abandoned = threading.Event()
 
-    def on_apply(self, target, args=None, kwargs=None, callback=None, accept_callback=None, **_):
+    def on_apply(
+        self, target: Callable[..., Any], args: Any = None, kwargs: Any = None,
+        callback: Any = None, accept_callback: Any = None, **_: Any,
+    ) -> Any:
         result = super().on_apply(target, args, kwargs, callback, accept_callback, **_)
         self._futures.add(result.f)
         result.f.add_done_callback(self._futures.discard)
@@ -77,8 +82,11 @@ def _ours(kind: str) -> type:
     """stopright's pool class of ``kind``; gevent's and eventlet's are imported only when asked for."""
     if kind in ("gevent", "eventlet"):
         module = importlib.import_module(f"stopright.upstream.{kind}")
-        return module.TaskPool
-    return {"prefork": celery_internals.TaskPool, "threads": ThreadTaskPool, "solo": solo.TaskPool}[kind]
+        return cast(type, module.TaskPool)
+    pools: dict[str, type] = {
+        "prefork": celery_internals.TaskPool, "threads": ThreadTaskPool, "solo": solo.TaskPool,
+    }
+    return pools[kind]
 
 
 def resolve(pool_cls: type | str) -> tuple[type, str]:
@@ -89,7 +97,7 @@ def resolve(pool_cls: type | str) -> tuple[type, str]:
     stop it within the grace.
     """
     if isinstance(pool_cls, str):
-        pool_cls = concurrency.get_implementation(pool_cls)
+        pool_cls = cast(type, concurrency.get_implementation(pool_cls))
     path = f"{pool_cls.__module__}:{pool_cls.__qualname__}"
     for kind in KINDS:
         if path == concurrency.ALIASES[kind]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import weakref
+from typing import TypeVar
 
 #: What this module relies on that CPython does not promise (checked by tests/unit/test_upstream_shapes.py).
 REACHES = {
@@ -20,6 +21,8 @@ REACHES = {
         "raises an exception in another thread at its next bytecode (the threads pool's hand-back)",
     "weakref.WeakSet.data": "the set of weak references behind a WeakSet, copied in one step",
 }
+
+T = TypeVar("T")
 
 
 def run_atexit_handlers() -> None:
@@ -41,10 +44,10 @@ def raise_in_thread(ident: int, exc: type[BaseException]) -> bool:
     if done > 1:  # more than one thread state: undo, as the C API's documentation asks
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
         return False
-    return done == 1
+    return bool(done == 1)
 
 
-def weakset_snapshot(items: weakref.WeakSet | set) -> list:
+def weakset_snapshot(items: weakref.WeakSet[T] | set[T]) -> list[T]:
     """The live members of ``items``, read in one step another thread cannot interleave with.
 
     Iterating a WeakSet runs Python code between members, so a thread that
@@ -53,5 +56,5 @@ def weakset_snapshot(items: weakref.WeakSet | set) -> list:
     """
     if not isinstance(items, weakref.WeakSet):
         return list(items)
-    refs = list(items.data)
+    refs = list(items.data)  # type: ignore[attr-defined]  # its set of references (CPython's weakref.py)
     return [item for item in (ref() for ref in refs) if item is not None]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from celery import signals
 from celery.concurrency import eventlet as celery_eventlet  # imports no eventlet until a pool is built
@@ -28,7 +30,7 @@ REACHES = {
 class TaskPool(celery_eventlet.TaskPool):
     """Celery's eventlet pool, whose stop does not wait for a green thread the hand-back gave up on."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._abandoned = threading.Event()  # patched: a green Event
 
@@ -44,18 +46,18 @@ class TaskPool(celery_eventlet.TaskPool):
         signals.eventlet_pool_postshutdown.send(sender=self)
 
 
-def call_in_hub(fn, *args) -> None:
+def call_in_hub(fn: Callable[..., object], *args: object) -> None:
     """Run ``fn(*args)`` in eventlet's hub, soon, with every green thread paused at a switch point."""
     _eventlet("eventlet.hubs").get_hub().schedule_call_global(0, fn, *args)
 
 
-def real_thread(target) -> None:
+def real_thread(target: Callable[[Callable[[float], None]], object]) -> None:
     """Run ``target(sleep)`` in an OS thread with a sleep that is not eventlet's (the hub may be stuck)."""
     original = _eventlet("eventlet.patcher").original
     original("_thread").start_new_thread(target, (original("time").sleep,))
 
 
-def _eventlet(module: str):
+def _eventlet(module: str) -> Any:
     """An eventlet module, imported when first used: importing eventlet warns that it is deprecated,
     and makes every later fork of the process warn (a test process that never runs the pool)."""
     return importlib.import_module(module)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from celery.concurrency import gevent as celery_gevent  # imports no gevent until a pool is built
 
@@ -29,7 +31,7 @@ REACHES = {
 class TaskPool(celery_gevent.TaskPool):
     """Celery's gevent pool, whose stop does not wait for a greenlet the hand-back gave up on."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._abandoned = threading.Event()  # patched: a gevent Event
 
@@ -43,12 +45,12 @@ class TaskPool(celery_gevent.TaskPool):
                 break
 
 
-def call_in_hub(fn, *args) -> None:
+def call_in_hub(fn: Callable[..., object], *args: object) -> None:
     """Run ``fn(*args)`` in gevent's hub, soon, with every greenlet paused at a switch point."""
     importlib.import_module("gevent").get_hub().loop.run_callback(fn, *args)
 
 
-def real_thread(target) -> None:
+def real_thread(target: Callable[[Callable[[float], None]], object]) -> None:
     """Run ``target(sleep)`` in an OS thread with a sleep that is not gevent's (the hub may be stuck)."""
     original = importlib.import_module("gevent.monkey").get_original
     original("_thread", "start_new_thread")(target, (original("time", "sleep"),))

@@ -1,12 +1,9 @@
 """gunicorn worker classes whose stop never resets a connection the kernel accepted; the master's stop.
 
-The hazard (measured: 32 clients posting jobs and long-polling them, ^C):
-a stopping gunicorn worker stops calling ``accept()`` but keeps its copy of
-the listening socket open until it exits; when the last process closes the
-socket, every connection still queued there is reset (every request that
-started in the first ~60 ms after ^C). Stock gthread also keeps each
-kept-alive connection open for up to 2 s at stop, in case a request is on
-its way. What a stopping worker does here, on any stop signal:
+The hazard (docs/why.md, section 8): a stopping gunicorn worker keeps its copy of the listening
+socket until it exits; when the last process closes it, every connection still queued there is
+reset. Stock gthread also keeps each kept-alive connection open for up to 2 s at stop, in case a
+request is on its way. What a stopping worker does here, on any stop signal:
 
 1. Every answer that starts after the stop began says ``Connection:
    close`` (long polls in flight answer at once with the job's state), so
@@ -21,9 +18,8 @@ its way. What a stopping worker does here, on any stop signal:
    :data:`STOP_IDLE_LINGER` ago is kept that long: its client may be sending
    the next request right now, and closing under it would drop that request.
 
-Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes
-subclass gunicorn 27's own workers and override only what is named here.
-The master's stop is made graceful here too (:func:`graceful_master`).
+Selected by ``worker_class`` (stopright/gunicorn_hooks.py). Both classes subclass gunicorn 27's own
+workers and override only what is named here. The master's graceful stop: :func:`graceful_master`.
 """
 
 from __future__ import annotations
@@ -33,12 +29,20 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any, cast
 
 from gunicorn.http.errors import ParseException
 from gunicorn.workers import gthread, sync
 
 from stopright.listener import MasterNotes, hand_over, held_elsewhere, holds, refuse_handshakes
+
+if TYPE_CHECKING:  # the mixin below sees the worker it is mixed into; at run time it is a plain class
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.http.message import Request
+    from gunicorn.workers.base import Worker as _Worker
+else:
+    _Worker = object
 
 #: What this module relies on that gunicorn does not promise (tests/unit/test_upstream_shapes_gunicorn.py).
 REACHES = {
@@ -64,24 +68,21 @@ REACHES = {
     "gunicorn.http.message.Request.force_close": "an answer that must say Connection: close",
 }
 
-#: How long a connection answered (with keep-alive) just before or during the stop stays open for
-#: the client's next request: long enough for a client that reuses its connection at once (well
-#: under a millisecond on a LAN), short enough not to hold the stop (stock gthread: 2 s).
+#: How long a connection answered with keep-alive just before or during the stop stays open for the
+#: client's next request: enough for one that reuses it at once, not enough to hold the stop (gthread: 2 s).
 STOP_IDLE_LINGER = 0.5
 
 
-class _ClosingApp:
+class _ClosingApp(_Worker):
     """Both worker classes: graceful on every stop signal, after an optional drain;
     the app wrapped to close connections that must not be reused."""
 
-    alive: bool
-    wsgi: Callable[..., object]
     #: Serve on this long after the first stop signal (set by stopright's ``post_fork`` hook).
     drain_seconds = 0.0
     #: The first stop signal, even one while the app loads (``post_worker_init`` then records it).
     first_stop_signal: int | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._request = threading.local()  # the request this thread is handling
         self._draining = False
@@ -102,7 +103,7 @@ class _ClosingApp:
             begins, self._drain_begins = os.pipe()
             threading.Thread(target=self._drain, args=(begins,), name="drain", daemon=True).start()
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: Any) -> None:
         """A stop signal: stop now, or start the drain (only records: the drain's thread ends it).
 
         A worker forked after the master began its stop (the master's
@@ -146,12 +147,12 @@ class _ClosingApp:
         super().load_wsgi()
         app = self.wsgi
 
-        def closing_when_needed(environ, start_response):
+        def closing_when_needed(environ: MutableMapping[str, Any], start_response: Callable[..., Any]) -> Any:
             req = getattr(self._request, "req", None)
             if req is not None:
                 environ["wsgi.input"] = _ClosingOnError(environ["wsgi.input"], req)
 
-            def start(status, headers, exc_info=None):
+            def start(status: str, headers: Iterable[tuple[str, str]], exc_info: Any = None) -> Any:
                 if not self.alive and req is not None:
                     req.force_close()
                 return start_response(status, headers, exc_info)
@@ -164,18 +165,16 @@ class _ClosingApp:
 class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
     """gthread, with the stop described in the module docstring."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._listening = True
+    _listening = True  # until the stop closes the listeners (set_accept_enabled)
 
-    def handle_request(self, req, conn):  # in a pool thread
+    def handle_request(self, req: Request, conn: gthread.TConn) -> bool:  # in a pool thread
         self._request.req = req
         try:
             return super().handle_request(req, conn)
         finally:
             self._request.req = None
 
-    def _keepalive_after(self, conn, keepalive):
+    def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
         """gthread reads the rest of an answered request's body before the next request.
 
         When that body's framing is broken (the app never read it), gunicorn
@@ -185,11 +184,11 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
         be parsed.
         """
         try:
-            return super()._keepalive_after(conn, keepalive)
+            return super()._keepalive_after(conn, keepalive)  # type: ignore[misc,no-any-return]  # no stub
         except (OSError, ParseException):
             return False
 
-    def set_accept_enabled(self, enabled: bool) -> None:
+    def set_accept_enabled(self, enabled: bool | None) -> None:
         """gthread calls this with False as its first step of the stop (main thread)."""
         super().set_accept_enabled(enabled)
         if not enabled and not self.alive and self._listening:
@@ -197,7 +196,7 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
             self._drain_and_close_listeners()
 
     def _drain_and_close_listeners(self) -> None:
-        def serve(listener, client: socket.socket, addr: object) -> None:
+        def serve(listener: socket.socket, client: socket.socket, addr: Any) -> None:
             self.nr_conns += 1
             client.setblocking(True)
             self.enqueue_req(gthread.TConn(self.cfg, client, addr, listener.getsockname()))
@@ -214,15 +213,16 @@ class ThreadWorker(_ClosingApp, gthread.ThreadWorker):
         """
         now = time.monotonic()
         for conn in self.keepalived_conns:  # ordered by timeout; this keeps the order
-            conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))
+            conn.timeout = min(conn.timeout, max(now, conn.answered_at + STOP_IDLE_LINGER))  # type: ignore[attr-defined]
 
-    def finish_request(self, conn, fs) -> None:
+
+    def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
         """Note when each kept-alive connection was answered; during the stop, keep it briefly."""
         super().finish_request(conn, fs)
         if self.keepalived_conns and self.keepalived_conns[-1] is conn:
-            conn.answered_at = now = time.monotonic()
+            conn.answered_at = now = time.monotonic()  # type: ignore[attr-defined]
             if not self.alive:
-                conn.timeout = min(conn.timeout, now + STOP_IDLE_LINGER)
+                conn.timeout = min(conn.timeout, now + STOP_IDLE_LINGER)  # type: ignore[type-var]
 
 
 class UnreadableBody(OSError):
@@ -236,37 +236,37 @@ class UnreadableBody(OSError):
 class _ClosingOnError:
     """A request body that marks its connection for closing if it cannot be read."""
 
-    def __init__(self, body, req) -> None:
+    def __init__(self, body: Any, req: Request) -> None:
         self._body = body
         self._req = req
 
-    def _reading(self, method: str, *args):
+    def _reading(self, method: str, *args: object) -> Any:
         try:
             return getattr(self._body, method)(*args)
         except (OSError, ParseException) as error:  # InvalidChunkSize, NoMoreData, InvalidHeader...
             self._req.force_close()
             raise UnreadableBody(str(error) or type(error).__name__) from error
 
-    def read(self, *args):
+    def read(self, *args: object) -> Any:
         return self._reading("read", *args)
 
-    def readline(self, *args):
+    def readline(self, *args: object) -> Any:
         return self._reading("readline", *args)
 
-    def readlines(self, *args):
+    def readlines(self, *args: object) -> Any:
         return self._reading("readlines", *args)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.readline, b"")
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._body, name)
 
 
 class SyncWorker(_ClosingApp, sync.SyncWorker):
     """sync (one request at a time, no keep-alive): drain the accept queue, then close."""
 
-    def handle_request(self, listener, req, client, addr):
+    def handle_request(self, listener: socket.socket, req: Request, client: socket.socket, addr: Any) -> bool:
         self._request.req = req
         try:
             return super().handle_request(listener, req, client, addr)
@@ -276,7 +276,7 @@ class SyncWorker(_ClosingApp, sync.SyncWorker):
     def run(self) -> None:
         super().run()  # returns once the stop is seen, after the request in hand
 
-        def serve(listener, client: socket.socket, addr: object) -> None:
+        def serve(listener: socket.socket, client: socket.socket, addr: Any) -> None:
             client.setblocking(True)
             self.handle(listener, client, addr)  # answered with Connection: close
 
@@ -288,7 +288,8 @@ class SyncWorker(_ClosingApp, sync.SyncWorker):
 _notes: MasterNotes | None = None
 
 
-def graceful_master(server, on_stop: Callable[[int], bool], *, from_outside: bool = False) -> MasterNotes:
+def graceful_master(server: Arbiter, on_stop: Callable[[int], bool], *,
+                    from_outside: bool = False) -> MasterNotes:
     """The master: SIGINT and SIGQUIT as graceful as SIGTERM; ``on_stop`` may hold the stop (a drain).
 
     gunicorn's master only queues a signal in its handler and calls
@@ -296,9 +297,8 @@ def graceful_master(server, on_stop: Callable[[int], bool], *, from_outside: boo
     its loop, so ``on_stop(signum)`` runs there, free to log. It returns
     True to stop now (gunicorn's graceful stop), False to go on serving;
     :func:`end_drain_after` then stops. Stock gunicorn takes SIGINT and
-    SIGQUIT as its quick stop: requests in flight get HTTP 500 or a cut
-    answer; and during its graceful stop a later SIGINT or SIGQUIT turns it
-    into the quick one (SIGKILL 2 s later): here they are repeats.
+    SIGQUIT as its quick stop (:meth:`_ClosingApp.init_signals`); here, once
+    stopping, they are repeats (:func:`_repeats_only`).
 
     At the stop the master tells its workers (:class:`MasterNotes`) whether
     another server holds the listening sockets too, and when it closed its
@@ -327,15 +327,15 @@ def graceful_master(server, on_stop: Callable[[int], bool], *, from_outside: boo
             notes.note_closed()
         tell_workers(sig)
 
-    server.handle_term = lambda: handle(signal.SIGTERM)
-    server.handle_int = lambda: handle(signal.SIGINT)
-    server.handle_quit = lambda: handle(signal.SIGQUIT)
-    server.handle_alrm = stop  # the drain is over (end_drain_after)
-    server.kill_workers = kill_workers
+    server.handle_term = lambda: handle(signal.SIGTERM)  # type: ignore[method-assign]
+    server.handle_int = lambda: handle(signal.SIGINT)  # type: ignore[method-assign]
+    server.handle_quit = lambda: handle(signal.SIGQUIT)  # type: ignore[method-assign]
+    server.handle_alrm = stop  # type: ignore[attr-defined]  # the drain is over (end_drain_after)
+    server.kill_workers = kill_workers  # type: ignore[method-assign]
     return notes
 
 
-def end_drain_after(server, seconds: float) -> threading.Timer:
+def end_drain_after(server: Arbiter, seconds: float) -> threading.Timer:
     """The master: its graceful stop in ``seconds``, from a timer thread (SIGALRM stays the app's).
 
     The thread queues SIGALRM's number like a signal handler would
@@ -347,7 +347,7 @@ def end_drain_after(server, seconds: float) -> threading.Timer:
     return timer
 
 
-def _repeats_only(server) -> None:
+def _repeats_only(server: Arbiter) -> None:
     """The graceful stop begins: a later SIGINT or SIGQUIT must not turn it into gunicorn's quick one.
 
     ``Arbiter.stop()`` takes each from the signal queue while it waits for
@@ -361,7 +361,7 @@ def _repeats_only(server) -> None:
         server.SIG_QUEUE.get_nowait()
 
 
-def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
+def _tell_sharing(server: Arbiter, notes: MasterNotes, from_outside: bool) -> None:
     """Whether a process outside this server holds the listeners too; if not, TCP handshakes refused.
 
     Another server does after a ``USR2`` upgrade (the new master, or the
@@ -371,7 +371,7 @@ def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
     outage. The master refuses TCP handshakes itself, just before closing:
     the socket filter may need a privilege its workers dropped (``user=``).
     """
-    listeners = server.LISTENERS
+    listeners = cast("list[socket.socket]", server.LISTENERS)  # gunicorn's sockets pass on what they lack
     old = server.master_pid  # the master before a USR2 upgrade: a holder till it is gone
     shared = bool(server.reexec_pid) or (old != 0 and old == os.getppid())
     if not shared and from_outside:
@@ -380,7 +380,7 @@ def _tell_sharing(server, notes: MasterNotes, from_outside: bool) -> None:
     notes.note_sharing(shared, refusing=bool(refused) and all(refused))
 
 
-def inherited_listeners(server) -> tuple[list[int], bool]:
+def inherited_listeners(server: Arbiter) -> tuple[list[int], bool]:
     """The master, at start: the listening sockets it inherits (fds), and whether some come from outside.
 
     From the master before it (``USR2``: ``GUNICORN_FD``), from systemd's
@@ -395,6 +395,6 @@ def inherited_listeners(server) -> tuple[list[int], bool]:
     return fds, outside
 
 
-def upgraded_from(server) -> int:
+def upgraded_from(server: Arbiter) -> int:
     """The master, at start: the pid of the master whose ``USR2`` started this one (it leaves first), or 0."""
     return server.master_pid

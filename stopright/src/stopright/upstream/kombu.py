@@ -13,7 +13,8 @@ pool children, beat).
 Across a fork nothing is inherited: a child forgets its parent's pools
 without closing them (an AMQP close from the child would end the parent's
 connection, whose socket it shares) and opens its own
-(:func:`forget_inherited`, run after every ``os.fork``).
+(:func:`forget_inherited`, run after each fork of a process that asked:
+:func:`forget_inherited_in_forks`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kombu import Connection, pools
+from kombu import pools
+from kombu.connection import Connection
 from kombu.resource import Resource
 
 from stopright.upstream import celery as celery_internals
@@ -58,7 +60,7 @@ def close_pooled_connections() -> None:
         for pool in list(group.values()):
             for resource in _empty(pool):
                 if isinstance(resource, Connection):  # not lazy: it was opened
-                    resource._close()
+                    resource._close()  # type: ignore[no-untyped-call]  # kombu leaves it untyped
 
 
 def _empty(pool: Resource) -> list[Any]:
@@ -93,14 +95,31 @@ def forget_inherited() -> None:
     celery_internals.reset_apps_after_fork()
 
 
-os.register_at_fork(after_in_child=forget_inherited)
+_forks_of: int | None = None  # the process whose direct children forget (None: no hook yet)
 
+
+def forget_inherited_in_forks() -> None:
+    """This process's forks (gunicorn's workers, pool children) forget its pools: :func:`forget_inherited`.
+
+    Only the direct children of the process that called this: a fork
+    elsewhere (the app's own multiprocessing) is left alone.
+    """
+    global _forks_of
+    if _forks_of is None:
+        os.register_at_fork(after_in_child=_after_fork)
+    _forks_of = os.getpid()
+
+
+def _after_fork() -> None:
+    if os.getppid() == _forks_of:
+        forget_inherited()
 
 
 def answers(connection: Connection, timeout: float = 0.5) -> bool:
     """The broker of ``connection`` takes a new connection now (within about ``timeout`` seconds)."""
-    probe = connection.clone(connect_timeout=timeout, transport_options={
-        **connection.transport_options, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+    probe = connection.clone(connect_timeout=timeout, transport_options={  # type: ignore[no-untyped-call]
+        **connection.transport_options,  # type: ignore[dict-item]  # a dict once built
+        "socket_connect_timeout": timeout, "socket_timeout": timeout})
     try:
         probe.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         probe.default_channel  # noqa: B018  (Redis: the channel is where it talks to the server)
