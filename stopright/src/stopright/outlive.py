@@ -143,9 +143,10 @@ def linger(child: subprocess.Popen[bytes], seconds: float) -> int:
     import psutil
 
     deadline = time.monotonic() + seconds
-    # Not reaped while it runs, so its pid is still the child's.
-    server = psutil.Process(child.pid) if child.poll() is None else None
-    remaining = waited = client_connections(server) if server is not None else 0
+    if child.poll() is not None:
+        return 0
+    server = psutil.Process(child.pid)  # not reaped yet, so the pid is still the child's
+    remaining = waited = client_connections(server)
     if waited:
         log.info("waiting up to %.1f s for %d client connection(s) to close", seconds, remaining)
     while remaining and time.monotonic() < deadline and child.poll() is None:
