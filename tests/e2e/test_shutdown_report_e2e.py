@@ -48,7 +48,9 @@ def stop(signum, frame):
 
 signal.signal(signal.SIGTERM, stop)
 if "--spawn" in sys.argv:
-    child = subprocess.Popen([sys.executable, __file__])
+    child = subprocess.Popen([sys.executable, __file__, "--child"])
+if "--child" not in sys.argv:
+    print("polite: ready", flush=True)  # with its child: the tree is whole
 while True:
     time.sleep(1)
 """
@@ -184,7 +186,9 @@ def test_polite_set_ctrl_c_broadcast(tmp_path: Path, report: Any) -> None:
     """Ctrl+C then SIGTERM broadcast: every process of the tree gets the signal from the report."""
     write_set(tmp_path / "polite", f"a: exec {PY} polite.py\nb: exec {PY} polite.py --spawn\n",
               polite=POLITE)
-    r = report(str(tmp_path / "polite"), "--signal", "TERM", "--broadcast", "--up", "2")
+    # Ready once each entry has its whole tree (--up alone: a slow start leaves a child unborn).
+    r = report(str(tmp_path / "polite"), "--signal", "TERM", "--broadcast", "--ready-line", "a=polite: ready",
+               "--ready-line", "b=polite: ready", "--up", "0.5")
     assert r.rc == 0, r
     assert "to every process of the tree at once (6)" in r.out, r
     rows = r.rows()

@@ -10,6 +10,7 @@ The Flask docs' pattern as a whole, stopped busy: test_flask_app.py.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -205,6 +206,38 @@ def test_gunicorn_preload_workers_inherit_forks_true_and_the_master_names_the_re
         assert exit_code(ps) == 0, ps.output
         disposed = set(re.findall(r"web pool closed in (\d+)", ps.output))
         assert workers <= disposed, ps.output  # each worker closed its own, and the master its own
+        assert not ps.survivors()
+    finally:
+        ps.cleanup()
+
+
+def test_a_stop_while_the_worker_starts_is_stoprights_bounded_stop(tmp_path: Path, rabbitmq: Vhost) -> None:
+    # From Celery's stop handlers (installed after the banner) to worker_ready (the pool starting,
+    # the broker connecting: seconds on a loaded machine), Celery's own stop ran: the group's SIGTERM
+    # killed the pool children, and its pool drain once held a worker until Heroku's SIGKILL.
+    extra = """
+    import time
+    from celery import bootsteps
+
+    class SlowStart(bootsteps.StartStopStep):
+        def start(self, c):
+            print("consumer starting slowly", flush=True)
+            time.sleep(2)
+
+    app.steps["consumer"].add(SlowStart)
+    """
+    ps = program(tmp_path, WORKER, shape_app(tmp_path / "app", rabbitmq.url, extra))
+    try:
+        ps.start()
+        ps.wait_for_line(r"consumer starting slowly", 60)
+        assert "ready." not in ps.output, ps.output
+        os.killpg(os.getpgid(ps.proc.pid), signal.SIGTERM)  # as honcho and Heroku: the whole group
+        rc = exit_code(ps)
+        out = ps.output
+        assert rc == 0, out
+        assert "signal received: SIGTERM" in out and "Warm shutdown (MainProcess)" not in out, out
+        assert "exited with 'signal" not in out, out  # no pool child died of the group's signal
+        assert_shutdown_sequence(ps.lines(), "worker")
         assert not ps.survivors()
     finally:
         ps.cleanup()

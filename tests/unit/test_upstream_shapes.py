@@ -170,6 +170,23 @@ def _(key: str) -> None:
                       "the child's pid is set when it accepts the request")
 
 
+@shape(C, C.STOP_HANDLERS)
+def _(key: str) -> None:
+    from stopright.upstream.checks_celery import stop_handlers
+
+    stop_handlers(key)
+
+    class Worker:
+        def install_platform_tweaks(self, worker: object) -> None:
+            order.append("celery's")
+
+    order: list[str] = []
+    worker = Worker()
+    C.after_stop_handlers(worker, lambda w: order.append("stopright's"))
+    worker.install_platform_tweaks(worker)
+    assert order == ["celery's", "stopright's"], order
+
+
 @shape(C, "celery.worker.control: the 'shutdown' command")
 def _(key: str) -> None:
     shapes.check_attributes(key, control.Panel, ["data", "meta"])

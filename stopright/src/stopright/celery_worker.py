@@ -105,7 +105,7 @@ def _connect() -> None:
     signals.worker_init.connect(_worker_init, weak=False)
     signals.celeryd_after_setup.connect(_warn_worker, weak=False)
     signals.beat_init.connect(_check_beat, weak=False)
-    signals.worker_ready.connect(_install_stop_handlers, weak=False)
+    signals.worker_ready.connect(_worker_ready, weak=False)
     signals.worker_process_init.connect(_child_init, weak=False)
     signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
     signals.worker_shutdown.connect(_worker_shutdown, weak=False)
@@ -131,6 +131,7 @@ def _worker_init(sender: Any = None, **_: object) -> None:
     _installed["main_pid"] = os.getpid()
     if applies("worker stop"):
         _installed["pool"] = pools.choose(sender)
+        celery_internals.after_stop_handlers(sender, _install_stop_handlers)
     if applies("broker connections"):
         registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
@@ -150,8 +151,9 @@ def _check_beat(sender: Any, **_: object) -> None:
 
 
 def _install_stop_handlers(sender: Any = None, **_: object) -> None:
-    """MainProcess, worker ready: replace Celery's stop handlers (installed just before)."""
-    if not applies("worker stop"):
+    """MainProcess: replace Celery's stop handlers as soon as it installs them (before the pool
+    starts); at worker_ready if that could not be done. ``sender``: the worker, or its consumer."""
+    if not applies("worker stop") or "stop" in _installed:
         return
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
@@ -162,6 +164,13 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     for signum in stop_signals.STOP_SIGNALS:
         signal.signal(signum, stop.on_signal)
     # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
+
+
+def _worker_ready(sender: Any = None, **_: object) -> None:
+    """MainProcess, its loop running: the stop handlers (if Celery's could not be replaced sooner)."""
+    _install_stop_handlers(sender)
+    if "stop" in _installed:
+        _installed["stop"].ready.set()
 
 
 def _hand_back_on_connection_loss(connection: Any, running: list[Any]) -> None:

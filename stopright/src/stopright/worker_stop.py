@@ -106,6 +106,7 @@ class WorkerStop:
         self._again: int | None = None  # a later SIGINT/SIGQUIT: hand back now
         self._wakeup = signals.Wakeup()  # the handler wakes the watchdog through it
         self.closed = threading.Event()  # set by worker_shutdown once the registry has run
+        self.ready = threading.Event()  # set by worker_ready: Celery's main thread runs its loop
         self.exit_code = 0  # Celery's, as worker_shutdown found it
 
     @property
@@ -178,6 +179,9 @@ class WorkerStop:
             running = self._stop_within_grace()
             if running and self._hand_back(running):
                 _exit_now(1, self.deadline)
+            # Stopped while starting (no task runs before worker_ready): Celery's main thread gets
+            # to its loop, and from there stops the pool it started, before the children can exit.
+            self.ready.wait(max(0.0, self.deadline - CLOSE_SECONDS - POOL_EXIT_SECONDS - time.monotonic()))
             if self.pool.has_children and not _wait_until(_pool_children_gone, POOL_EXIT_SECONDS):
                 _overran(f"the pool's children did not exit within {POOL_EXIT_SECONDS} s of their last task")
                 _kill_pool_children()

@@ -47,7 +47,10 @@ from stopright.upstream.billiard import QuickExit
 from stopright.upstream.cpython import weakset_snapshot
 
 #: What this module relies on that Celery does not promise (checked by tests/unit/test_upstream_shapes.py).
+STOP_HANDLERS = "celery.apps.worker.Worker.on_start: self.install_platform_tweaks(self), its stop handlers"
 REACHES = {
+    STOP_HANDLERS: (
+        "wrapped on the instance: stopright's stop handlers replace Celery's as soon as it installs them"),
     "celery.concurrency.asynpool.ResultHandler.on_stop_not_started": "copied, reads until children exit",
     "celery.concurrency.asynpool.ResultHandler._flush_outqueue": "copied, waits on the pipe, no sleep",
     "celery.concurrency.prefork.TaskPool.on_stop": "copied, the timer thread waits on an event",
@@ -234,6 +237,22 @@ def running_requests() -> list[Any]:
     of "nothing" ends the grace.
     """
     return [r for r in weakset_snapshot(state.active_requests) if r.worker_pid]
+
+
+def after_stop_handlers(worker: Any, then: Callable[[Any], object]) -> None:
+    """``then(worker)`` right after Celery installs its stop handlers, in ``on_start`` after the banner.
+
+    From there to ``worker_ready`` (the pool starting, the broker connecting: seconds on a loaded
+    machine) Celery's own stop would run: its children die of a group's SIGTERM and its pool drain
+    can wait 30 s. No task runs before ``worker_ready``.
+    """
+    installed = worker.install_platform_tweaks
+
+    def tweaks(w: Any) -> None:
+        installed(w)
+        then(w)
+
+    worker.install_platform_tweaks = tweaks
 
 
 def replace_shutdown_command(on_shutdown: Callable[[], object]) -> None:

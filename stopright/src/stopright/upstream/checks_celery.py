@@ -14,6 +14,7 @@ import weakref
 import billiard.compat
 import billiard.pool
 from celery import concurrency
+from celery.apps import worker as apps_worker
 from celery.concurrency import asynpool, prefork, thread
 from celery.worker import control, loops, pidbox, request, state
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -65,6 +66,7 @@ def worker_stop() -> None:
     shapes.check_attributes("billiard.pool.Pool.Worker", billiard.pool.Pool, ["Worker"])
     shapes.check_attributes("billiard.pool.DEATH, EX_OK, EX_FAILURE, TERM_SIGNAL", billiard.pool,
                             ["DEATH", "EX_OK", "EX_FAILURE", "TERM_SIGNAL"])
+    stop_handlers(C.STOP_HANDLERS)
     shapes.check_attributes("celery.worker.state.should_stop", state, ["should_stop", "maybe_shutdown"])
     shapes.check_attributes("celery.worker.state.active_requests", state, ["active_requests"])
     shapes.check_attributes("celery.worker.request.Request.worker_pid", request.Request, ["worker_pid"])
@@ -80,6 +82,13 @@ def worker_stop() -> None:
     shapes.check_attributes("ctypes.pythonapi.PyThreadState_SetAsyncExc", ctypes.pythonapi,
                             ["PyThreadState_SetAsyncExc"], what="ctypes.pythonapi")
     shapes.check_attributes("weakref.WeakSet.data", weakref.WeakSet(), ["data"], what="weakref.WeakSet")
+
+
+def stop_handlers(key: str) -> None:
+    """Celery installs its stop handlers in ``on_start``, through the instance's platform tweaks."""
+    shapes.check_attributes(key, apps_worker.Worker, ["install_platform_tweaks", "on_start"])
+    shapes.check_text(key, apps_worker.Worker.on_start, ["self.install_platform_tweaks(self)"],
+                      "Celery installs its stop handlers there; stopright's replace them right after")
 
 
 def remote_shutdown() -> None:
