@@ -3,7 +3,7 @@
 The settings a stop depends on (acknowledged late, requeued when a pool
 child dies, one message per child, the pool and consumer without fixed
 sleeps) are set by ``stopright.install`` in the worker (tasks/worker.py),
-each with its reason in stopright/celery_worker.py. Every task's base class
+each with its reason in stopright/settings.py. Every task's base class
 is ``stopright.HandBackTask``: a task still running when the grace ends
 goes back to the queue.
 """

@@ -1,5 +1,5 @@
 """What stopright's processes carry at rest: no Celery in a gunicorn master whose app is not preloaded,
-no psutil in the broker's watcher until the stop.
+no psutil in the broker's watcher until the stop, none of the worker's side in a process that publishes.
 
 Each module loaded is memory every process of the set pays for at rest (the gunicorn master's
 is copied into each worker as the worker touches it); scripts/bench's foreign app measures it.
@@ -31,3 +31,14 @@ def test_the_gunicorn_hooks_load_no_celery_into_a_master_that_does_not_preload_t
 def test_the_watcher_loads_psutil_only_when_it_counts_clients() -> None:
     assert loaded_after("import stopright.outlive", "stopright.outlive", "psutil") == {
         "stopright.outlive": True, "psutil": False}
+
+
+def test_install_in_a_process_that_only_publishes_loads_none_of_the_workers_side() -> None:
+    # A web worker imports the app module, which calls install(): it never runs a task or a pool.
+    code = ("from celery import Celery\nimport stopright\n"
+            "app = Celery('app', broker='redis://127.0.0.1:1/0', task_cls=stopright.HandBackTask)\n"
+            "stopright.install(app)")
+    heavy = ("stopright.celery_worker", "stopright.worker_stop", "celery.worker.consumer", "billiard.pool",
+             "psutil")
+    assert loaded_after(code, "stopright.celery_app", *heavy) == {
+        "stopright.celery_app": True, **dict.fromkeys(heavy, False)}

@@ -16,12 +16,10 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from celery import Celery
 from celery.exceptions import Reject
 from celery.utils.log import LoggingProxy
 
-import stopright
-from stopright import signals
+from stopright import celery_worker, signals
 from stopright.handback import HANDED_BACK, QuietHandBack
 
 
@@ -63,6 +61,6 @@ def test_other_errors_keep_their_traceback(error: BaseException) -> None:
     assert "Traceback" in logging.Formatter().format(record)
 
 
-def test_install_quiets_celerys_trace_logger() -> None:
-    stopright.install(Celery("test-stock-app", set_as_current=False))
+def test_a_starting_worker_quiets_celerys_trace_logger() -> None:
+    celery_worker.wire()  # what celeryd_init runs (install() connects it)
     assert any(isinstance(f, QuietHandBack) for f in logging.getLogger("celery.app.trace").filters)

@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 # Loaded on first use (PEP 562): a light process (the demo's broker watcher) imports
 # stopright.registry or stopright.signals without loading Celery or gunicorn.
 _EXPORTS = {
-    "install": ("stopright.celery_worker", "install"),
+    "install": ("stopright.celery_app", "install"),
     "HandBack": ("stopright.handback", "HandBack"),
     "HandBackTask": ("stopright.handback", "HandBackTask"),
     "interruptible": ("stopright.handback", "interruptible"),
@@ -62,8 +62,8 @@ __all__ = [
 if TYPE_CHECKING:  # the same names, for type checkers (they do not run __getattr__); nothing at run time
     from stopright.budget import StopBudget
     from stopright.budget import current as stop_budget
+    from stopright.celery_app import install
     from stopright.celery_beat import StopRightBeat
-    from stopright.celery_worker import install
     from stopright.handback import HandBack, HandBackTask, interruptible, stop_run
     from stopright.registry import ShutdownRegistry, register
     from stopright.registry import current as shutdown_registry

@@ -1,4 +1,4 @@
-"""The Celery side in one call: ``install(celery_app, grace=..., on_hand_back=...)``.
+"""The worker's and beat's side of ``install()`` (stopright/celery_app.py), loaded by their first signal.
 
 What a stop does to a stock Celery worker, and what ``install`` changes:
 
@@ -14,7 +14,7 @@ What a stop does to a stock Celery worker, and what ``install`` changes:
   ``grace``, hand back; a second SIGINT or SIGQUIT only hands back at once.
   ``celery control shutdown`` gets the same bounded stop.
 * Delivery settings that make a hand-back a requeue, not a loss
-  (:data:`SETTINGS`), the pool and consumer without their fixed sleeps
+  (stopright/settings.py), the pool and consumer without their fixed sleeps
   (stopright/upstream/celery.py), and every process's kombu connections
   closed with their protocol's handshake, in the process that opened them.
 * The MainProcess follows its manager's death (no orphan worker) and
@@ -29,10 +29,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable, Collection
 from typing import Any
 
-from celery import Celery, current_app, signals
+from celery import current_app
 from celery.concurrency import get_implementation, prefork
 
 from stopright import budget, checks, pools, registry, settings
@@ -47,76 +46,31 @@ from stopright.worker_stop import CLOSE_SECONDS, WorkerStop
 
 log = logging.getLogger("stopright")
 
-_installed: dict[str, Any] = {}  # on_hand_back; the MainProcess's pid, Pool and WorkerStop once known
+_installed: dict[str, Any] = {}  # the MainProcess's pid, Pool and WorkerStop once known
+#: install()'s options (stopright/celery_app.py sets them before any receiver here runs).
+options: dict[str, Any] = {}
 
 
-def install(celery_app: Celery[Any], *, grace: float | None = None,
-            on_hand_back: Callable[[Any], object] | None = None, keep: Collection[str] = ()) -> None:
-    """Make ``celery_app``'s worker stop right. Call once, in the module the worker loads (``--app``).
+def wire() -> None:
+    """Worker MainProcess, first thing (``celeryd_init``): the hooks only a worker needs.
 
-    ``grace``: seconds running tasks have to finish once a stop begins
-    (default: ``SHUTDOWN_GRACE_SECONDS``, else 3), cut to fit a known
-    manager's SIGKILL (stopright/budget.py). ``on_hand_back(request)``: called
-    in the MainProcess for a task whose pool child had to be killed because
-    it did not hand back in time (its message is requeued anyway), for what
-    the task kept elsewhere. For the hand-back itself, give the app
-    ``task_cls=stopright.HandBackTask``. ``keep``: Celery settings of
-    :data:`stopright.settings.SETTINGS` to leave as they are (logged at start).
-    Raises ValueError for a bad argument or ``SHUTDOWN_*`` variable.
+    Its pool children inherit them across the fork; a publishing process
+    (a web worker) never loads this module (stopright/celery_app.py).
     """
-    settings.keep_on(celery_app, keep)
-    if grace is not None:
-        budget.configure(grace=grace)
-    budget.current()  # a bad SHUTDOWN_* variable: the error now, not in a signal handler later
-    if _program() in ("worker", "beat"):
-        stop_signals.exit_on_stop_signals()  # until the handlers below are in place
-    if _program() == "beat" and applies("beat"):
-        celery_internals.beat_without_sync_handler(celery_app)
-    if celery_app.configured:  # else read nothing yet (reading would load the configuration now)
-        _apply_settings(celery_app)
-    celery_app.on_after_configure.connect(_apply_settings, weak=False, dispatch_uid="stopright.install")
-    _installed["on_hand_back"] = on_hand_back
-    if not _installed.get("connected"):
-        _installed["connected"] = True
-        _connect()
-        logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
-    if _program() != "worker" or applies("requeue"):
-        celery_app.steps["consumer"].add("stopright.requeue:RestoreRefused")  # requeues the broker refused
-    celery_app.steps["worker"].add("stopright.checks:SettingsAtStart")
-
-
-def _apply_settings(sender: Celery, **_: object) -> None:
-    """stopright's Celery settings, on the app's configuration as loaded now (stopright/settings.py).
-
-    Connected to ``on_after_configure``: ``config_from_object`` after ``install``
-    (the Flask docs' ``celery_init_app``) builds the configuration anew and
-    would drop what was set here; it is set again on every load.
-    """
-    settings.apply(sender)
-
-
-def _program() -> str:
-    """``worker`` or ``beat`` under ``celery ... worker|beat``; else "" (a web process publishing)."""
-    return settings.program()
-
-
-def _connect() -> None:
-    signals.celeryd_init.connect(_worker_starting, weak=False)
-    signals.worker_init.connect(_worker_init, weak=False)
-    signals.celeryd_after_setup.connect(_warn_worker, weak=False)
-    signals.beat_init.connect(_check_beat, weak=False)
-    signals.worker_ready.connect(_worker_ready, weak=False)
-    signals.worker_process_init.connect(_child_init, weak=False)
-    signals.worker_process_shutdown.connect(_child_shutdown, weak=False)
-    signals.worker_shutdown.connect(_worker_shutdown, weak=False)
+    if _installed.get("wired"):
+        return
+    _installed["wired"] = True
+    logging.getLogger(celery_internals.TRACE_LOGGER).addFilter(QuietHandBack())
     billiard_internals.after_signal_reset.append(_child_signals)
     celery_consumer.connection_lost_hooks.append(_hand_back_on_connection_loss)
-    if _program() == "worker" and applies("worker stop") and applies("remote shutdown"):
+    if applies("worker stop") and applies("remote shutdown"):
         celery_internals.replace_shutdown_command(_remote_shutdown)
 
 
-def _worker_starting(**_: object) -> None:
-    """MainProcess, first thing: follow the manager's death; stack dumps; the budget's warnings."""
+def worker_starting(**_: object) -> None:
+    """MainProcess, first thing: the worker's hooks; follow the manager's death; stack dumps; the
+    budget's warnings."""
+    wire()
     _installed["main_pid"] = os.getpid()
     if applies("broker connections"):
         kombu_internals.forget_inherited_in_forks()  # the pool's children
@@ -125,7 +79,7 @@ def _worker_starting(**_: object) -> None:
     budget.announce()
 
 
-def _worker_init(sender: Any = None, **_: object) -> None:
+def worker_init(sender: Any = None, **_: object) -> None:
     """MainProcess, before the pool is built (and forks): stopright's version of the pool Celery
     chose; its kombu connections closed at exit."""
     _installed["main_pid"] = os.getpid()
@@ -136,14 +90,14 @@ def _worker_init(sender: Any = None, **_: object) -> None:
         registry.register("celery broker connections", kombu_internals.close_pooled_connections, forks=False)
 
 
-def _warn_worker(instance: Any, **_: object) -> None:
+def warn_worker(instance: Any, **_: object) -> None:
     """MainProcess, logging set up, before the pool starts: the tasks' base, what its forks leave behind."""
     checks.warn_tasks_not_handed_back(instance.app)
     pool = get_implementation(instance.pool_cls)
     checks.warn_left_behind_by_pool(isinstance(pool, type) and issubclass(pool, prefork.TaskPool))
 
 
-def _check_beat(sender: Any, **_: object) -> None:
+def check_beat(sender: Any, **_: object) -> None:
     """Beat, its scheduler built: stopright's, or stop here with what to change."""
     settings.at_start(sender.app)
     if applies("beat"):
@@ -157,7 +111,7 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
         return
     pool = _installed.get("pool") or pools.Pool("prefork")
     pool.start(getattr(sender, "pool", None))
-    stop = WorkerStop(budget.current().grace, _installed.get("on_hand_back"), pool,
+    stop = WorkerStop(budget.current().grace, options.get("on_hand_back"), pool,
                       hostname=getattr(sender, "hostname", ""))
     _installed["stop"] = stop
     stop.start_watchdog()
@@ -166,7 +120,7 @@ def _install_stop_handlers(sender: Any = None, **_: object) -> None:
     # The consumer's event loop wakes on these signals at once (upstream/celery_consumer.py).
 
 
-def _worker_ready(sender: Any = None, **_: object) -> None:
+def worker_ready(sender: Any = None, **_: object) -> None:
     """MainProcess, its loop running: the stop handlers (if Celery's could not be replaced sooner)."""
     _install_stop_handlers(sender)
     if "stop" in _installed:
@@ -207,7 +161,7 @@ def _remote_shutdown() -> None:
         stop.on_remote_shutdown()
 
 
-def _child_init(**_: object) -> None:
+def child_init(**_: object) -> None:
     """Pool child, right after fork: its own connections, and signals a group broadcast cannot use.
 
     SIGTERM, SIGINT (a terminal's Ctrl+C) and SIGQUIT (supervisord's
@@ -256,13 +210,13 @@ def _child_stop_signal(signum: int, _frame: object) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _child_shutdown(**_: object) -> None:
+def child_shutdown(**_: object) -> None:
     """Pool child, leaving (billiard exits it with ``os._exit``: atexit never runs here)."""
     if os.getpid() != _installed.get("main_pid"):
         registry.current().close_all()
 
 
-def _worker_shutdown(sender: Any = None, **_: object) -> None:
+def worker_shutdown(sender: Any = None, **_: object) -> None:
     """MainProcess, after the consumer's connection is closed (warm paths): the registry, then
     the stop's watchdog ends the process (:meth:`WorkerStop.park`)."""
     registry.current().close_all(budget=CLOSE_SECONDS)
