@@ -14,14 +14,14 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from stopright import registry, settings
+from stopright import pools, registry, settings
 from stopright.handback import HandBackTask
 
 log = logging.getLogger("stopright")
 
 
 class SettingsAtStart(bootsteps.Step):
-    """Worker start, logging set up: stopright's settings once more, logged; a conflict stops the worker.
+    """Worker start, logging set up: a refused pool, or a settings conflict, stops the worker (ValueError).
 
     A bootstep, not a signal receiver: Celery logs and swallows a receiver's
     exception, and the worker would start with a stop that loses tasks.
@@ -29,6 +29,8 @@ class SettingsAtStart(bootsteps.Step):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
+        if pools.refusals:  # before any step builds the pool
+            raise ValueError(pools.refusals[0])
         settings.raise_conflicts(settings.at_start(parent.app))
 
 

@@ -133,15 +133,21 @@ class Pool:
         self._green().real_thread(wait)
 
 
+#: What :func:`choose` refused, for the worker's start check to raise (stopright/checks.py): an
+#: error raised in ``worker_init`` itself would only be logged by Celery, and the worker would start.
+refusals: list[str] = []
+
+
 def choose(worker: Any) -> Pool:
     """``worker_init``: run stopright's version of the pool Celery chose (``-P``, ``worker_pool``).
 
-    Raises SystemExit with what to change for a pool stopright cannot stop.
+    A pool stopright cannot stop is refused: :data:`refusals` says what to change.
     """
     try:
         pool_cls, kind = celery_pools.resolve(worker.pool_cls)
     except LookupError as unknown:
-        raise SystemExit(REFUSED.format(path=unknown.args[0])) from None
+        refusals.append(REFUSED.format(path=unknown.args[0]))
+        return Pool("prefork")
     worker.pool_cls = pool_cls
     handback.configure({"threads": "thread", "gevent": "green", "eventlet": "green"}.get(kind, "signal"))
     return Pool(kind)
