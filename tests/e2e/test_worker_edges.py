@@ -98,7 +98,8 @@ def test_a_pool_named_on_the_command_line_is_stopright_s_or_refused(tmp_path: Pa
         ps.cleanup()
     out = ps.output
     if runs is None:
-        assert rc != 0 and f"ValueError: stopright: the worker's pool {APP}:CustomPool is not one stopright can stop" in out, out
+        refused = f"ValueError: stopright: the worker's pool {APP}:CustomPool is not one stopright can stop"
+        assert rc != 0 and refused in out, out
         assert "ready." not in out, out
     else:
         assert f"concurrency: 1 {runs}" in out and rc == 0, out
