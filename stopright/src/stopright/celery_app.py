@@ -40,6 +40,7 @@ def install(celery_app: Celery[Any], *, grace: float | None = None,
     program = settings.program()
     if program in ("worker", "beat"):
         stop_signals.exit_on_stop_signals()  # until the handlers below are in place
+        from stopright import celery_worker  # noqa: F401, PLC0415 - now, not in the start-up's signals
     if program == "beat" and applies("beat"):
         from stopright.upstream import celery as celery_internals  # noqa: PLC0415 - beat only
 
