@@ -9,11 +9,7 @@ source: a real restore needs a Redis server, which tests/e2e/test_frozen_servers
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
-from celery.worker import request
-from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection, pools
 from kombu.connection import ConnectionPool
 from kombu.message import Message
@@ -96,16 +92,9 @@ def _(key: str) -> None:
 
 @shape(K, "celery Request.reject -> kombu.Message.reject_log_error")
 def _(key: str) -> None:
-    shapes.check_text(key, request.Request.reject,
-                      ["self._on_reject(logger, self._connection_errors, requeue)"],
-                      "stopright's Request sets on_reject to hand kombu its reporter instead of the logger")
-    on_reject = inspect.getattr_static(request.Request, "on_reject")
-    if not isinstance(on_reject, property) or on_reject.fset is None:
-        shapes.fail(key, "celery changed Request.on_reject: no longer a settable property",
-                    "re-read stopright/requeue.py Request.reject")
-    shapes.check_text(key, CeleryConsumer.create_task_handler,
-                      ["promise(call_soon_ack, (message.reject_log_error,)"],
-                      "the task's reject callback is kombu's reject_log_error, given the reject's logger")
+    from stopright.upstream.checks_kombu import reject_reporter
+
+    reject_reporter(key)
 
     class Refusing:
         no_ack_consumers = None

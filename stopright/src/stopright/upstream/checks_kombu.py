@@ -42,7 +42,15 @@ def requeue() -> None:
     """A refused requeue, done later: Celery's reject reports it through kombu; Redis restores by tag."""
     from kombu.transport import redis as kombu_redis  # noqa: PLC0415 - needs redis-py, as the transport
 
-    key = "celery Request.reject -> kombu.Message.reject_log_error"
+    reject_reporter("celery Request.reject -> kombu.Message.reject_log_error")
+    key = "kombu.transport.redis.QoS.restore_by_tag"
+    shapes.check_signature(key, kombu_redis.QoS.restore_by_tag, "self, tag, client, leftmost")
+    shapes.check_text(key, kombu_redis.QoS.reject, ["self.restore_by_tag(delivery_tag, leftmost=True)"],
+                      "a reject with requeue restores leftmost: stopright's restore does the same")
+
+
+def reject_reporter(key: str) -> None:
+    """Celery's reject hands kombu a reporter (``Request.on_reject``); the task's callback is kombu's."""
     shapes.check_text(key, request.Request.reject,
                       ["self._on_reject(logger, self._connection_errors, requeue)"],
                       "stopright's Request sets on_reject to hand kombu its reporter instead of the logger")
@@ -53,7 +61,3 @@ def requeue() -> None:
     shapes.check_text(key, CeleryConsumer.create_task_handler,
                       ["promise(call_soon_ack, (message.reject_log_error,)"],
                       "the task's reject callback is kombu's reject_log_error, given the reject's logger")
-    key = "kombu.transport.redis.QoS.restore_by_tag"
-    shapes.check_signature(key, kombu_redis.QoS.restore_by_tag, "self, tag, client, leftmost")
-    shapes.check_text(key, kombu_redis.QoS.reject, ["self.restore_by_tag(delivery_tag, leftmost=True)"],
-                      "a reject with requeue restores leftmost: stopright's restore does the same")
