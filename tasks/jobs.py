@@ -15,9 +15,12 @@ Faults, all in the pool child that runs the job:
 * **The lease keeper** (:class:`_Lease`) survives any exception and retries a
   failed renewal within a second, so a live run renews as soon as the
   database is back, before the sweeper can take the job back.
-* **A run whose job was taken back** anyway (this child was frozen or cut off
-  from the database for two sweeps) stops itself: :class:`TakenOver`, raised
-  in the job by SIGUSR2 like a hand-back, and the row is left to the new run.
+* **A run cut off from the database** stops itself once its lease lapses
+  (:class:`LeaseLapsed`, by this host's clock), a renewal period before the
+  sweeper may give the job to another host: a job never runs twice at once.
+* **A run whose job was taken back** anyway (this child was frozen) stops
+  when its keeper next reaches the database: :class:`TakenOver`, raised in
+  the job by SIGUSR2 like a hand-back, and the row is left to the new run.
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ class TakenOver(BaseException):
     """
 
 
+class LeaseLapsed(TakenOver):
+    """Raised inside a running job whose lease lapsed before the keeper could renew it.
+
+    The database was unreachable for a whole lease (this host cut off): from
+    now on the sweeper may give the job to another run, so this one stops
+    first, without touching the row (it could not anyway).
+    """
+
+
 class _Lease:
     """Renews the running job's lease while it runs; the sweeper takes the job back if we die.
 
@@ -89,46 +101,61 @@ class _Lease:
         self._lock = threading.Lock()
         self._job: tuple[str, int, float] | None = None  # id, attempt, lease seconds
         self._due = 0.0
+        self._valid_until = 0.0  # monotonic: the lease this run last wrote ends then, at the latest
+        self._tick = 1.0  # the renewal period of the last job held
         self._thread_pid: int | None = None
 
     @contextlib.contextmanager
-    def held(self, job_id: str, attempt: int, lease: float) -> Iterator[None]:
+    def held(self, job_id: str, attempt: int, lease: float, lease_until: datetime) -> Iterator[None]:
         tick = lease / ledger.RENEWALS_PER_LEASE
+        left = (lease_until - ledger.utcnow()).total_seconds()  # the claim's lease, on this clock
         with self._lock:
-            self._job, self._due = (job_id, attempt, lease), time.monotonic() + tick
+            self._job, self._due, self._tick = (job_id, attempt, lease), time.monotonic() + tick, tick
+            self._valid_until = time.monotonic() + min(left, lease)
             if self._thread_pid != os.getpid():  # first job here (threads do not survive fork)
                 self._thread_pid = os.getpid()
-                threading.Thread(target=self._renew_forever, args=(tick,), name="lease",
-                                 daemon=True).start()
+                threading.Thread(target=self._renew_forever, name="lease", daemon=True).start()
         try:
             yield
         finally:
             with self._lock:
                 self._job = None
 
-    def _renew_forever(self, tick: float) -> None:
+    def _renew_forever(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {HANDBACK_SIGNAL})
-        retry = min(RENEW_RETRY_SECONDS, tick / 2)
         failing_since: float | None = None
+        failing_job: tuple[str, int, float] | None = None
         while True:
             with self._lock:
-                job, due = self._job, self._due
+                job, due, tick = self._job, self._due, self._tick
+            retry = min(RENEW_RETRY_SECONDS, tick / 2)
+            if failing_since is not None and job is not failing_job:  # that run is over
+                failing_since = None
             wait = tick if job is None else due - time.monotonic()
             if wait > 0:
                 time.sleep(min(wait, tick))
                 continue
             job_id, attempt, lease = job
+            started = time.monotonic()
             try:
-                renewed = ledger.renew(job_id, attempt, lease=lease)
+                # Bounded by the lease's end, so a database that does not answer cannot
+                # hold this thread past the moment the run must stop.
+                with db.deadline(max(self._valid_until - started, 0.05)):
+                    renewed = ledger.renew(job_id, attempt, lease=lease)
             except Exception as exc:  # noqa: BLE001 - whatever it is, keep renewing
                 if failing_since is None:
-                    failing_since = time.monotonic()
+                    failing_since, failing_job = started, job
                     log.warning("job %s: cannot renew the lease of attempt %d (%s: %s); retrying every "
                                 "%.1f s", job_id, attempt, type(exc).__name__,
                                 (str(exc).splitlines() or [""])[0][:200], retry)
                 with self._lock:
-                    if self._job is job:
-                        self._due = time.monotonic() + retry
+                    if self._job is not job:
+                        continue
+                    if time.monotonic() < self._valid_until:
+                        self._due = min(time.monotonic() + retry, self._valid_until)
+                        continue
+                    self._due = float("inf")
+                    self._stop_lapsed_run(job_id, attempt, time.monotonic() - failing_since)
                 continue
             if failing_since is not None:
                 log.warning("job %s: lease of attempt %d renewed again after %.1f s", job_id, attempt,
@@ -137,9 +164,19 @@ class _Lease:
             with self._lock:
                 if self._job is not job:
                     continue
-                self._due = time.monotonic() + tick if renewed else float("inf")
-                if not renewed:
+                self._due = started + tick if renewed else float("inf")
+                if renewed:
+                    self._valid_until = started + lease
+                else:
                     self._stop_taken_over_run(job_id, attempt)
+
+    @staticmethod
+    def _stop_lapsed_run(job_id: str, attempt: int, unreachable: float) -> None:
+        """The lease lapsed unrenewed (the database unreachable): stop the run before another starts."""
+        log.warning("job %s: attempt %d stops itself: its lease lapsed after %.1f s without the database; "
+                    "the sweeper gives the job to another run", job_id, attempt, unreachable)
+        if not stop_run(LeaseLapsed):
+            log.warning("job %s: attempt %d cannot be stopped here (not a pool child)", job_id, attempt)
 
     @staticmethod
     def _stop_taken_over_run(job_id: str, attempt: int) -> None:
@@ -177,8 +214,8 @@ def _stored(what: str, write: Callable[[], T]) -> T:
         delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
 
 
-def _record(job_id: str, attempt: int, started_at: datetime, what: str, write: Callable[[], bool]) -> None:
-    """Store the run's outcome (result or error), however long the database is away."""
+def _record(job_id: str, attempt: int, started_at: datetime, what: str, write: Callable[[], bool]) -> bool:
+    """Store the run's outcome (result or error), however long the database is away; False if dropped."""
     try:
         stored = _stored(f"store the {what} of job {job_id}", write)
     except HandBack:
@@ -190,6 +227,7 @@ def _record(job_id: str, attempt: int, started_at: datetime, what: str, write: C
     if not stored:
         log.warning("job %s: attempt %d is no longer the job's run (taken over); its %s is dropped",
                     job_id, attempt, what)
+    return stored
 
 
 def _recorded(job_id: str, attempt: int, started_at: datetime) -> str:
@@ -248,13 +286,16 @@ def run_job(job_id: str) -> None:
         log.info("job %s is finished or running elsewhere; message dropped", job_id)
         return
     attempt, started_at = job["attempts"], job["started_at"]
-    with _lease.held(job_id, attempt, settings.job_lease_seconds):
+    log.info("job %s: attempt %d started", job_id, attempt)
+    with _lease.held(job_id, attempt, settings.job_lease_seconds, job["lease_until"]):
         try:
             model, run = KINDS[job["task"]]  # a kind removed since the job was stored: failed
             with interruptible():
                 result = run(model.model_validate(job["args"]))
         except HandBack:
             _hand_back(job_id, attempt, started_at)
+        except LeaseLapsed:
+            return  # logged by the lease keeper; the sweeper gives the job to the next run
         except TakenOver:
             log.warning("job %s: attempt %d stopped: the sweeper took the job back after its lease "
                         "lapsed; the row is left to the next run", job_id, attempt)
@@ -264,5 +305,6 @@ def run_job(job_id: str) -> None:
             error = f"{type(exc).__name__}: {exc}"
             _record(job_id, attempt, started_at, "error", lambda: ledger.fail(job_id, attempt, error))
             return
-        _record(job_id, attempt, started_at, "result", lambda: ledger.succeed(job_id, attempt, result))
+        if _record(job_id, attempt, started_at, "result", lambda: ledger.succeed(job_id, attempt, result)):
+            log.info("job %s: attempt %d succeeded", job_id, attempt)
 

@@ -48,7 +48,11 @@ def find_pg_bin() -> Path | None:
 
 
 class PostgresServer:
-    def __init__(self, bindir: Path) -> None:
+    """``netns``/``listen``: the server runs in that network namespace on that address (tests/hosts.py);
+    the test reaches it through its Unix socket (:attr:`socket_url`) from anywhere."""
+
+    def __init__(self, bindir: Path, *, netns: str | None = None, listen: str = "127.0.0.1",
+                 max_connections: int = 100) -> None:
         # Its own directory outside pytest's (whose parents are private to root):
         # the server runs as the postgres user when we are root.
         self.root = Path(tempfile.mkdtemp(prefix="pg-test-"))
@@ -60,10 +64,17 @@ class PostgresServer:
         self._frozen: list[psutil.Process] = []  # stopped by freeze(), until thaw()
         # PostgreSQL refuses to run as root; CI runs as root.
         self.user = "postgres" if os.geteuid() == 0 else None
+        self.netns = netns
+        self.listen = listen
+        self.max_connections = max_connections
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@{self.listen}:{self.port}/postgres"
+
+    @property
+    def socket_url(self) -> str:
+        return f"postgresql+psycopg://postgres@/postgres?host={self.root}&port={self.port}"
 
     def _as_user(self, command: list[str]) -> list[str]:
         return ["runuser", "-u", self.user, "--", *command] if self.user else command
@@ -77,17 +88,23 @@ class PostgresServer:
             subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
                                           "-U", "postgres", "--no-sync"]),
                            check=True, capture_output=True, timeout=120)
+            if self.listen != "127.0.0.1":  # clients on other hosts (namespaces of the test's own)
+                with open(self.data / "pg_hba.conf", "a") as hba:
+                    hba.write("host all all 0.0.0.0/0 trust\n")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.log, "ab") as log:  # the server keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                self._as_user([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                               "-c", "listen_addresses=127.0.0.1",
-                               "-c", f"unix_socket_directories={self.root}",
-                               "-c", "log_connections=on", "-c", "log_disconnections=on",
-                               "-c", "log_min_messages=debug1", "-c", "fsync=off"]),
+                prefix + self._as_user([
+                    str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                    "-c", f"listen_addresses={self.listen}", "-c", f"max_connections={self.max_connections}",
+                    "-c", f"unix_socket_directories={self.root}",
+                    "-c", "log_connections=on", "-c", "log_disconnections=on",
+                    "-c", "log_min_messages=debug1", "-c", "fsync=off"]),
                 stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            ready = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            ready = subprocess.run([str(self.bindir / "pg_isready"), "-h", str(self.root),
+                                    "-p", str(self.port)],
                                    capture_output=True)
             if ready.returncode == 0:
                 return
@@ -184,15 +201,20 @@ class RabbitMQServer:
     (``client unexpectedly closed TCP connection``) otherwise.
     """
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, netns: str | None = None, address: str = "127.0.0.1") -> None:
+        """``netns``/``address``: the node runs in that network namespace, AMQP on that address."""
         self.bindir = bindir
+        self.netns = netns
+        self.address = address
         self.root = Path(tempfile.mkdtemp(prefix="rabbitmq-test-"))
         self.port, self.dist_port, self.epmd_port = _distinct_free_ports(3)
         self.node = f"rabbit-test-{self.port}@localhost"
         self.log = self.root / "log" / f"{self.node}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.epmd: subprocess.Popen[bytes] | None = None
-        (self.root / "rabbitmq.conf").write_text("log.console = false\nlog.file.level = info\n")
+        # guest may log in from other hosts only when told so (RabbitMQ's loopback_users).
+        remote = "" if address == "127.0.0.1" else "loopback_users.guest = false\n"
+        (self.root / "rabbitmq.conf").write_text(f"log.console = false\nlog.file.level = info\n{remote}")
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")
 
@@ -202,7 +224,7 @@ class RabbitMQServer:
             **os.environ,
             "HOME": str(self.root),  # the Erlang cookie, shared by the node and rabbitmqctl
             "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": self.address,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_PORT": str(self.epmd_port),
@@ -218,17 +240,18 @@ class RabbitMQServer:
         }
 
     def url(self, vhost: str) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"
+        return f"amqp://guest:guest@{self.address}:{self.port}/{vhost}"
 
     def start(self, timeout: float = 90) -> None:
         """Start the node (again, after :meth:`stop`: same data) and wait until it takes logins."""
         if self.epmd is None:  # our own epmd, in the foreground: stopped by pid, never a daemon left
             epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
-            self.epmd = subprocess.Popen([epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            listen = [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"]
+            self.epmd = subprocess.Popen(self._in_ns(listen),
                                          env=self.env(), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
         with open(self.root / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen([str(self.bindir / "rabbitmq-server")], cwd=self.root,
+            self.proc = subprocess.Popen(self._in_ns([str(self.bindir / "rabbitmq-server")]), cwd=self.root,
                                          env=self.env(), stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -237,15 +260,25 @@ class RabbitMQServer:
             time.sleep(0.2)
         raise RuntimeError(f"RabbitMQ did not start:\n{(self.root / 'stdout.log').read_text()}")
 
+    def _in_ns(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
     def answers(self, vhost: str = "/") -> bool:
         """A login on ``vhost`` works (the connection is closed properly)."""
-        try:
-            conn = amqp.Connection(f"127.0.0.1:{self.port}", virtual_host=vhost, connect_timeout=1)
-            conn.connect()
-        except Exception:  # noqa: BLE001 - not up (yet)
-            return False
-        conn.close()
-        return True
+        def login() -> bool:
+            try:
+                conn = amqp.Connection(f"{self.address}:{self.port}", virtual_host=vhost, connect_timeout=1)
+                conn.connect()
+            except Exception:  # noqa: BLE001 - not up (yet)
+                return False
+            conn.close()
+            return True
+
+        if self.netns is None:
+            return login()
+        from tests import netns  # noqa: PLC0415 - only for a node in a namespace
+
+        return netns.run_in(self.netns, login)
 
     def stop(self) -> None:
         """Stop the node as its service would (SIGTERM: a clean shutdown); epmd stays."""
@@ -269,7 +302,8 @@ class RabbitMQServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def ctl(self, *args: str) -> str:
-        return subprocess.run([str(self.bindir / "rabbitmqctl"), "--node", self.node, *args], env=self.env(),
+        return subprocess.run(self._in_ns([str(self.bindir / "rabbitmqctl"), "--node", self.node, *args]),
+                              env=self.env(),
                               check=True, capture_output=True, text=True, timeout=60).stdout
 
     def add_vhost(self, name: str) -> str:

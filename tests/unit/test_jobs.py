@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 from celery.exceptions import Reject
@@ -104,7 +105,7 @@ def test_the_lease_is_renewed_while_the_job_runs_and_not_after(schema) -> None:
     attempt = ledger.claim(job_id, lease=period, max_attempts=5)["attempts"]
     lease = jobs._Lease()
     start = _lease_until(job_id)
-    with lease.held(job_id, attempt, period):
+    with lease.held(job_id, attempt, period, _lease_until(job_id)):
         first = _wait_past(job_id, start)
         assert first is not None, "not renewed while running"
         assert _wait_past(job_id, first) is not None, "renewed only once"
@@ -132,7 +133,7 @@ def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema, monke
     lease = jobs._Lease()
     lost = ledger.create("echo", {"value": 1})["id"]
     attempt = ledger.claim(lost, lease=period, max_attempts=5)["attempts"]
-    with lease.held(lost, attempt, period):
+    with lease.held(lost, attempt, period, _lease_until(lost)):
         assert ledger.hand_back(lost, attempt)  # e.g. swept as stranded: the fence no longer matches
         deadline = time.monotonic() + 5
         while (lost, False) not in tries and time.monotonic() < deadline:
@@ -143,7 +144,7 @@ def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema, monke
     kept = ledger.create("echo", {"value": 2})["id"]
     attempt = ledger.claim(kept, lease=period, max_attempts=5)["attempts"]
     start = _lease_until(kept)
-    with lease.held(kept, attempt, period):
+    with lease.held(kept, attempt, period, _lease_until(kept)):
         assert _wait_past(kept, start) is not None, "the lease thread died"
     assert ledger.get(lost)["status"] == "queued"
 
@@ -174,7 +175,7 @@ def test_a_renewal_that_raises_does_not_stop_later_renewals(schema, monkeypatch)
     monkeypatch.setattr(ledger, "renew", flaky_renew)
     lease = jobs._Lease()
     start = _lease_until(job_id)
-    with lease.held(job_id, attempt, period):
+    with lease.held(job_id, attempt, period, _lease_until(job_id)):
         assert _wait_past(job_id, start, timeout=10) is not None, "the lease keeper died"
     assert len(failures) == 2
 
@@ -213,6 +214,43 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_row_alone(schema,
     assert completed == []  # stopped, not run to its end beside the new run
     job = ledger.get(job_id)
     assert (job["status"], job["attempts"], job["result"]) == ("running", 2, None)
+
+
+def test_a_run_cut_off_from_the_database_stops_itself_before_the_sweeper_may_take_the_job(
+        schema, monkeypatch, caplog) -> None:
+    """No renewal gets through (this host cut off): the run stops within its lease's confirmation window.
+
+    The sweeper gives the job to another run no sooner than one renewal period
+    after the lease lapsed (jobs/ledger.py): the run must be gone by then.
+    """
+    monkeypatch.setenv("JOB_LEASE_SECONDS", "3")
+    from core.config import get_settings
+
+    get_settings.cache_clear()
+    stopped_at, completed = [], []
+
+    def long_job(args: EchoArgs) -> None:
+        try:
+            time.sleep(30)
+        except BaseException:
+            stopped_at.append(ledger.utcnow())
+            raise
+        completed.append(True)
+
+    monkeypatch.setitem(KINDS, "echo", (EchoArgs, long_job))
+    job_id = ledger.create("echo", {"value": 1})["id"]
+    flaky(monkeypatch, "renew", failures=10**6)  # the database never answers a renewal
+    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
+    try:
+        run(job_id)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    job = ledger.get(job_id)
+    assert completed == [] and len(stopped_at) == 1
+    assert (job["status"], job["attempts"], job["result"]) == ("running", 1, None)  # left to the sweeper
+    confirm = get_settings().job_lease_seconds / ledger.RENEWALS_PER_LEASE
+    assert stopped_at[0] < job["lease_until"] + timedelta(seconds=confirm), (stopped_at, job["lease_until"])
+    assert "stops itself: its lease lapsed" in caplog.text
 
 
 def test_a_shutdown_of_a_run_no_longer_in_the_ledger_is_not_logged_as_handed_back(schema, monkeypatch,
