@@ -41,6 +41,16 @@ celery_app.conf.update(
     # stopright/worker_stop.py gives the whole close 1 s).
     broker_transport_options={"max_retries": 0, "socket_connect_timeout": 1, "socket_timeout": 2,
                               "polling_interval": 0.5},
+    # RabbitMQ goes on delivering to a dead host's consumer (power lost, cable cut: no FIN, no
+    # RST) until it misses its heartbeats; the jobs it sends there wait, and so do those it holds
+    # unacked. Celery's default, 120 s, stranded a lost host's jobs for minutes; with 10 s
+    # RabbitMQ closes that connection and requeues them within about 20 s (docs/several-hosts.md).
+    broker_heartbeat=10,
+    # A worker cut off from RabbitMQ reconnects as soon as the network is back, often before
+    # RabbitMQ has closed its old connection, which still holds the worker's remote-control
+    # queue. Exclusive (Celery 5.7's default), that queue is locked: RESOURCE_LOCKED, an
+    # "Unrecoverable error", the worker exits, and honcho stops the host's whole set with it.
+    control_queue_exclusive=False,
     # The job ledger (database) holds states and results; no result backend.
     task_ignore_result=True,
     # (Acks late, requeue on a lost child, prefetch 1: stopright.install. A job whose message

@@ -376,31 +376,42 @@ def _distinct_free_ports(count: int) -> list[int]:
 class RedisServer:
     """An external redis-server on a fixed port with AOF, that a test can stop and start again."""
 
-    def __init__(self, data: Path, db: int = 0) -> None:
+    def __init__(self, data: Path, db: int = 0, *, netns: str | None = None, bind: str = "127.0.0.1") -> None:
+        """``netns``/``bind``: the server runs in that network namespace on that address."""
         self.data = data
         self.db = db
         self.port = free_port()
+        self.netns, self.bind = netns, bind
         self.proc: subprocess.Popen[bytes] | None = None
         data.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/{self.db}"
+        return f"redis://{self.bind}:{self.port}/{self.db}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data),
-             "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, start_new_session=True)
-        with redis.Redis.from_url(self.url) as client:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline and self.proc.poll() is None, "redis did not start"
-                    time.sleep(0.05)
+        argv = [redis_server_binary(), "--port", str(self.port), "--bind", self.bind, "--dir", str(self.data),
+                "--appendonly", "yes", "--save", "", "--loglevel", "warning", "--protected-mode", "no"]
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self.proc = subprocess.Popen(prefix + argv, stdout=subprocess.DEVNULL, start_new_session=True)
+
+        def wait_answer() -> None:
+            with redis.Redis.from_url(self.url) as client:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        client.ping()
+                        return
+                    except redis.ConnectionError:
+                        assert time.monotonic() < deadline and self.proc.poll() is None, "redis did not start"
+                        time.sleep(0.05)
+
+        if self.netns is None:
+            wait_answer()
+        else:
+            from tests import netns  # noqa: PLC0415 - only for a server in a namespace
+
+            netns.run_in(self.netns, wait_answer)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -1,0 +1,536 @@
+"""Several hosts on one machine: the set on hosts ``a`` and ``b`` behind HAProxy, one database and broker.
+
+Hosts are network namespaces: ``lb`` (HAProxy and the clients), ``db``
+(PostgreSQL, RabbitMQ or Redis), ``a`` and ``b`` (the Procfile under honcho:
+web, worker, beat). Two networks, each a bridge in a namespace of its own
+(``sw``): front (lb, a, b) and back (db, a, b), so a host can be cut off from
+the database and broker while the balancer still reaches it, or lost
+altogether. Addresses are 10.231.0.0/16, inside these namespaces only.
+The test process reaches PostgreSQL and HAProxy's stats through Unix
+sockets, and anything else from a thread in the namespace (tests/netns.py).
+Everything is removed by pid and namespace name, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+
+from tests import netns
+from tests.procset import ROOT
+from tests.servers import PostgresServer, RabbitMQServer, RedisServer, find_pg_bin, find_rabbitmq
+from tools.stopcheck.honcho import Honcho, honcho_command
+
+FRONT, BACK = "10.231.1.", "10.231.2."
+LB_ADDRESS = FRONT + "1"
+DB_ADDRESS = BACK + "10"
+HOST_NUMBERS = {"a": 11, "b": 12}
+WEB_PORT = 8000
+LB_PORT = 8080
+HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+FINISHED = ("succeeded", "failed")
+
+#: The settings every host runs with here (a user's several-host set, made quick to fail over).
+HOST_ENV = {
+    "SHUTDOWN_DRAIN_SECONDS": "3",  # deploy/haproxy.cfg's rule
+    "SHUTDOWN_GRACE_SECONDS": "3",
+    "WORKER_CONCURRENCY": "12",
+    "WEB_THREADS": "24",
+    "JOB_LEASE_SECONDS": "6",
+    "SWEEP_INTERVAL_SECONDS": "1",
+    "BEAT_LEASE_SECONDS": "4",
+    "JOB_MAX_SECONDS": "60",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class Network:
+    """The namespaces and bridges of one test bed, named after this process's pid."""
+
+    def __init__(self) -> None:
+        netns.remove_stale()
+        self.tag = f"{netns.PREFIX}{os.getpid()}x{os.urandom(2).hex()}"
+        self.made: list[str] = []
+
+    def ns(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    def _add(self, host: str) -> str:
+        name = self.ns(host)
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+        self.made.append(name)
+        netns.ip("link", "set", "lo", "up", ns=name)
+        return name
+
+    def build(self) -> None:
+        sw = self._add("sw")
+        for bridge in ("front", "back"):
+            netns.ip("link", "add", bridge, "type", "bridge", ns=sw)
+            netns.ip("link", "set", bridge, "up", ns=sw)
+        self._attach("lb", {"front": LB_ADDRESS})
+        self._attach("db", {"back": DB_ADDRESS})
+        for host, number in HOST_NUMBERS.items():
+            self._attach(host, {"front": f"{FRONT}{number}", "back": f"{BACK}{number}"})
+
+    def _attach(self, host: str, addresses: dict[str, str]) -> None:
+        name, sw = self._add(host), self.ns("sw")
+        for net, address in addresses.items():
+            port, inside = f"{host}-{net[0]}", f"{net}0"
+            netns.ip("link", "add", port, "type", "veth", "peer", "name", inside, "netns", name, ns=sw)
+            netns.ip("link", "set", port, "master", net, "up", ns=sw)
+            netns.ip("addr", "add", f"{address}/24", "dev", inside, ns=name)
+            netns.ip("link", "set", inside, "up", ns=name)
+
+    def link(self, host: str, net: str, up: bool) -> None:
+        """The host's cable into ``net`` (front or back) plugged in or pulled: packets vanish, no reset."""
+        netns.ip("link", "set", f"{host}-{net[0]}", "up" if up else "down", ns=self.ns("sw"))
+
+    def remove(self) -> None:
+        for name in reversed(self.made):
+            netns.delete(name)
+        self.made.clear()
+
+
+@dataclass
+class Run:
+    """One run of a job as a worker's log tells it: where, which attempt, when it began and how it ended."""
+
+    job: str
+    host: str
+    attempt: int
+    started: float  # seconds since midnight, the log's clock (one machine: every host's)
+    ended: float | None = None
+    end: str = "running"  # succeeded, handed back, stopped (lease lapsed / taken over), killed
+
+
+_LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \S+ \w+ jobs: job (?P<job>[0-9a-f]{32}):? (?P<text>.*)$")
+_ENDS = (("attempt (?P<n>\\d+) succeeded", "succeeded"),
+         ("handed back to the queue \\(attempt (?P<n>\\d+)", "handed back"),
+         ("attempt (?P<n>\\d+) stops itself", "lease lapsed"),
+         ("attempt (?P<n>\\d+) stopped", "taken over"))
+
+
+def clock(line: str) -> float | None:
+    match = re.match(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) ", line)
+    if not match:
+        return None
+    h, m, s, ms = map(int, match.groups())
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+def now_clock() -> float:
+    now = datetime.now()
+    return now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+
+
+def runs_in(host: str, lines: list[str]) -> list[Run]:
+    """Every run of a job in ``host``'s worker lines, in order."""
+    runs: list[Run] = []
+    open_runs: dict[tuple[str, int], Run] = {}
+    for line in lines:
+        match = _LOG.match(line)
+        if not match:
+            continue
+        at, job, text = clock(line), match["job"], match["text"]
+        if started := re.match(r"attempt (\d+) started$", text):
+            run = Run(job, host, int(started[1]), at)
+            runs.append(run)
+            open_runs[(job, run.attempt)] = run
+            continue
+        for pattern, end in _ENDS:
+            if ended := re.match(pattern, text):
+                run = open_runs.pop((job, int(ended["n"])), None)
+                if run is not None:
+                    run.ended, run.end = at, end
+                break
+    return runs
+
+
+class HostSet:
+    """The Procfile under honcho in one host's namespace, started and stopped as its operator would."""
+
+    def __init__(self, bed: Bed, name: str, env: dict[str, str]) -> None:
+        self.bed, self.name = bed, name
+        self.address = f"{FRONT}{HOST_NUMBERS[name]}"
+        self.var = bed.root / name / "var"
+        self.env = {**os.environ, **env, "BIND_HOST": self.address, "PORT": str(WEB_PORT),
+                    "VAR_DIR": str(self.var)}
+        for inherited in ("REDIS_URL", "CELERY_BROKER_URL"):
+            if inherited not in env:
+                self.env.pop(inherited, None)
+        self.env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + self.env.get("PATH", "")
+        self.terminals: list[Honcho] = []
+        self.killed_at: float | None = None
+
+    def start(self) -> None:
+        # A host name of its own too (a UTS namespace): Celery names its worker after it, and two
+        # workers of one name lock each other out of RabbitMQ (their exclusive pidbox queue).
+        named = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', f"host-{self.name}"]
+        terminal = Honcho(ROOT, command=netns.command(self.bed.net.ns(self.name), named + honcho_command()),
+                          env=self.env)
+        terminal.start()
+        self.terminals.append(terminal)
+
+    @property
+    def terminal(self) -> Honcho:
+        return self.terminals[-1]
+
+    def lines(self, name: str | None = None) -> list[str]:
+        return [text for t in self.terminals for text in t.texts(name)]
+
+    def wait_for_line(self, pattern: str, timeout: float = 60, name: str | None = None, *,
+                      after: int = 0) -> str:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines(name)[after:]:
+                if regex.search(line):
+                    return line
+            if self.terminal.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"host {self.name}: no line matching {pattern!r} within {timeout} s:\n"
+                             + "\n".join(self.terminal.tail(60)))
+
+    def wait_started(self, timeout: float = 90) -> None:
+        """This start's worker consumes and its beat runs (web: see :meth:`Bed.wait_in_balancer`)."""
+        deadline = time.monotonic() + timeout
+        for name, pattern in (("worker", r"\bready\.$"), ("beat", r"beat: Starting")):
+            regex = re.compile(pattern)
+            while not any(regex.search(line) for line in self.terminal.texts(name)):
+                assert time.monotonic() < deadline and self.terminal.poll() is None, (
+                    f"host {self.name}: {name} not started:\n" + "\n".join(self.terminal.tail(60)))
+                time.sleep(0.05)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal honcho (as a platform or an operator does) and wait for it; its exit code."""
+        self.terminal.signal(signum)
+        rc = self.terminal.wait(timeout)
+        assert rc is not None, f"host {self.name}: honcho still running {timeout} s after {signum}"
+        self.terminal.join_reader(2)
+        self.terminal.close_pty()
+        return rc
+
+    def kill(self) -> None:
+        """kill -9 every process of the host at once (power lost): nobody says goodbye."""
+        self.killed_at = now_clock()
+        netns.kill_all(self.bed.net.ns(self.name))
+
+    def runs(self) -> list[Run]:
+        runs = runs_in(self.name, self.lines("worker"))
+        if self.killed_at is not None:
+            for run in runs:
+                if run.ended is None and run.started <= self.killed_at:
+                    run.ended, run.end = self.killed_at, "killed"
+        return runs
+
+    def close(self) -> None:
+        for terminal in self.terminals:
+            with contextlib.suppress(Exception):
+                if terminal.poll() is None:
+                    terminal.signal(signal.SIGKILL)
+                terminal.proc.wait(10)
+            terminal.close()
+
+
+class Bed:
+    """The whole test bed; :meth:`close` removes everything it started."""
+
+    def __init__(self, root: Path, broker: str = "rabbitmq") -> None:
+        self.root = root
+        self.broker_kind = broker
+        self.net = Network()
+        self.pg: PostgresServer | None = None
+        self.rabbit: RabbitMQServer | None = None
+        self.redis: RedisServer | None = None
+        self.haproxy: subprocess.Popen[bytes] | None = None
+        self.hosts: dict[str, HostSet] = {}
+        self.admin = Path(tempfile.mkdtemp(prefix="haproxy-"))  # short path: a Unix socket name
+
+    # -- start ---------------------------------------------------------------------------------
+    def start_servers(self) -> None:
+        self.net.build()
+        bindir, rabbit_bin = find_pg_bin(), find_rabbitmq()
+        assert bindir is not None, "no PostgreSQL server is installed"
+        self.pg = PostgresServer(bindir, netns=self.net.ns("db"), listen=DB_ADDRESS, max_connections=400)
+        self.pg.start()
+        if self.broker_kind == "rabbitmq":
+            assert rabbit_bin is not None, "no RabbitMQ server is installed"
+            self.rabbit = RabbitMQServer(rabbit_bin, netns=self.net.ns("db"), address=DB_ADDRESS)
+            self.rabbit.start()
+        else:
+            self.redis = RedisServer(self.root / "redis", netns=self.net.ns("db"), bind=DB_ADDRESS)
+            self.redis.start()
+        self.start_haproxy()
+
+    @property
+    def broker_url(self) -> str:
+        if self.rabbit is not None:
+            return self.rabbit.url("")  # the default vhost "/"
+        assert self.redis is not None
+        return self.redis.url
+
+    def env(self, **extra: str) -> dict[str, str]:
+        assert self.pg is not None
+        return {**HOST_ENV, "DATABASE_URL": self.pg.url, "BROKER_URL": self.broker_url, **extra}
+
+    def haproxy_config(self) -> str:
+        """deploy/haproxy.cfg as shipped, pointed at this bed's hosts; stats on a Unix socket."""
+        text = HAPROXY_CFG.read_text()
+        text = re.sub(r"(?m)^(\s*)bind \S+", rf"\1bind {LB_ADDRESS}:{LB_PORT}", text, count=1)
+        # Ours where the file's first server line is: after its default-server line, which
+        # applies only to the server lines below it.
+        servers = "".join(f"    server {h} {FRONT}{n}:{WEB_PORT} check\n" for h, n in HOST_NUMBERS.items())
+        text = re.sub(r"(?m)^\s*server \S+ \S+.*\n", lambda _: servers, text, count=1)
+        text = re.sub(r"(?m)^\s*server \S+ (?!10\.231\.)\S+.*\n", "", text)
+        text = re.sub(r"(?m)^\s*#?\s*stats socket .*\n", "", text)
+        admin = f"    stats socket {self.admin}/admin.sock mode 600 level admin\n"
+        return text.replace("global\n", "global\n" + admin, 1)
+
+    def start_haproxy(self) -> None:
+        config = self.root / "haproxy.cfg"
+        config.write_text(self.haproxy_config())
+        check = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        log = open(self.root / "haproxy.log", "wb")  # noqa: SIM115 - HAProxy keeps its copy
+        argv = netns.command(self.net.ns("lb"), ["haproxy", "-db", "-f", str(config)])
+        self.haproxy = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 10
+        while not (self.admin / "admin.sock").exists():
+            assert time.monotonic() < deadline and self.haproxy.poll() is None, "HAProxy did not start"
+            time.sleep(0.05)
+
+    def start_host(self, name: str, **extra: str) -> HostSet:
+        host = self.hosts.get(name) or HostSet(self, name, self.env(**extra))
+        self.hosts[name] = host
+        host.start()
+        return host
+
+    # -- look ----------------------------------------------------------------------------------
+    def haproxy_admin(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.admin / "admin.sock"))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_states(self) -> dict[str, str]:
+        """The balancer's view of each host: UP, DOWN, MAINT ... (``show stat``)."""
+        text = self.haproxy_admin("show stat").lstrip("# ")
+        return {row["svname"]: row["status"] for row in csv.DictReader(io.StringIO(text))
+                if row["svname"] in HOST_NUMBERS}
+
+    def wait_in_balancer(self, name: str, up: bool = True, timeout: float = 90) -> float:
+        """Wait until HAProxy has ``name`` up (or down); the seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            state = self.server_states().get(name, "")
+            if state.startswith("UP") if up else not state.startswith("UP"):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        host = self.hosts[name]
+        raise AssertionError(f"host {name} not {'up' if up else 'down'} in HAProxy within {timeout} s: "
+                             f"{self.server_states()}\n" + "\n".join(host.lines("system") + host.terminal.tail(40)))
+
+    def post_job(self, seconds: float) -> str:
+        """POST a sleep job through the balancer, as a client on the ``lb`` host; its id."""
+        def post() -> str:
+            conn = http.client.HTTPConnection(LB_ADDRESS, LB_PORT, timeout=10)
+            try:
+                conn.request("POST", "/jobs", json.dumps({"task": "sleep", "args": {"seconds": seconds}}),
+                             {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                body = response.read()
+                assert response.status == 202, (response.status, body)
+                return json.loads(body)["id"]
+            finally:
+                conn.close()
+
+        return netns.run_in(self.net.ns("lb"), post)
+
+    def wait_jobs(self, ids: list[str], timeout: float = 120) -> dict[str, dict[str, Any]]:
+        """Until every job in ``ids`` has ended; their ledger rows."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.jobs()
+            if all(rows.get(i, {}).get("status") in FINISHED for i in ids):
+                return {i: rows[i] for i in ids}
+            assert time.monotonic() < deadline, {i: rows.get(i, {}).get("status") for i in ids}
+            time.sleep(0.2)
+
+    def ledger(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        assert self.pg is not None
+        engine = sqlalchemy.create_engine(self.pg.socket_url, poolclass=sqlalchemy.NullPool)
+        try:
+            with engine.connect() as conn:
+                return [dict(row) for row in conn.execute(sqlalchemy.text(query), params).mappings()]
+        finally:
+            engine.dispose()
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return {row["id"]: row for row in self.ledger("SELECT id, status, attempts, args, error FROM jobs")}
+
+    def runs(self) -> list[Run]:
+        return sorted((run for host in self.hosts.values() for run in host.runs()), key=lambda r: r.started)
+
+    # -- end -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+        for name in ("a", "b", "lb"):  # whatever a host left behind, by namespace
+            netns.kill_all(self.net.ns(name))
+        if self.haproxy is not None:
+            if self.haproxy.poll() is None:
+                self.haproxy.kill()
+            self.haproxy.wait(10)
+        for stop in (lambda: self.rabbit and self.rabbit.remove(),
+                     lambda: self.redis and self.redis.stop(),
+                     lambda: self.pg and (self.pg.stop(fast=True), self.pg.remove())):
+            with contextlib.suppress(Exception):
+                stop()
+        self.net.remove()
+        shutil.rmtree(self.admin, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bed(root: Path, broker: str = "rabbitmq") -> Iterator[Bed]:
+    made = Bed(root, broker)
+    try:
+        made.start_servers()
+        yield made
+    finally:
+        made.close()
+
+
+# -- the clients -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """The clients (tests/hostload.py) running in the ``lb`` namespace; :meth:`finish` gives their record."""
+
+    bed: Bed
+    clients: int = 32
+    mix: str = "0.2:6,1:3,6:1"  # seconds:weight; 6 s is longer than the grace
+    think: float = 0.5
+    out: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.out = self.bed.root / "load.json"
+        argv = [sys.executable, "-m", "tests.hostload", "--target", f"http://{LB_ADDRESS}:{LB_PORT}",
+                "--clients", str(self.clients), "--mix", self.mix, "--think", str(self.think),
+                "--out", str(self.out)]
+        self.log = open(self.bed.root / "load.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(netns.command(self.bed.net.ns("lb"), argv), cwd=ROOT, stdout=self.log,
+                                     stderr=self.log, start_new_session=True)
+
+    def wait_accepted(self, count: int, timeout: float = 60) -> None:
+        """Until the clients have had ``count`` jobs accepted (the load is flowing)."""
+        deadline = time.monotonic() + timeout
+        progress = self.bed.root / "load.json.progress"
+        while time.monotonic() < deadline:
+            if progress.exists() and int(progress.read_text() or 0) >= count:
+                return
+            assert self.proc and self.proc.poll() is None, (self.bed.root / "load.log").read_text()
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {count} jobs accepted within {timeout} s")
+
+    def finish(self, timeout: float = 120) -> dict[str, Any]:
+        """Stop posting, let every client see its last job end; the record of every request and job."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        self.log.close()
+        return json.loads(self.out.read_text())
+
+
+# -- what happened -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Handback:
+    job: str
+    from_host: str
+    to_host: str | None  # where it ran next (None: never)
+    waited: float | None  # from the hand-back to the next run's start (s)
+
+
+def outcomes(record: dict[str, Any]) -> dict[str, int]:
+    """Requests by outcome as the clients saw them: answered, 5xx codes, reset, refused, timeout."""
+    counts: dict[str, int] = {}
+    for request in record["requests"]:
+        counts[request["outcome"]] = counts.get(request["outcome"], 0) + 1
+    return counts
+
+
+def handbacks(runs: list[Run]) -> list[Handback]:
+    found = []
+    for run in runs:
+        if run.end != "handed back":
+            continue
+        later = [r for r in runs if r.job == run.job and r.started >= run.started and r is not run]
+        nxt = min(later, key=lambda r: r.started, default=None)
+        found.append(Handback(run.job, run.host, nxt.host if nxt else None,
+                              nxt.started - run.ended if nxt and run.ended is not None else None))
+    return found
+
+
+def at_once(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """Pairs of runs of one job that overlapped in time (a run still going when the next began)."""
+    pairs = []
+    by_job: dict[str, list[Run]] = {}
+    for run in runs:
+        by_job.setdefault(run.job, []).append(run)
+    for job_runs in by_job.values():
+        job_runs.sort(key=lambda r: r.started)
+        for first, second in zip(job_runs, job_runs[1:], strict=False):
+            if first.ended is None or first.ended > second.started:
+                pairs.append((first, second))
+    return pairs
+
+
+def summary(record: dict[str, Any], ledger: dict[str, dict[str, Any]], runs: list[Run]) -> dict[str, Any]:
+    """What it cost: requests by outcome, jobs accepted / lost / run twice / failed, hand-backs."""
+    accepted = [job["id"] for job in record["jobs"]]
+    succeeded_runs: dict[str, int] = {}
+    for run in runs:
+        if run.end == "succeeded":
+            succeeded_runs[run.job] = succeeded_runs.get(run.job, 0) + 1
+    latencies = [job["seen_end"] - job["posted"] for job in record["jobs"] if job["seen_end"]]
+    backs = handbacks(runs)
+    return {
+        "requests": outcomes(record),
+        "accepted": len(accepted),
+        "lost": sum(1 for job in accepted if ledger.get(job, {}).get("status") not in FINISHED),
+        "failed": sum(1 for job in accepted if ledger.get(job, {}).get("status") == "failed"),
+        "run_twice": sum(1 for count in succeeded_runs.values() if count > 1),
+        "at_once": len(at_once(runs)),
+        "handed_back": len(backs),
+        "handback_waits": sorted(b.waited for b in backs if b.waited is not None),
+        "handback_hosts": [(b.from_host, b.to_host) for b in backs],
+        "longest_latency": max(latencies, default=0.0),
+    }
