@@ -1,20 +1,28 @@
-"""deploy/Dockerfile and deploy/kubernetes.yaml, read: the commands are the Procfile's, the budget fits.
+"""deploy/: the Dockerfile and Kubernetes manifest run the Procfile's commands within their budget,
+and the load balancers' files (haproxy.cfg, nginx-upstream.conf) take a host out within its drain.
 
 There is no Docker engine or cluster here; the stop itself is tested by
 tests/e2e/test_containers_stop.py, which runs the same commands as PID 1 of a
-PID namespace.
+PID namespace. ``haproxy -c`` checks haproxy.cfg where haproxy is installed
+(CI installs it); nginx is not installed, so nginx-upstream.conf is only read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from typing import Any
 
 import yaml
 
+from core.config import Settings
+from stopright.budget import HONCHO_KILL_WAIT, WEB_AFTER_DRAIN
 from tests.procset import ROOT
+from tests.servers import missing
 from tools.stopcheck.text import parse_procfile
 
 PROCFILE = dict(parse_procfile((ROOT / "Procfile").read_text()))
@@ -146,3 +154,109 @@ def test_dockerfile_copies_every_local_requirement_before_installing_the_require
              if line.removeprefix("-e").strip().startswith(("./", "../"))}
     assert local == {"stopright"}  # the only path requirement, as a user's app would name it
     assert {"requirements.txt", *local} <= copied, lines[:install]
+
+
+# -- load balancers -----------------------------------------------------------------------------
+
+HAPROXY = ROOT / "deploy" / "haproxy.cfg"
+NGINX = ROOT / "deploy" / "nginx-upstream.conf"
+#: The longest long poll by default (API_MAX_WAIT_SECONDS), and the most it may be set to.
+LONG_POLL = Settings.model_fields["api_max_wait_seconds"].default
+#: A drain of more than this is cut under honcho (stopright/budget.py).
+HONCHO_MAX_DRAIN = HONCHO_KILL_WAIT - WEB_AFTER_DRAIN
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def seconds(value: str, default_unit: str = "ms") -> float:
+    """An HAProxy or nginx time (``500ms``, ``40s``, ``1m``; a bare number in ``default_unit``)."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", value).groups()  # type: ignore[union-attr]
+    return float(number) * UNITS[unit or default_unit]
+
+
+def haproxy_sections() -> dict[str, list[list[str]]]:
+    """``{"defaults": [[keyword, arg, ...], ...], "backend web": ...}``, comments dropped."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for line in HAPROXY.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(words), [])
+        else:
+            current.append(words)
+    return sections
+
+
+def haproxy_drain() -> float:
+    """The SHUTDOWN_DRAIN_SECONDS the file is written for (its header says it)."""
+    (drain,) = re.findall(r"SHUTDOWN_DRAIN_SECONDS=(\d+(?:\.\d+)?)", HAPROXY.read_text())
+    return float(drain)
+
+
+def setting(lines: list[list[str]], *keyword: str) -> list[str]:
+    """The arguments of the last line starting with ``keyword`` (HAProxy: the last one wins)."""
+    found = [words[len(keyword):] for words in lines if tuple(words[:len(keyword)]) == keyword]
+    assert found, keyword
+    return found[-1]
+
+
+def test_haproxy_takes_a_draining_host_out_of_rotation_before_its_drain_ends() -> None:
+    """inter x fall + check time (min(timeout connect, inter) + timeout check) + a margin <= the drain."""
+    sections = haproxy_sections()
+    defaults, backend = sections["defaults"], sections["backend web"]
+    check = dict(zip(setting(backend, "default-server")[::2], setting(backend, "default-server")[1::2],
+                     strict=True))
+    inter, fall = seconds(check["inter"]), int(check["fall"])
+    assert int(check["rise"]) >= 2  # one good answer is not enough to come back
+    check_time = min(seconds(setting(defaults, "timeout", "connect")[0]), inter) + seconds(
+        setting(defaults, "timeout", "check")[0])
+    drain = haproxy_drain()
+    assert inter * fall + check_time + 0.5 <= drain, (inter, fall, check_time, drain)
+    assert drain <= HONCHO_MAX_DRAIN  # the same drain works with honcho on each host
+    assert setting(backend, "option", "httpchk") == ["GET", "/readyz"]
+    assert setting(backend, "http-check", "expect") == ["status", "200"]
+    servers = [words for words in backend if words[0] == "server"]
+    assert len(servers) >= 2 and all(words[-1] == "check" for words in servers), servers
+    assert f"SHUTDOWN_DRAIN_SECONDS={drain:g}" in (ROOT / "docs" / "several-hosts.md").read_text()
+
+
+def test_haproxy_outlasts_the_longest_long_poll_and_retries_nothing_by_default() -> None:
+    defaults = haproxy_sections()["defaults"]
+    for side in ("server", "client"):
+        assert seconds(setting(defaults, "timeout", side)[0]) > LONG_POLL, side
+    assert setting(defaults, "retries") == ["0"]  # HAProxy's default is 3: off, the drain alone must do
+    optional = HAPROXY.read_text()
+    for line in ("# retry-on conn-failure empty-response", "# option redispatch",
+                 "# http-request disable-l7-retry if METH_POST"):
+        assert line in optional, line  # offered, commented out
+    assert "# stats socket" in optional
+
+
+def test_haproxy_accepts_the_file() -> None:
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"  # not on a user's PATH on Debian
+    if not os.access(haproxy, os.X_OK):
+        missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
+    done = subprocess.run([haproxy, "-c", "-f", str(HAPROXY)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def nginx_directives(text: str) -> list[list[str]]:
+    """Every directive of an nginx file as its words (quotes kept), comments dropped."""
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    return [statement.split() for statement in re.split(r"[;{}]", body) if statement.strip()]
+
+
+def test_nginx_upstream_has_every_host_passive_checks_and_outlasts_the_longest_long_poll() -> None:
+    directives = nginx_directives(NGINX.read_text())
+    named = {words[0]: words[1:] for words in directives}
+    servers = [words for words in directives if words[0] == "server" and len(words) > 1]
+    assert len(servers) >= 2, servers
+    for words in servers:
+        assert {w.partition("=")[0] for w in words} >= {"max_fails", "fail_timeout"}, words
+    assert "keepalive" in named and named["proxy_http_version"] == ["1.1"]
+    assert seconds(named["keepalive_timeout"][0], "s") < 2  # gunicorn.conf.py: keepalive = 2
+    assert seconds(named["proxy_read_timeout"][0], "s") > LONG_POLL
+    retry_on = set(named["proxy_next_upstream"])
+    assert {"error", "timeout"} <= retry_on
+    assert not retry_on & {"non_idempotent", "http_502", "http_503", "http_504"}, retry_on
