@@ -10,20 +10,53 @@ schedule's ``requeue-stranded-jobs`` entry wakes that thread instead of
 sending a message the busy queue could starve. And beat survives a full
 disk: a schedule store that cannot be written is logged and written again
 at the next sync (its store lives in VAR_DIR, beside SQLite and Redis).
+
+Beat on several hosts (or two for a moment in a rollout): only the holder of
+the leader lease schedules, the sweep included (core/leader.py); the others
+stand by and one takes over when it stops or dies.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from celery.beat import PersistentScheduler
 
-from core import logs
+from core import leader, logs
+from core.config import get_settings
 from jobs import sweeper
 from stopright import registry
 from stopright.celery_beat import StopRightBeat
 
 log = logging.getLogger("celery.beat")
+
+#: How often a standby beat's loop checks whether its lease keeper took over (no database call).
+STANDBY_TICK = 0.2
+
+
+def adopt(schedule: Mapping[str, Any], recorded: Mapping[str, datetime]) -> list[str]:
+    """Start each entry from its recorded run where that is later than this host's own; the names moved.
+
+    A local ``last_run_at`` counts only once the entry ran here
+    (``total_run_count``): Celery stamps a new entry with the time it was
+    created, which is no run.
+    """
+    moved = []
+    for name, entry in schedule.items():
+        at = recorded.get(name)
+        if at is None:
+            continue
+        at = at.replace(tzinfo=UTC)
+        local = entry.last_run_at
+        local = local.replace(tzinfo=UTC) if local.tzinfo is None else local
+        if not entry.total_run_count or local < at:
+            entry.last_run_at = at
+            moved.append(name)
+    return moved
+
 
 class Scheduler(StopRightBeat, PersistentScheduler):
     #: The sweeper's stop, the schedule store's sync and the connections' close, together, at most.
@@ -32,8 +65,39 @@ class Scheduler(StopRightBeat, PersistentScheduler):
     def setup_schedule(self) -> None:
         logs.set_role("beat")
         super().setup_schedule()  # stopright: follow the manager, stop signals, what to close
+        lease = leader.Lease("beat", leader.holder_id(), get_settings().beat_lease_seconds)
+        self.leader = leader.Leader(lease)
+        self.leader.start(registry.current())  # released before the database closes
+        self._term = 0  # the lease's term this schedule last started from
         self.sweeper = sweeper.Sweeper()
         self.sweeper.start(registry.current())  # registered last: stopped first
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Schedule only while leading; on taking over, start from the runs the leaders recorded.
+
+        Relies on Celery's ``Scheduler.tick``: it sends what is due and
+        returns the seconds until the next due entry, and it rebuilds its
+        heap (the entries' next times) only when ``_heap`` is None.
+        """
+        if not self.leader.leading:
+            return min(STANDBY_TICK, self.max_interval)
+        if self._term != self.leader.term:
+            self._term = self.leader.term
+            moved = adopt(self.schedule, self.leader.recorded)
+            if moved:
+                log.info("beat: schedule taken from the recorded runs of %s", ", ".join(sorted(moved)))
+            self._heap = None  # Celery's: rebuilt from the entries at the next tick
+        return super().tick(*args, **kwargs)
+
+    def reserve(self, entry):
+        """Record each run in the database as Celery reserves it (before sending): the next leader's start.
+
+        Celery's ``tick`` calls ``reserve`` (the entry's next state, its
+        ``last_run_at`` now) just before ``apply_entry``.
+        """
+        new_entry = super().reserve(entry)
+        self.leader.record(new_entry.name, new_entry.last_run_at)
+        return new_entry
 
     @property
     def producer(self) -> None:
