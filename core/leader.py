@@ -32,11 +32,24 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, and_, bindparam, exc, inspect, or_, select, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    and_,
+    bindparam,
+    exc,
+    inspect,
+    or_,
+    select,
+    update,
+)
 
 from core import db, outages
 from stopright.registry import ShutdownRegistry
@@ -72,14 +85,16 @@ _TAKE = (update(leases)
          .where(leases.c.name == bindparam("p_name"),
                 or_(leases.c.holder == bindparam("p_holder"), leases.c.holder.is_(None),
                     leases.c.expires_at <= bindparam("p_now")))
-         .values(holder=bindparam("p_holder"), expires_at=bindparam("p_until"), renewed_at=bindparam("p_now")))
+         .values(holder=bindparam("p_holder"), expires_at=bindparam("p_until"),
+                 renewed_at=bindparam("p_now")))
 _RELEASE = (update(leases)
             .where(leases.c.name == bindparam("p_name"), leases.c.holder == bindparam("p_holder"))
             .values(holder=None, expires_at=bindparam("p_now"), renewed_at=bindparam("p_now")))
 _READ = select(leases.c.holder, leases.c.expires_at, leases.c.renewed_at).where(
     leases.c.name == bindparam("p_name"))
 _RUN = and_(runs.c.name == bindparam("p_name"), runs.c.entry == bindparam("p_entry"))
-_RECORD = update(runs).where(_RUN, runs.c.last_run_at < bindparam("p_at")).values(last_run_at=bindparam("p_at"))
+_RECORD = (update(runs).where(_RUN, runs.c.last_run_at < bindparam("p_at"))
+           .values(last_run_at=bindparam("p_at")))
 _RECORDED = select(runs.c.entry, runs.c.last_run_at).where(runs.c.name == bindparam("p_name"))
 
 
@@ -98,7 +113,7 @@ def ensure_schema() -> None:
     try:
         metadata.create_all(engine)
     except exc.DBAPIError:  # another beat created them between check and CREATE
-        if not all(inspect(engine).has_table(table.name) for table in metadata.sorted_tables):
+        if not all(inspect(engine).has_table(t.name) for t in metadata.sorted_tables):
             raise
 
 
@@ -109,7 +124,7 @@ class Row(NamedTuple):
 
 
 class Lease:
-    """One named lease in the database and its recorded runs: the statements, no thread, no clock of its own."""
+    """One named lease in the database and its recorded runs: the statements, no thread."""
 
     def __init__(self, name: str, holder: str, seconds: float, *,
                  now: Callable[[], datetime] = utcnow) -> None:
@@ -122,7 +137,7 @@ class Lease:
         return None if row is None else Row(*row)
 
     def lapsed(self, row: Row | None) -> bool:
-        """Whether ``row`` (read before) leaves the lease to anyone: missing, released or past its end."""
+        """Whether ``row`` leaves the lease to anyone: missing, released or past its end."""
         return row is None or row.holder is None or row.expires_at <= self._now()
 
     def acquire(self) -> bool:

@@ -1,4 +1,4 @@
-"""Beat's leader lease (core/leader.py) on a real SQLite file: one holder, release, lapse, fencing, shared runs."""
+"""Beat's leader lease (core/leader.py) on a real SQLite file: one holder, release, lapse, fencing, runs."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class Unreachable(leader.Lease):
 
     def acquire(self) -> bool:
         if self.down:
-            raise exc.OperationalError("UPDATE leader_leases", {}, sqlite3.OperationalError("database is locked"))
+            raise exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked"))
         return super().acquire()
 
 
@@ -173,7 +173,7 @@ def test_a_new_leader_starts_each_entry_from_the_later_of_its_own_and_the_record
     schedule = {
         "never-ran-here": entry("never-ran-here", local_later, 0),  # Celery's creation stamp: no run
         "ran-here-later": entry("ran-here-later", local_later, 4),
-        "ran-here-earlier": entry("ran-here-earlier", recorded_at.replace(tzinfo=UTC) - timedelta(hours=1), 4),
+        "ran-here-earlier": entry("ran-here-earlier", local_later - timedelta(hours=1), 4),
         "not-recorded": entry("not-recorded", local_later, 0),
     }
     moved = adopt(schedule, {name: recorded_at for name in schedule if name != "not-recorded"})
