@@ -308,8 +308,8 @@ class Leader:
             log.info("leading (lease %s)", self.lease.holder)
             return
         since = (utcnow() - row.renewed_at).total_seconds()
-        before = "its release" if row.holder is None else f"{row.holder}'s last renewal"
-        log.info("leading (took over after %.1f s: %s since %s)", since, self.lease.holder, before)
+        how = "a released lease" if row.holder is None else f"{row.holder}, whose lease lapsed"
+        log.info("leading (took over after %.1f s, from %s) as %s", since, how, self.lease.holder)
 
     def _fenced(self) -> None:
         """After a failed step: once the fence passed, say so once (:attr:`leading` is False already)."""

@@ -18,8 +18,11 @@ stand by and one takes over when it stops or dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +33,7 @@ from core.config import get_settings
 from jobs import sweeper
 from stopright import registry
 from stopright.celery_beat import StopRightBeat
+from stopright.registry import STOP_SIGNALS
 
 log = logging.getLogger("celery.beat")
 
@@ -56,6 +60,36 @@ def adopt(schedule: Mapping[str, Any], recorded: Mapping[str, datetime]) -> list
             entry.last_run_at = at
             moved.append(name)
     return moved
+
+
+@contextlib.contextmanager
+def stop_after_sends() -> Iterator[None]:
+    """A stop signal during a tick takes effect once the tick's runs are sent.
+
+    Beat's stop handler raises SystemExit wherever the main thread is: between
+    Celery's ``reserve`` (the run recorded for the next leader) and the
+    publish, the run was recorded but never sent, and the next leader skipped
+    it. A send is bounded (no retries, the broker's socket timeouts:
+    core/celery_app.py), so the stop waits a moment at most.
+    """
+    if threading.current_thread() is not threading.main_thread():  # beat embedded in a thread
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append((signum, frame)))
+                for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:  # the first one, now: beat's handler raises SystemExit and the loop unwinds
+            signum, frame = caught[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 class Scheduler(StopRightBeat, PersistentScheduler):
@@ -87,7 +121,8 @@ class Scheduler(StopRightBeat, PersistentScheduler):
             if moved:
                 log.info("beat: schedule taken from the recorded runs of %s", ", ".join(sorted(moved)))
             self._heap = None  # Celery's: rebuilt from the entries at the next tick
-        return super().tick(*args, **kwargs)
+        with stop_after_sends():
+            return super().tick(*args, **kwargs)
 
     def reserve(self, entry):
         """Record each run in the database as Celery reserves it (before sending): the next leader's start.

@@ -74,7 +74,7 @@ def test_release_lets_the_other_take_it_at_once(tables, caplog) -> None:
     assert not a.lease.release()  # only if ours
     b.step()
     assert b.leading and b.term == 1
-    assert any(m.startswith("leading (took over after") and "since its release" in m
+    assert any(m.startswith("leading (took over after") and "from a released lease" in m
                for m in messages(caplog)), messages(caplog)
     assert b.recorded == {"sweep": datetime(2030, 1, 1, 12, 0, 0)}
 
