@@ -8,7 +8,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from celery.beat import ScheduleEntry
+from celery.beat import ScheduleEntry, Scheduler
 from sqlalchemy import exc
 
 from core import leader
@@ -181,3 +181,36 @@ def test_a_new_leader_starts_each_entry_from_the_later_of_its_own_and_the_record
     assert schedule["never-ran-here"].last_run_at == recorded_at.replace(tzinfo=UTC)
     assert schedule["ran-here-later"].last_run_at == local_later
     assert schedule["not-recorded"].last_run_at == local_later
+
+
+class Recording(Scheduler):
+    """Celery's own scheduler, its sends recorded instead of published."""
+
+    producer = None
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        super().__init__(app=celery_app, lazy=True)
+
+    def reserve(self, entry):
+        self.calls.append("reserve")
+        return super().reserve(entry)
+
+    def apply_entry(self, entry, producer=None) -> None:
+        self.calls.append("apply")
+
+
+def test_the_celery_behaviour_beats_scheduler_relies_on() -> None:
+    """tasks/beat.py's reaches: ``tick`` reserves a run just before it applies it, and
+    rebuilds its heap only when ``_heap`` is None."""
+    scheduler = Recording()
+    now = celery_app.now()
+    scheduler.schedule["e"] = ScheduleEntry(name="e", task="t", schedule=timedelta(seconds=10),
+                                            last_run_at=now - timedelta(seconds=11), app=celery_app)
+    assert scheduler.tick() == 0
+    assert scheduler.calls == ["reserve", "apply"]
+    scheduler.schedule["e"].last_run_at = now - timedelta(seconds=11)  # what adopt() does
+    assert scheduler.tick() > 5  # the heap still holds the next run's time ...
+    scheduler._heap = None
+    assert scheduler.tick() == 0  # ... until it is rebuilt from the entries
+    assert scheduler.calls == ["reserve", "apply"] * 2
