@@ -1,8 +1,8 @@
 """Celery beat's scheduler: stopright's stop, plus this app's sweeper thread.
 
 What happens on SIGTERM in beat: stopright/celery_beat.py (the signal is
-recorded, beat's loop unwinds, the registry closes the sweeper, the
-schedule store and the connections, and logs it). SIGKILL would lose up to
+recorded, beat's loop unwinds, the registry closes the sweeper, releases
+the leader lease, closes the schedule store and the connections, and logs it). SIGKILL would lose up to
 ``beat_sync_every`` runs' state.
 
 Beat also runs the stranded-job sweep, in a thread (jobs/sweeper.py): the
