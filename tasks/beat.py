@@ -18,11 +18,11 @@ stand by and one takes over when it stops or dies.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,38 +62,61 @@ def adopt(schedule: Mapping[str, Any], recorded: Mapping[str, datetime]) -> list
     return moved
 
 
-@contextlib.contextmanager
-def stop_after_sends() -> Iterator[None]:
-    """A stop signal during a tick takes effect once the tick's runs are sent.
+#: How long a stop signal waits for the sends of the tick in hand (a broker that does not answer).
+SEND_WAIT_SECONDS = 1.0
 
-    Beat's stop handler raises SystemExit wherever the main thread is: between
-    Celery's ``reserve`` (the run recorded for the next leader) and the
-    publish, the run was recorded but never sent, and the next leader skipped
-    it. A send is bounded (no retries, the broker's socket timeouts:
-    core/celery_app.py), so the stop waits a moment at most.
+
+class StopAfterSends:
+    """A stop signal in a tick takes effect once its runs are sent, or after :data:`SEND_WAIT_SECONDS`.
+
+    Beat's stop handler raises SystemExit wherever the main thread is. In a
+    send, a message half-written or written and not yet recorded for the
+    next leader made it repeat or skip the run. A send that takes longer (the
+    broker away: Celery's publish retries) is cut by SIGALRM: the stop stays
+    bounded.
     """
-    if threading.current_thread() is not threading.main_thread():  # beat embedded in a thread
-        yield
-        return
-    caught: list[tuple[int, Any]] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append((signum, frame)))
-                for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
+
+    def __enter__(self) -> StopAfterSends:
+        self.caught: tuple[int, Any] | None = None
+        self.previous: dict[int, Any] | None = None
+        self.alarm: tuple[float, float, float] | None = None  # one armed before ours: left, interval, when
+        if threading.current_thread() is threading.main_thread():  # not beat embedded in a thread
+            self.previous = {signum: signal.signal(signum, self._defer) for signum in STOP_SIGNALS}
+            self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._give_up)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._restore()
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        if self.caught is None:
+            self.caught = (signum, frame)
+            self.alarm = (*signal.setitimer(signal.ITIMER_REAL, SEND_WAIT_SECONDS), time.monotonic())
+
+    def _give_up(self, _signum: int, _frame: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """The handlers back; the stop signal caught meanwhile, now (beat's handler raises SystemExit)."""
+        if self.previous is None:
+            return
+        if self.alarm is not None:  # ours off; another's (pytest-timeout's ...) back as it was
+            left, interval, armed = self.alarm
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - armed), 1e-3) if left else 0,
+                             interval)
+        previous, self.previous = self.previous, None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if caught:  # the first one, now: beat's handler raises SystemExit and the loop unwinds
-            signum, frame = caught[0]
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, frame)
-            elif handler == signal.SIG_DFL:
+        if self.caught is not None:
+            signum, frame = self.caught
+            if callable(previous[signum]):
+                previous[signum](signum, frame)
+            elif previous[signum] == signal.SIG_DFL:
                 signal.raise_signal(signum)
 
 
 class Scheduler(StopRightBeat, PersistentScheduler):
-    #: The sweeper's stop, the schedule store's sync and the connections' close, together, at most.
+    #: The sweeper's stop, the lease's release, the store's sync and the connections' close, at most.
     close_budget = 1.5
 
     def setup_schedule(self) -> None:
@@ -121,7 +144,7 @@ class Scheduler(StopRightBeat, PersistentScheduler):
             if moved:
                 log.info("beat: schedule taken from the recorded runs of %s", ", ".join(sorted(moved)))
             self._heap = None  # Celery's: rebuilt from the entries at the next tick
-        with stop_after_sends():
+        with StopAfterSends():
             return super().tick(*args, **kwargs)
 
     def reserve(self, entry):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +16,7 @@ from sqlalchemy import exc
 
 from core import leader
 from core.celery_app import celery_app
-from tasks.beat import adopt
+from tasks.beat import SEND_WAIT_SECONDS, StopAfterSends, adopt
 from tests.unit.shutdown_helpers import FakeClock
 
 LEASE = 3.0
@@ -214,3 +217,64 @@ def test_the_celery_behaviour_beats_scheduler_relies_on() -> None:
     scheduler._heap = None
     assert scheduler.tick() == 0  # ... until it is rebuilt from the entries
     assert scheduler.calls == ["reserve", "apply"] * 2
+
+
+class Stopped(Exception):
+    """What beat's stop handler raises (SystemExit there)."""
+
+
+@pytest.fixture
+def stop_handler() -> list[int]:
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        raise Stopped
+
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def test_a_stop_signal_in_a_tick_waits_for_its_sends(stop_handler: list[int]) -> None:
+    sent = []
+    alarm = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(Stopped):
+        with StopAfterSends():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeat: one stop
+            sent.append("run")  # the send goes on: not interrupted half-way
+        sent.append("after")
+    assert sent == ["run"] and stop_handler == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGALRM) is alarm
+
+
+def test_a_send_that_hangs_is_cut_after_the_wait(stop_handler: list[int]) -> None:
+    hung = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        with StopAfterSends():
+            os.kill(os.getpid(), signal.SIGTERM)
+            hung.wait(10)  # a publish to a broker that does not answer
+    waited = time.monotonic() - started
+    assert SEND_WAIT_SECONDS - 0.1 < waited < SEND_WAIT_SECONDS + 2, waited
+    assert stop_handler == [signal.SIGTERM]
+
+
+def test_a_tick_without_a_stop_leaves_the_handlers_as_they_were(stop_handler: list[int]) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with StopAfterSends():
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before and stop_handler == []
+
+
+def test_an_alarm_armed_before_is_armed_again(stop_handler: list[int]) -> None:
+    """Another user of SIGALRM (pytest-timeout, in these tests) keeps its alarm."""
+    previous = signal.setitimer(signal.ITIMER_REAL, 100)
+    try:
+        with pytest.raises(Stopped):
+            with StopAfterSends():
+                os.kill(os.getpid(), signal.SIGTERM)
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 90 < left <= 100, left
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *previous)
