@@ -250,6 +250,8 @@ class Leader:
                     self._schema_ready = True
                 self.flush()
                 delay = self._renew_or_look(started)
+                if self._stop.is_set():  # stopped meanwhile: renewed or not, beat schedules no more
+                    self._fence_at = float("-inf")
         except Exception as exc:  # noqa: BLE001 - an outage or a bug: log it once, try again
             kind = outages.database_outage(exc)
             if kind is None:

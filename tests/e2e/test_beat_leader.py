@@ -28,6 +28,7 @@ from tests.servers import PostgresServer
 
 LEASE = 3.0
 COUNT_EVERY = 2.0  # the counted entry's interval
+SWEEP_EVERY = 1.0
 QUEUE = "leader-count"
 SENT = "Scheduler: Sending due task"
 #: A run earlier than its interval after the one before: run twice. (Celery sends a hair early.)
@@ -115,7 +116,7 @@ class Beat:
 def beats(tmp_path: Path, postgres: PostgresServer, redis_url: str) -> Iterator:
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "leader_test_app.py").write_text(APP_MODULE)
-    env = {"DATABASE_URL": postgres.url, "REDIS_URL": redis_url, "SWEEP_INTERVAL_SECONDS": "1",
+    env = {"DATABASE_URL": postgres.url, "REDIS_URL": redis_url, "SWEEP_INTERVAL_SECONDS": str(SWEEP_EVERY),
            "BEAT_LEASE_SECONDS": str(LEASE)}
     started: list[Beat] = []
 
@@ -129,6 +130,18 @@ def beats(tmp_path: Path, postgres: PostgresServer, redis_url: str) -> Iterator:
         beat.kill()
         if beat.proc.stdout is not None:
             beat.proc.stdout.close()
+
+
+def logged_at(beats: list[Beat], pattern: str) -> list[float]:
+    """When the beats logged lines matching ``pattern`` (their own clock, seconds of the day), in order."""
+    times = []
+    for beat in beats:
+        for _, text in beat.lines:
+            stamp = re.match(r"(\d\d):(\d\d):(\d\d\.\d+) beat\[", text)
+            if stamp and re.search(pattern, text):
+                hours, minutes, seconds = stamp.groups()
+                times.append(int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+    return sorted(times)
 
 
 def runs(redis_url: str) -> list[tuple[float, int]]:
@@ -160,7 +173,6 @@ def assert_stopped_cleanly(beat: Beat, rc: int) -> None:
 def test_two_beats_schedule_each_run_once(beats, redis_url: str) -> None:
     leader, standby = leader_and_standby(beats)
     # Six sweeps and three counted runs with both beats up, from the standby's first look on.
-    since = standby.count(".")
     leader.wait_for(f"{SENT} requeue-stranded-jobs", times=leader.count(f"{SENT} requeue-stranded-jobs") + 6)
     leader.wait_for(f"{SENT} count-me", times=leader.count(f"{SENT} count-me") + 3)
     assert standby.count(SENT) == 0, standby.output
@@ -170,7 +182,9 @@ def test_two_beats_schedule_each_run_once(beats, redis_url: str) -> None:
     assert {pid for _, pid in sent} == {leader.pid}, sent
     assert min(gaps(sent)) >= COUNT_EVERY - EARLY, gaps(sent)
     assert max(gaps(sent)) < 2 * COUNT_EVERY, gaps(sent)
-    assert since < len(standby.lines)  # the standby was alive and logging meanwhile
+    sweeps = logged_at([leader, standby], f"{SENT} requeue-stranded-jobs")
+    assert min(gaps([(at, 0) for at in sweeps])) >= SWEEP_EVERY - EARLY, sweeps  # one sweep a second
+    assert standby.proc.poll() is None  # standing by all along
     assert_stopped_cleanly(standby, standby.stop())
     assert "leader lease released" not in standby.output  # it never held it
     assert_stopped_cleanly(leader, leader.stop())
@@ -193,6 +207,8 @@ def test_a_stopped_leaders_standby_takes_over_within_a_poll(beats, redis_url: st
     assert pids == sorted(pids, key=lambda pid: pid != leader.pid), sent  # the leader's, then the other's
     assert min(gaps(sent)) >= COUNT_EVERY - EARLY, gaps(sent)  # no interval run twice ...
     assert max(gaps(sent)) < 2 * COUNT_EVERY - EARLY, gaps(sent)  # ... nor one skipped
+    sweeps = logged_at([leader, standby], f"{SENT} requeue-stranded-jobs")
+    assert min(gaps([(at, 0) for at in sweeps])) >= SWEEP_EVERY - EARLY, sweeps  # never two at once
     assert_stopped_cleanly(standby, standby.stop())
 
 
