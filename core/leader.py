@@ -129,7 +129,7 @@ class Lease:
     def __init__(self, name: str, holder: str, seconds: float, *,
                  now: Callable[[], datetime] = utcnow) -> None:
         self.name, self.holder, self.seconds = name, holder, seconds
-        self._now = now  # a seam for the tests: the wall clock compared across hosts
+        self.now = now  # the wall clock compared across hosts (a seam for the tests)
 
     def read(self) -> Row | None:
         with db.get_engine().connect() as conn:
@@ -138,11 +138,11 @@ class Lease:
 
     def lapsed(self, row: Row | None) -> bool:
         """Whether ``row`` leaves the lease to anyone: missing, released or past its end."""
-        return row is None or row.holder is None or row.expires_at <= self._now()
+        return row is None or row.holder is None or row.expires_at <= self.now()
 
     def acquire(self) -> bool:
         """Take or renew the lease until now + its length; False when another holds it."""
-        now = self._now()
+        now = self.now()
         params = {"p_name": self.name, "p_holder": self.holder, "p_now": now,
                   "p_until": now + timedelta(seconds=self.seconds)}
         with db.transaction() as conn:
@@ -160,7 +160,7 @@ class Lease:
 
     def release(self) -> bool:
         """End the lease now, if it is still ours."""
-        now = self._now()
+        now = self.now()
         with db.transaction() as conn:
             return bool(conn.execute(_RELEASE, {"p_name": self.name, "p_holder": self.holder,
                                                 "p_now": now}).rowcount)
@@ -243,6 +243,7 @@ class Leader:
     def step(self) -> float:
         """Record pending runs, then renew, take or look at the lease; the seconds until the next step."""
         started = self._clock()
+        self._fenced()  # the last renewal is too old (a stalled step): a new term, if any, not a renewal
         try:
             with db.deadline(self.period):
                 if not self._schema_ready:  # beat may be first up on a fresh database
@@ -309,15 +310,20 @@ class Leader:
         if row is None or row.holder == self.lease.holder:
             log.info("leading (lease %s)", self.lease.holder)
             return
-        since = (utcnow() - row.renewed_at).total_seconds()
+        since = (self.lease.now() - row.renewed_at).total_seconds()
         how = "a released lease" if row.holder is None else f"{row.holder}, whose lease lapsed"
         log.info("leading (took over after %.1f s, from %s) as %s", since, how, self.lease.holder)
 
     def _fenced(self) -> None:
-        """After a failed step: once the fence passed, say so once (:attr:`leading` is False already)."""
+        """Once the fence passed unrenewed, say so once (:attr:`leading` is False already).
+
+        Leading again then takes the lease anew (a new :attr:`term`): another
+        beat may have led meanwhile and recorded runs.
+        """
         if self._held and not self.leading:
             self._held = False
-            log.warning("not leading: the lease could not be renewed; stopped scheduling before it lapses")
+            log.warning("not leading: the lease could not be renewed in time; stopped scheduling "
+                        "before it lapses")
 
     def _run(self) -> None:
         next_at = self._clock()

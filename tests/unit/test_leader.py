@@ -153,6 +153,24 @@ def test_a_leader_that_cannot_renew_stops_leading_before_its_lease_lapses(tables
     assert "leader lease: the database answers again" in messages(caplog)
 
 
+def test_a_step_that_stalled_past_the_fence_starts_a_new_term(tables, caplog) -> None:
+    """A leader whose thread stood still (a suspended host) may have been replaced meanwhile."""
+    caplog.set_level(logging.INFO, logger="leader")
+    clock = FakeClock()
+    a = keeper("host-a:1:aa", clock=clock)
+    a.step()
+    b = leader.Leader(leader.Lease("beat", "host-b:2:bb", LEASE, now=lambda: leader.utcnow() + timedelta(
+        seconds=LEASE)), clock=FakeClock())
+    b.step()  # host-a's lease lapsed for host-b: it leads, records a run, stops
+    assert b.leading
+    b.lease.record("sweep", datetime(2030, 1, 1, 12, 0, 0))
+    assert b.lease.release()
+    clock.advance(LEASE)
+    a.step()
+    assert a.leading and a.term == 2 and a.recorded == {"sweep": datetime(2030, 1, 1, 12, 0, 0)}
+    assert sum(m.startswith("not leading") for m in messages(caplog)) == 1, messages(caplog)
+
+
 def test_recorded_runs_only_move_forward(tables) -> None:
     lease = leader.Lease("beat", "host-a:1:aa", LEASE)
     t = datetime(2030, 1, 1, 12, 0, 0)
