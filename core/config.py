@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # Runs that ended without finishing (crashes; shutdowns do not count) before "failed".
     job_max_attempts: int = Field(default=5, ge=1)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
+    # Beat's leader lease (core/leader.py): with beat on several hosts, one schedules; another
+    # takes over about this long after the leader dies, about a second after it stops.
+    beat_lease_seconds: float = Field(default=10.0, ge=1, le=3600)
     log_level: str = "INFO"  # core/logs.py: one of LOG_LEVELS, any case
     # What one client may ask of the set: without bounds anyone who reaches the API
     # can pin every pool child with long jobs, or every web thread with long polls.

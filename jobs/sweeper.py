@@ -11,9 +11,10 @@ sent into the ``jobs`` queue, with ``expires`` = the interval. With every pool
 child busy it waited behind the jobs and expired unrun ("Discarding revoked
 task"), so stranded jobs waited for the backlog to clear. A queue
 of its own would not help: a prefork worker sets no child aside for a queue.
-Beat is the one process of the set that is single by design (two beats
-would double every schedule), does nothing else, and already wakes on the
-sweep's schedule (the ``requeue-stranded-jobs`` entry, core/celery_app.py),
+Beat is the one process of the set that is single by design (on several
+hosts only the leader lease's holder schedules: core/leader.py), does
+nothing else, and already wakes on the sweep's schedule (the
+``requeue-stranded-jobs`` entry, core/celery_app.py),
 so a due entry wakes this thread instead of sending a message. A thread, so
 that a database that does not answer never stalls beat's loop or its stop
 (the stop waits :data:`STOP_SECONDS` at most, then abandons it). The price:

@@ -86,7 +86,10 @@ def test_manifest_has_one_deployment_per_entry_but_the_broker_with_the_procfile_
         assert container["command"] == shlex.split(PROCFILE[name]), name  # PID 1, no shell
         assert "args" not in container
         assert container["image"] == deps["web"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    # One beat, the old one gone before the new one starts; the leader lease (core/leader.py) is the
+    # second guard, for two beats at once all the same.
     assert deps["beat"]["spec"]["replicas"] == 1
+    assert deps["beat"]["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_broker_and_database_are_external_and_said_so() -> None:
