@@ -351,9 +351,9 @@ class Bed:
             if state.startswith("UP") if up else not state.startswith("UP"):
                 return time.monotonic() - start
             time.sleep(0.05)
-        host = self.hosts[name]
+        told = self.hosts[name].lines("system") + self.hosts[name].terminal.tail(40)
         raise AssertionError(f"host {name} not {'up' if up else 'down'} in HAProxy within {timeout} s: "
-                             f"{self.server_states()}\n" + "\n".join(host.lines("system") + host.terminal.tail(40)))
+                             f"{self.server_states()}\n" + "\n".join(told))
 
     def post_job(self, seconds: float) -> str:
         """POST a sleep job through the balancer, as a client on the ``lb`` host; its id."""

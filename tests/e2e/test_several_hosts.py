@@ -1,4 +1,4 @@
-"""Several hosts behind HAProxy (tests/hosts.py): a rolling restart under traffic, a host lost, a host cut off.
+"""Several hosts behind HAProxy (tests/hosts.py): a rolling restart, a host lost or cut off, beat on both.
 
 Hosts ``a`` and ``b`` run the whole Procfile under honcho, with PostgreSQL and
 RabbitMQ on host ``db`` and HAProxy (deploy/haproxy.cfg as shipped) on ``lb``,
@@ -154,3 +154,41 @@ def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_run
     while not any(r.host == "a" and r.started > cut_at + 20 and r.end == "succeeded" for r in bed.runs()):
         assert time.monotonic() < deadline, "host a ran no job after its cable was back"
         bed.wait_jobs([bed.post_job(0.2) for _ in range(4)])
+
+
+SWEEP = r"Sending due task requeue-stranded-jobs"
+
+
+def test_beat_on_both_hosts_sweeps_once_per_interval_and_fails_over_when_its_host_stops(
+        bed: hosts.Bed) -> None:
+    """Both hosts run beat (the Procfile as is): one leads (a lease in PostgreSQL), the other stands by.
+
+    The sweep runs once per interval across both hosts, never from the standby;
+    when the leading host is stopped (SIGTERM to its honcho) the other host's
+    beat takes over and sweeps.
+    """
+    a, b = start_both(bed)
+    deadline = time.monotonic() + 60
+    while not (leaders := [h for h in (a, b) if any("leader: leading" in x for x in h.lines("beat"))]):
+        assert time.monotonic() < deadline, "no beat leads"
+        time.sleep(0.1)
+    assert len(leaders) == 1, "both beats lead"
+    leader = leaders[0]
+    standby = b if leader is a else a
+    swept = len(leader.lines("beat"))
+    leader.wait_for_line(SWEEP, name="beat", after=swept)
+    sweeps_before = len([x for x in leader.lines("beat") if SWEEP in x])
+    deadline = time.monotonic() + 60
+    while len([x for x in leader.lines("beat") if SWEEP in x]) < sweeps_before + 5:
+        assert time.monotonic() < deadline, "the leader stopped sweeping"
+        time.sleep(0.1)
+    assert not [x for x in standby.lines("beat") if SWEEP in x], "the standby swept"
+    interval = float(hosts.HOST_ENV["SWEEP_INTERVAL_SECONDS"])
+    times = sorted(hosts.clock(x) for h in (a, b) for x in h.lines("beat") if SWEEP in x)
+    assert min(later - earlier for earlier, later in zip(times, times[1:], strict=False)) > interval / 2
+
+    seen = len(standby.lines("beat"))
+    leader.stop()
+    standby.wait_for_line(r"leader: leading \(took over after", timeout=30, name="beat", after=seen)
+    standby.wait_for_line(SWEEP, timeout=30, name="beat", after=seen)
+    no_sigkill(leader)
