@@ -53,7 +53,7 @@ FINISHED = ("succeeded", "failed")
 HOST_ENV = {
     "SHUTDOWN_DRAIN_SECONDS": "3",  # deploy/haproxy.cfg's rule
     "SHUTDOWN_GRACE_SECONDS": "3",
-    "WORKER_CONCURRENCY": "12",
+    "WORKER_CONCURRENCY": "24",  # either host alone carries the clients, as a rolling restart needs
     "WEB_THREADS": "24",
     "JOB_LEASE_SECONDS": "6",
     "SWEEP_INTERVAL_SECONDS": "1",
@@ -534,3 +534,24 @@ def summary(record: dict[str, Any], ledger: dict[str, dict[str, Any]], runs: lis
         "handback_hosts": [(b.from_host, b.to_host) for b in backs],
         "longest_latency": max(latencies, default=0.0),
     }
+
+
+def trouble(record: dict[str, Any], ledger: dict[str, dict[str, Any]], runs: list[Run]) -> list[str]:
+    """Each accepted job that did not end well, with its ledger row and runs: for a failure's message."""
+    pairs = {id(first) for pair in at_once(runs) for first in pair}
+    found = []
+    for job in record["jobs"]:
+        row = ledger.get(job["id"], {})
+        job_runs = [r for r in runs if r.job == job["id"]]
+        if (row.get("status") != "succeeded" or sum(r.end == "succeeded" for r in job_runs) > 1
+                or any(id(r) in pairs for r in job_runs)):
+            found.append(f"{job} ledger={row} runs={job_runs}")
+    return found
+
+
+def story(runs: list[Run], job: str, since: float) -> str:
+    """A job's runs in seconds from ``since``: ``job 1a2b3c4d: a 0.0-6.1 lease lapsed, b 8.2-20.2 ...``."""
+    told = [f"{r.host} {r.started - since:.1f}-"
+            + ("?" if r.ended is None else f"{r.ended - since:.1f}") + f" {r.end}"
+            for r in sorted((r for r in runs if r.job == job), key=lambda r: r.started)]
+    return f"job {job[:8]}: " + ", ".join(told)

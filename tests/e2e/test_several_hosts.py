@@ -22,17 +22,18 @@ from tests import hosts
 from tests.servers import find_pg_bin, find_rabbitmq, missing
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[hosts.Bed]:
+@pytest.fixture(params=["rabbitmq"])
+def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[hosts.Bed]:
+    """The bed with RabbitMQ on host db; ``parametrize("bed", [...], indirect=True)`` picks Redis too."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         missing("network namespaces need root and iproute2", "REQUIRE_NAMESPACES")
     if shutil.which("haproxy") is None:
         missing("HAProxy is not installed", "REQUIRE_HAPROXY")
     if find_pg_bin() is None:
         missing("no PostgreSQL server is installed", "REQUIRE_POSTGRES")
-    if find_rabbitmq() is None:
+    if request.param == "rabbitmq" and find_rabbitmq() is None:
         missing("no RabbitMQ server is installed", "REQUIRE_RABBITMQ")
-    with hosts.bed(tmp_path) as made:
+    with hosts.bed(tmp_path, request.param) as made:
         yield made
 
 
@@ -59,6 +60,10 @@ def running_on(host: hosts.HostSet, count: int, timeout: float = 60) -> list[str
         time.sleep(0.1)
 
 
+BROKERS = pytest.mark.parametrize("bed", ["rabbitmq", "redis"], indirect=True)
+
+
+@BROKERS
 def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.Bed) -> None:
     """32 clients through HAProxy (retries off); host a stopped with SIGTERM and back, then host b.
 
@@ -84,7 +89,8 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
     result = hosts.summary(record, bed.jobs(), runs)
 
     assert result["requests"] == {"answered": len(record["requests"])}, result["requests"]
-    assert (result["lost"], result["failed"], result["run_twice"], result["at_once"]) == (0, 0, 0, 0), result
+    assert (result["lost"], result["failed"], result["run_twice"], result["at_once"]) == (0, 0, 0, 0), (
+        result, hosts.trouble(record, bed.jobs(), runs))
     assert result["handed_back"] >= 1, "no job ran past the grace: nothing was tested"
     for handback in hosts.handbacks(runs):
         assert handback.to_host not in (None, handback.from_host), handback
@@ -93,8 +99,10 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
         assert next_run.started < back_at[handback.from_host], (handback, back_at)
     for host in (a, b):
         no_sigkill(host)
+    print(f"\nrolling restart ({bed.broker_kind}): {result}")
 
 
+@BROKERS
 def test_a_host_lost_its_jobs_run_again_on_the_other_host_once_each(bed: hosts.Bed) -> None:
     """kill -9 of every process of host a and its cables pulled, while it runs jobs.
 
@@ -116,6 +124,8 @@ def test_a_host_lost_its_jobs_run_again_on_the_other_host_once_each(bed: hosts.B
         job_runs = [r for r in runs if r.job == job]
         assert [(r.host, r.end) for r in job_runs] == [("a", "killed"), ("b", "succeeded")], job_runs
     assert bed.server_states()["a"].startswith("DOWN")
+    print(f"\nhost lost ({bed.broker_kind}), seconds from the kill: "
+          + "; ".join(hosts.story(runs, job, a.killed_at) for job in lost))
 
 
 def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_runs_them(
@@ -147,6 +157,7 @@ def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_run
         first = job_runs[0]
         assert (first.host, first.end) == ("a", "lease lapsed"), job_runs
         assert job_runs[-1].end == "succeeded" and job_runs[-1].started > first.ended, job_runs
+    print("\nhost cut off, seconds from the cut: " + "; ".join(hosts.story(runs, job, cut_at) for job in cut))
     bed.wait_in_balancer("a", up=True)
     later = [bed.post_job(0.2) for _ in range(8)]
     bed.wait_jobs(later)
@@ -189,6 +200,9 @@ def test_beat_on_both_hosts_sweeps_once_per_interval_and_fails_over_when_its_hos
 
     seen = len(standby.lines("beat"))
     leader.stop()
-    standby.wait_for_line(r"leader: leading \(took over after", timeout=30, name="beat", after=seen)
+    took_over = standby.wait_for_line(r"leader: leading \(took over after", timeout=30, name="beat",
+                                      after=seen)
     standby.wait_for_line(SWEEP, timeout=30, name="beat", after=seen)
     no_sigkill(leader)
+    print(f"\nbeat on both hosts: {len(times)} sweeps from the leader only, at least "
+          f"{min(b - a for a, b in zip(times, times[1:], strict=False)):.2f} s apart; {took_over}")
