@@ -168,8 +168,11 @@ def runs_in(host: str, lines: list[str]) -> list[Run]:
 class HostSet:
     """The Procfile under honcho in one host's namespace, started and stopped as its operator would."""
 
-    def __init__(self, bed: Bed, name: str, env: dict[str, str]) -> None:
+    def __init__(self, bed: Bed, name: str, env: dict[str, str], procfile: Path | None = None,
+                 directory: Path | None = None) -> None:
+        """``procfile``/``directory``: another set's (honcho ``-f``/``-d``); default: the root's Procfile."""
         self.bed, self.name = bed, name
+        self.procfile, self.directory = procfile, directory
         self.address = f"{FRONT}{HOST_NUMBERS[name]}"
         self.var = bed.root / name / "var"
         self.env = {**os.environ, **env, "BIND_HOST": self.address, "PORT": str(WEB_PORT),
@@ -185,7 +188,8 @@ class HostSet:
         # A host name of its own too (a UTS namespace): Celery names its worker after it, and two
         # workers of one name lock each other out of RabbitMQ (their exclusive pidbox queue).
         named = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', f"host-{self.name}"]
-        terminal = Honcho(ROOT, command=netns.command(self.bed.net.ns(self.name), named + honcho_command()),
+        honcho = honcho_command(self.procfile, self.directory)
+        terminal = Honcho(self.directory or ROOT, command=netns.command(self.bed.net.ns(self.name), named + honcho),
                           env=self.env)
         terminal.start()
         self.terminals.append(terminal)
@@ -253,11 +257,18 @@ class HostSet:
 
 
 class Bed:
-    """The whole test bed; :meth:`close` removes everything it started."""
+    """The whole test bed; :meth:`close` removes everything it started.
 
-    def __init__(self, root: Path, broker: str = "rabbitmq") -> None:
+    ``procfile``, ``directory`` and ``host_env`` run another set on the hosts (the bench's
+    reference), ``check`` is the path HAProxy checks; the defaults are this set's.
+    """
+
+    def __init__(self, root: Path, broker: str = "rabbitmq", *, procfile: Path | None = None,
+                 directory: Path | None = None, host_env: dict[str, str] | None = None,
+                 check: str = "/readyz") -> None:
         self.root = root
         self.broker_kind = broker
+        self.procfile, self.directory, self.host_env, self.check = procfile, directory, host_env, check
         self.net = Network()
         self.pg: PostgresServer | None = None
         self.rabbit: RabbitMQServer | None = None
@@ -290,6 +301,8 @@ class Bed:
         return self.redis.url
 
     def env(self, **extra: str) -> dict[str, str]:
+        if self.host_env is not None:
+            return {**self.host_env, **extra}
         assert self.pg is not None
         return {**HOST_ENV, "DATABASE_URL": self.pg.url, "BROKER_URL": self.broker_url, **extra}
 
@@ -303,6 +316,7 @@ class Bed:
         text = re.sub(r"(?m)^\s*server \S+ \S+.*\n", lambda _: servers, text, count=1)
         text = re.sub(r"(?m)^\s*server \S+ (?!10\.231\.)\S+.*\n", "", text)
         text = re.sub(r"(?m)^\s*#?\s*stats socket .*\n", "", text)
+        text = re.sub(r"(?m)^(\s*option httpchk GET )\S+", rf"\g<1>{self.check}", text, count=1)
         admin = f"    stats socket {self.admin}/admin.sock mode 600 level admin\n"
         return text.replace("global\n", "global\n" + admin, 1)
 
@@ -321,7 +335,7 @@ class Bed:
             time.sleep(0.05)
 
     def start_host(self, name: str, **extra: str) -> HostSet:
-        host = self.hosts.get(name) or HostSet(self, name, self.env(**extra))
+        host = self.hosts.get(name) or HostSet(self, name, self.env(**extra), self.procfile, self.directory)
         self.hosts[name] = host
         host.start()
         return host
@@ -416,8 +430,8 @@ class Bed:
 
 
 @contextlib.contextmanager
-def bed(root: Path, broker: str = "rabbitmq") -> Iterator[Bed]:
-    made = Bed(root, broker)
+def bed(root: Path, broker: str = "rabbitmq", **kwargs: Any) -> Iterator[Bed]:
+    made = Bed(root, broker, **kwargs)
     try:
         made.start_servers()
         yield made
