@@ -189,8 +189,8 @@ class HostSet:
         # workers of one name lock each other out of RabbitMQ (their exclusive pidbox queue).
         named = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', f"host-{self.name}"]
         honcho = honcho_command(self.procfile, self.directory)
-        terminal = Honcho(self.directory or ROOT, command=netns.command(self.bed.net.ns(self.name), named + honcho),
-                          env=self.env)
+        terminal = Honcho(self.directory or ROOT, env=self.env,
+                          command=netns.command(self.bed.net.ns(self.name), named + honcho))
         terminal.start()
         self.terminals.append(terminal)
 
@@ -450,6 +450,7 @@ class Load:
     clients: int = 32
     mix: str = "0.2:6,1:3,6:1"  # seconds:weight; 6 s is longer than the grace
     think: float = 0.5
+    follow_for: float = 90  # after SIGTERM, how long a client follows its last job (s)
     out: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -457,7 +458,7 @@ class Load:
         self.out = self.bed.root / "load.json"
         argv = [sys.executable, "-m", "tests.hostload", "--target", f"http://{LB_ADDRESS}:{LB_PORT}",
                 "--clients", str(self.clients), "--mix", self.mix, "--think", str(self.think),
-                "--out", str(self.out)]
+                "--finish", str(self.follow_for), "--out", str(self.out)]
         self.log = open(self.bed.root / "load.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(netns.command(self.bed.net.ns("lb"), argv), cwd=ROOT, stdout=self.log,
                                      stderr=self.log, start_new_session=True)
