@@ -25,6 +25,13 @@ Per set and round, four sessions:
 The parts: tools/bench/session.py (the three sets, one running set), tools/bench/measures.py
 (the four sessions), tools/bench/summary.py (medians, targets, the table),
 tools/bench/load.py (the load client), tools/bench/profile.py (--profile).
+
+Then, where the machine allows (root, `ip`, HAProxy, PostgreSQL, RabbitMQ, Redis), the rolling
+restart under traffic (tools/bench/rolling.py): this set and the reference on two hosts behind
+HAProxy, each host stopped and started again in turn, --rolling N times per set (default 3).
+`--only rolling` runs just that row. Its figures go to tools/bench/results/rolling.{md,json},
+and into latest.{md,json} (a `rolling` key; with --only, latest.md is rendered again from
+latest.json with the new row, the other figures untouched).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.bench import rolling
 from tools.bench.measures import measure_round
 from tools.bench.session import (
     CLIENTS,
@@ -48,7 +56,7 @@ from tools.bench.session import (
     WORKER_PROCESSES,
     round_order,
 )
-from tools.bench.summary import cost_targets, machine, markdown, summarize, targets
+from tools.bench.summary import cost_targets, machine, markdown, rolling_markdown, summarize, targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every set to run (default 3)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: py-spy each set's web and worker during 1,000 jobs")
+    parser.add_argument("--rolling", type=int, nargs="?", const=rolling.ROUNDS, default=rolling.ROUNDS,
+                        metavar="N", help="rolling restarts per set, two hosts behind HAProxy"
+                        f" (default {rolling.ROUNDS}; needs root, ip, haproxy, PostgreSQL, RabbitMQ, Redis)")
+    parser.add_argument("--only", choices=("rolling",), help="run only this row")
     args = parser.parse_args(argv)
     if args.profile:
         from tools.bench import profile
 
         return profile.main()
+    if args.only == "rolling":
+        return only_rolling(args.rolling)
     began = time.monotonic()
     per_set: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in SETS}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -83,11 +97,52 @@ def main(argv: list[str] | None = None) -> int:
         "cost_targets": cost_targets(medians["foreign"], medians["reference"]),
         "rounds_raw": per_set,
     }
-    table = markdown(report)
+    report["rolling"] = rolling_row(args.rolling)
+    table = render(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.md").write_text(table)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table)
+    return 0
+
+
+def rolling_row(rounds: int) -> dict[str, Any]:
+    """The rolling restart's report, also written to rolling.{md,json}; or why it was skipped."""
+    why = "--rolling 0" if rounds < 1 else rolling.missing()
+    if why is not None:
+        print(f"rolling restart under traffic: skipped ({why})", file=sys.stderr, flush=True)
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="bench-rolling-") as tmp:
+        report = rolling.run(rounds, Path(tmp))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "rolling.md").write_text(rolling_markdown(report))
+    (RESULTS / "rolling.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    """latest.md: the main table, then the rolling restart's (or why it was skipped)."""
+    table = markdown(report)
+    row = report.get("rolling")
+    if row is None:
+        return table
+    if "skipped" in row:
+        return table + f"\nRolling restart under traffic: skipped ({row['skipped']}).\n"
+    return table + "\n" + rolling_markdown(row)
+
+
+def only_rolling(rounds: int) -> int:
+    """`--only rolling`: the row alone; merged into latest.json and latest.md rendered again."""
+    report = rolling_row(rounds)
+    if "skipped" in report:
+        return 1
+    print(rolling_markdown(report))
+    latest = RESULTS / "latest.json"
+    if latest.exists():
+        merged = json.loads(latest.read_text())
+        merged["rolling"] = report
+        latest.write_text(json.dumps(merged, indent=2) + "\n")
+        (RESULTS / "latest.md").write_text(render(merged))
     return 0
 
 

@@ -199,3 +199,87 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", title, "", "| target | figure | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['figure']} | {'yes' if t['met'] else '**no**'} |" for t in rows]
     return "\n".join(lines) + "\n"
+
+
+# -- the rolling restart under traffic (tools/bench/rolling.py) -------------------------------------
+
+ROLLING_TITLE = "Rolling restart under traffic (two hosts behind HAProxy)"
+_OUTCOMES = ("answered", "5xx", "reset", "refused", "timeout", "other")
+
+
+def _outcomes(requests: dict[str, int]) -> list[str]:
+    """Requests by outcome in the table's columns; 5xx with its codes."""
+    codes = {k: v for k, v in requests.items() if k.isdigit()}
+    known = {"answered", "reset", "refused", "timeout", *codes}
+    other = sum(v for k, v in requests.items() if k not in known)
+    fives = str(sum(codes.values())) + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items())) + ")"
+                                        if codes else "")
+    return [str(requests.get("answered", 0)), fives, *(str(requests.get(k, 0)) for k in
+                                                          ("reset", "refused", "timeout")), str(other)]
+
+
+def _count(value: int | None) -> str:
+    return "—" if value is None else str(value)
+
+
+def _waits(waits: list[float] | None) -> str:
+    """min / median / max of every delay (a row's own [min, median, max] gives itself back)."""
+    if waits is None:
+        return "—"
+    if not waits:
+        return "none"
+    return f"{min(waits):.2f} / {statistics.median(waits):.2f} / {max(waits):.2f}"
+
+
+def _span(span: list[float] | None) -> str:
+    return "—" if not span else f"{span[0]:.2f}–{span[1]:.2f}"
+
+
+def rolling_markdown(report: dict[str, Any]) -> str:
+    """The rolling restart row: one line per set over its restarts, then every restart."""
+    mach, settings = report["machine"], report["settings"]
+    lines = [
+        f"## {ROLLING_TITLE}", "",
+        f"Run {report['finished']} on {mach['cpu']}, {mach['cores']} cores, Linux {mach['kernel']},"
+        f" Python {mach['python']}, commit {mach['commit']}: {report['rounds']} rolling restarts per set"
+        f" ({report['minutes']:.1f} min).",
+        "",
+        "Hosts a and b (network namespaces) behind HAProxy (deploy/haproxy.cfg's timings, retries off);"
+        f" {settings['clients']} clients post sleep jobs (seconds:weight {settings['mix']}) and poll them"
+        " until they end. One restart: host a stopped (SIGTERM to its honcho), started again and waited"
+        " for until HAProxy has it UP, then host b.",
+        f"This set: the Procfile on each host, PostgreSQL and RabbitMQ on a third host, drain"
+        f" {settings['drain_seconds']:g} s, grace {settings['grace_seconds']:g} s; jobs lost, failed, run"
+        " twice and handed back from its ledger and worker logs. The stock reference: its web, worker"
+        " and beat on each host, one Redis on a third host, HAProxy checking /healthz (it has no /readyz);"
+        " its jobs as the clients saw them: lost is never seen to end within"
+        f" {settings['finish_seconds']:g} s of the load's end. Both: {settings['web_processes']} web"
+        f" processes and {settings['worker_concurrency']} worker processes per host.",
+        "",
+        "| set | restarts | requests answered | 5xx | reset | refused | timeout | other | jobs accepted"
+        " | lost | failed | run twice | handed back | hand-back to next run, min / median / max (s)"
+        " | stop, SIGTERM to honcho exit (s) | restart to UP in HAProxy (s) | longest job latency (s)"
+        " | SIGKILL by honcho |",
+        "|---|" + "---:|" * 17,
+    ]
+    for kind, row in report["rows"].items():
+        lines.append(f"| {kind} | {row['restarts']} | " + " | ".join(_outcomes(row["requests"])) + " | "
+                     + " | ".join(_count(row[k]) for k in ("accepted", "lost", "failed", "run_twice",
+                                                           "handed_back"))
+                     + f" | {_waits(row['handback_waits'])} | {_span(row['stop_s'])} | {_span(row['back_s'])}"
+                     f" | {row['longest_latency_s']:.2f} | {row['sigkills']} |")
+    lines += ["", "Each restart:", "",
+              "| set | restart | requests answered | 5xx | reset | refused | timeout | other | jobs accepted"
+              " | lost | failed | run twice | handed back | hand-back to next run, min / median / max (s)"
+              " | stop a / b (s) | restart to UP a / b (s) | longest job latency (s) |",
+              "|---|" + "---:|" * 16]
+    for kind, restarts in report["restarts"].items():
+        for n, r in enumerate(restarts, 1):
+            lines.append(f"| {kind} | {n} | " + " | ".join(_outcomes(r["requests"])) + " | "
+                         + " | ".join(_count(r[k]) for k in ("accepted", "lost", "failed", "run_twice",
+                                                             "handed_back"))
+                         + f" | {_waits(r['handback_waits'])}"
+                         f" | {r['stop_s']['a']:.2f} / {r['stop_s']['b']:.2f}"
+                         f" | {r['back_s']['a']:.2f} / {r['back_s']['b']:.2f}"
+                         f" | {r['longest_latency_s']:.2f} |")
+    return "\n".join(lines) + "\n"
