@@ -12,7 +12,7 @@ from celery import Celery
 
 import stopright
 
-REDIS = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0"
+REDIS = os.environ.get("REDIS_URL") or f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0"
 
 celery = Celery("reftasks", broker=REDIS, backend=REDIS, task_cls=stopright.HandBackTask)
 stopright.install(celery)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import hosts
-from tests.servers import find_pg_bin, find_rabbitmq
+from tests.servers import find_pg_bin, find_rabbitmq, redis_server_binary
 from tools.bench.session import ROOT
 from tools.bench.summary import machine
 
@@ -50,8 +50,6 @@ def missing() -> str | None:
     if find_rabbitmq() is None:
         return "no RabbitMQ server is installed"
     try:
-        from broker.launcher import redis_server_binary  # noqa: PLC0415
-
         redis_server_binary()
     except SystemExit:
         return "no Redis (or Valkey) server"

@@ -10,7 +10,6 @@ import time
 
 from celery import Celery
 
-# REDIS_URL: one Redis for several hosts (the bench's rolling restart); default, the Procfile's.
 REDIS = os.environ.get("REDIS_URL") or f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0"
 
 celery = Celery("reftasks", broker=REDIS, backend=REDIS)
