@@ -271,8 +271,9 @@ def rolling_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Each restart:", "",
               "| set | restart | requests answered | 5xx | reset | refused | timeout | other | jobs accepted"
               " | lost | failed | run twice | handed back | hand-back to next run, min / median / max (s)"
-              " | stop a / b (s) | restart to UP a / b (s) | longest job latency (s) |",
-              "|---|" + "---:|" * 16]
+              " | stop a / b (s) | restart to UP a / b (s) | longest job latency (s)"
+              " | SIGKILL by honcho |",
+              "|---|" + "---:|" * 17]
     for kind, restarts in report["restarts"].items():
         for n, r in enumerate(restarts, 1):
             lines.append(f"| {kind} | {n} | " + " | ".join(_outcomes(r["requests"])) + " | "
@@ -281,5 +282,5 @@ def rolling_markdown(report: dict[str, Any]) -> str:
                          + f" | {_waits(r['handback_waits'])}"
                          f" | {r['stop_s']['a']:.2f} / {r['stop_s']['b']:.2f}"
                          f" | {r['back_s']['a']:.2f} / {r['back_s']['b']:.2f}"
-                         f" | {r['longest_latency_s']:.2f} |")
+                         f" | {r['longest_latency_s']:.2f} | {r['sigkills']} |")
     return "\n".join(lines) + "\n"
