@@ -46,11 +46,8 @@ celery_app.conf.update(
     # unacked. Celery's default, 120 s, stranded a lost host's jobs for minutes; with 10 s
     # RabbitMQ closes that connection and requeues them within about 20 s (docs/several-hosts.md).
     broker_heartbeat=10,
-    # A worker cut off from RabbitMQ reconnects as soon as the network is back, often before
-    # RabbitMQ has closed its old connection, which still holds the worker's remote-control
-    # queue. Exclusive (Celery 5.7's default), that queue is locked: RESOURCE_LOCKED, an
-    # "Unrecoverable error", the worker exits, and honcho stops the host's whole set with it.
-    control_queue_exclusive=False,
+    # (A worker that reconnects after a network cut must find its remote-control queue free:
+    # control_queue_exclusive=False, set by stopright.install.)
     # The job ledger (database) holds states and results; no result backend.
     task_ignore_result=True,
     # (Acks late, requeue on a lost child, prefetch 1: stopright.install. A job whose message

@@ -103,6 +103,7 @@ class _Lease:
         self._due = 0.0
         self._valid_until = 0.0  # monotonic: the lease this run last wrote ends then, at the latest
         self._tick = 1.0  # the renewal period of the last job held
+        self._wake = threading.Event()
         self._thread_pid: int | None = None
 
     @contextlib.contextmanager
@@ -110,6 +111,8 @@ class _Lease:
         tick = lease / ledger.RENEWALS_PER_LEASE
         left = (lease_until - ledger.utcnow()).total_seconds()  # the claim's lease, on this clock
         with self._lock:
+            if tick < self._tick:  # the lease setting changed (tests): the keeper sleeps the old period
+                self._wake.set()
             self._job, self._due, self._tick = (job_id, attempt, lease), time.monotonic() + tick, tick
             self._valid_until = time.monotonic() + min(left, lease)
             if self._thread_pid != os.getpid():  # first job here (threads do not survive fork)
@@ -133,7 +136,8 @@ class _Lease:
                 failing_since = None
             wait = tick if job is None else due - time.monotonic()
             if wait > 0:
-                time.sleep(min(wait, tick))
+                if self._wake.wait(min(wait, tick)):
+                    self._wake.clear()
                 continue
             job_id, attempt, lease = job
             started = time.monotonic()

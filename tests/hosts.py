@@ -37,7 +37,8 @@ import sqlalchemy
 
 from tests import netns
 from tests.procset import ROOT
-from tests.servers import PostgresServer, RabbitMQServer, RedisServer, find_pg_bin, find_rabbitmq
+from tests.rabbitmq_node import RabbitMQServer, find_rabbitmq
+from tests.servers import PostgresServer, RedisServer, find_pg_bin
 from tools.stopcheck.honcho import Honcho, honcho_command
 
 FRONT, BACK = "10.231.1.", "10.231.2."

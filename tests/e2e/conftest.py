@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.procset import ProcessSet
-from tests.servers import (
-    PostgresServer,
-    RabbitMQServer,
-    RedisServer,
-    Vhost,
-    find_pg_bin,
-    find_rabbitmq,
-    missing,
-)
+from tests.rabbitmq_node import RabbitMQServer, Vhost, find_rabbitmq
+from tests.servers import PostgresServer, RedisServer, find_pg_bin, missing
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.test_worker_edges import APP, send, worker
-from tests.servers import Vhost
+from tests.rabbitmq_node import Vhost
 
 SECONDS = 8
 

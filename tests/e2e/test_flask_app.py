@@ -33,7 +33,8 @@ from tests.e2e import examples
 from tests.e2e.examples import example_sets, load_result, run_load, start_ready
 from tests.e2e.test_rabbitmq import assert_every_connection_closed_properly, held_connections
 from tests.procset import ROOT, ProcessSet
-from tests.servers import PostgresServer, Vhost
+from tests.rabbitmq_node import Vhost
+from tests.servers import PostgresServer
 
 EXAMPLE = ROOT / "examples" / "flask"
 PROCESSES = ("web", "worker", "beat")

@@ -23,7 +23,7 @@ from tests.e2e.checks import assert_clean_stop, assert_handed_back_jobs_run, ran
 from tests.e2e.conftest import Vhost
 from tests.e2e.test_direct_ctrl_c import queue_job
 from tests.procset import ProcessSet
-from tests.servers import AmqpConnection
+from tests.rabbitmq_node import AmqpConnection
 
 FAST_SWEEP = {"SWEEP_INTERVAL_SECONDS": "1", "JOB_QUEUED_LEASE_SECONDS": "2"}
 

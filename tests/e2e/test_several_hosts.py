@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests import hosts
-from tests.servers import find_pg_bin, find_rabbitmq, missing
+from tests.rabbitmq_node import find_rabbitmq
+from tests.servers import find_pg_bin, missing
 
 
 @pytest.fixture(params=["rabbitmq"])

@@ -23,7 +23,7 @@ import pytest
 
 from tests.e2e.checks import assert_shutdown_sequence
 from tests.procset import ProcessSet
-from tests.servers import Vhost
+from tests.rabbitmq_node import Vhost
 
 CELERY = [sys.executable, "-m", "celery", "--app", "shapeapp"]
 WORKER = [*CELERY, "worker", "--loglevel", "INFO", "--concurrency", "2", "--without-mingle",

@@ -32,7 +32,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 #: The release (CHANGELOG.md); the distribution's metadata reads it from here when it is built.
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 # Loaded on first use (PEP 562): a light process (the demo's broker watcher) imports
 # stopright.registry or stopright.signals without loading Celery or gunicorn.

@@ -36,6 +36,9 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         False, "Celery's cancel SIGTERMs pool children (which ignore it) and marks tasks RETRY; "
         "stopright hands them back instead"),
     "worker_soft_shutdown_timeout": (0, "a soft shutdown sleeps its whole timeout; the grace bounds stops"),
+    "control_queue_exclusive": (
+        False, "a worker reconnecting to RabbitMQ after a network cut found its remote-control queue "
+        "still locked by its old connection (RESOURCE_LOCKED) and exited, stopping the set with it"),
 }
 #: Without these a hand-back is a loss (an early ack) or a failure: another value is an error.
 REQUIRED = frozenset({"task_acks_late", "task_reject_on_worker_lost"})
