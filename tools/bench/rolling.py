@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tests import hosts
-from tests.servers import find_pg_bin, find_rabbitmq, redis_server_binary
+from tests.rabbitmq_node import find_rabbitmq
+from tests.servers import find_pg_bin, redis_server_binary
 from tools.bench.session import ROOT
 from tools.bench.summary import machine
 
