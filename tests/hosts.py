@@ -29,13 +29,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
 
 from tests import netns
+from tests.hostruns import FINISHED, Run, now_clock, runs_in
 from tests.procset import ROOT
 from tests.rabbitmq_node import RabbitMQServer, find_rabbitmq
 from tests.servers import PostgresServer, RedisServer, find_pg_bin
@@ -48,7 +48,6 @@ HOST_NUMBERS = {"a": 11, "b": 12}
 WEB_PORT = 8000
 LB_PORT = 8080
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
-FINISHED = ("succeeded", "failed")
 
 #: The settings every host runs with here (a user's several-host set, made quick to fail over).
 HOST_ENV = {
@@ -62,108 +61,6 @@ HOST_ENV = {
     "JOB_MAX_SECONDS": "60",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-class Network:
-    """The namespaces and bridges of one test bed, named after this process's pid."""
-
-    def __init__(self) -> None:
-        netns.remove_stale()
-        self.tag = f"{netns.PREFIX}{os.getpid()}x{os.urandom(2).hex()}"
-        self.made: list[str] = []
-
-    def ns(self, host: str) -> str:
-        return f"{self.tag}-{host}"
-
-    def _add(self, host: str) -> str:
-        name = self.ns(host)
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
-        self.made.append(name)
-        netns.ip("link", "set", "lo", "up", ns=name)
-        return name
-
-    def build(self) -> None:
-        sw = self._add("sw")
-        for bridge in ("front", "back"):
-            netns.ip("link", "add", bridge, "type", "bridge", ns=sw)
-            netns.ip("link", "set", bridge, "up", ns=sw)
-        self._attach("lb", {"front": LB_ADDRESS})
-        self._attach("db", {"back": DB_ADDRESS})
-        for host, number in HOST_NUMBERS.items():
-            self._attach(host, {"front": f"{FRONT}{number}", "back": f"{BACK}{number}"})
-
-    def _attach(self, host: str, addresses: dict[str, str]) -> None:
-        name, sw = self._add(host), self.ns("sw")
-        for net, address in addresses.items():
-            port, inside = f"{host}-{net[0]}", f"{net}0"
-            netns.ip("link", "add", port, "type", "veth", "peer", "name", inside, "netns", name, ns=sw)
-            netns.ip("link", "set", port, "master", net, "up", ns=sw)
-            netns.ip("addr", "add", f"{address}/24", "dev", inside, ns=name)
-            netns.ip("link", "set", inside, "up", ns=name)
-
-    def link(self, host: str, net: str, up: bool) -> None:
-        """The host's cable into ``net`` (front or back) plugged in or pulled: packets vanish, no reset."""
-        netns.ip("link", "set", f"{host}-{net[0]}", "up" if up else "down", ns=self.ns("sw"))
-
-    def remove(self) -> None:
-        for name in reversed(self.made):
-            netns.delete(name)
-        self.made.clear()
-
-
-@dataclass
-class Run:
-    """One run of a job as a worker's log tells it: where, which attempt, when it began and how it ended."""
-
-    job: str
-    host: str
-    attempt: int
-    started: float  # seconds since midnight, the log's clock (one machine: every host's)
-    ended: float | None = None
-    end: str = "running"  # succeeded, handed back, stopped (lease lapsed / taken over), killed
-
-
-_LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \S+ \w+ jobs: job (?P<job>[0-9a-f]{32}):? (?P<text>.*)$")
-_ENDS = (("attempt (?P<n>\\d+) succeeded", "succeeded"),
-         ("handed back to the queue \\(attempt (?P<n>\\d+)", "handed back"),
-         ("attempt (?P<n>\\d+) stops itself", "lease lapsed"),
-         ("attempt (?P<n>\\d+) stopped", "taken over"))
-
-
-def clock(line: str) -> float | None:
-    match = re.match(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) ", line)
-    if not match:
-        return None
-    h, m, s, ms = map(int, match.groups())
-    return h * 3600 + m * 60 + s + ms / 1000
-
-
-def now_clock() -> float:
-    now = datetime.now()
-    return now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
-
-
-def runs_in(host: str, lines: list[str]) -> list[Run]:
-    """Every run of a job in ``host``'s worker lines, in order."""
-    runs: list[Run] = []
-    open_runs: dict[tuple[str, int], Run] = {}
-    for line in lines:
-        match = _LOG.match(line)
-        if not match:
-            continue
-        at, job, text = clock(line), match["job"], match["text"]
-        if started := re.match(r"attempt (\d+) started$", text):
-            run = Run(job, host, int(started[1]), at)
-            runs.append(run)
-            open_runs[(job, run.attempt)] = run
-            continue
-        for pattern, end in _ENDS:
-            if ended := re.match(pattern, text):
-                run = open_runs.pop((job, int(ended["n"])), None)
-                if run is not None:
-                    run.ended, run.end = at, end
-                break
-    return runs
 
 
 class HostSet:
@@ -270,7 +167,7 @@ class Bed:
         self.root = root
         self.broker_kind = broker
         self.procfile, self.directory, self.host_env, self.check = procfile, directory, host_env, check
-        self.net = Network()
+        self.net = netns.Network()
         self.pg: PostgresServer | None = None
         self.rabbit: RabbitMQServer | None = None
         self.redis: RedisServer | None = None
@@ -280,7 +177,10 @@ class Bed:
 
     # -- start ---------------------------------------------------------------------------------
     def start_servers(self) -> None:
-        self.net.build()
+        hosts = {"lb": {"front": LB_ADDRESS}, "db": {"back": DB_ADDRESS}}
+        for host, number in HOST_NUMBERS.items():
+            hosts[host] = {"front": f"{FRONT}{number}", "back": f"{BACK}{number}"}
+        self.net.build(hosts)
         bindir, rabbit_bin = find_pg_bin(), find_rabbitmq()
         assert bindir is not None, "no PostgreSQL server is installed"
         self.pg = PostgresServer(bindir, netns=self.net.ns("db"), listen=DB_ADDRESS, max_connections=400)
@@ -482,92 +382,3 @@ class Load:
         self.proc.wait(timeout)
         self.log.close()
         return json.loads(self.out.read_text())
-
-
-# -- what happened -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Handback:
-    job: str
-    from_host: str
-    to_host: str | None  # where it ran next (None: never)
-    waited: float | None  # from the hand-back to the next run's start (s)
-
-
-def outcomes(record: dict[str, Any]) -> dict[str, int]:
-    """Requests by outcome as the clients saw them: answered, 5xx codes, reset, refused, timeout."""
-    counts: dict[str, int] = {}
-    for request in record["requests"]:
-        counts[request["outcome"]] = counts.get(request["outcome"], 0) + 1
-    return counts
-
-
-def handbacks(runs: list[Run]) -> list[Handback]:
-    found = []
-    for run in runs:
-        if run.end != "handed back":
-            continue
-        later = [r for r in runs if r.job == run.job and r.started >= run.started and r is not run]
-        nxt = min(later, key=lambda r: r.started, default=None)
-        found.append(Handback(run.job, run.host, nxt.host if nxt else None,
-                              nxt.started - run.ended if nxt and run.ended is not None else None))
-    return found
-
-
-def at_once(runs: list[Run]) -> list[tuple[Run, Run]]:
-    """Pairs of runs of one job that overlapped in time (a run still going when the next began)."""
-    pairs = []
-    by_job: dict[str, list[Run]] = {}
-    for run in runs:
-        by_job.setdefault(run.job, []).append(run)
-    for job_runs in by_job.values():
-        job_runs.sort(key=lambda r: r.started)
-        for first, second in zip(job_runs, job_runs[1:], strict=False):
-            if first.ended is None or first.ended > second.started:
-                pairs.append((first, second))
-    return pairs
-
-
-def summary(record: dict[str, Any], ledger: dict[str, dict[str, Any]], runs: list[Run]) -> dict[str, Any]:
-    """What it cost: requests by outcome, jobs accepted / lost / run twice / failed, hand-backs."""
-    accepted = [job["id"] for job in record["jobs"]]
-    succeeded_runs: dict[str, int] = {}
-    for run in runs:
-        if run.end == "succeeded":
-            succeeded_runs[run.job] = succeeded_runs.get(run.job, 0) + 1
-    latencies = [job["seen_end"] - job["posted"] for job in record["jobs"] if job["seen_end"]]
-    backs = handbacks(runs)
-    return {
-        "requests": outcomes(record),
-        "accepted": len(accepted),
-        "lost": sum(1 for job in accepted if ledger.get(job, {}).get("status") not in FINISHED),
-        "failed": sum(1 for job in accepted if ledger.get(job, {}).get("status") == "failed"),
-        "run_twice": sum(1 for count in succeeded_runs.values() if count > 1),
-        "at_once": len(at_once(runs)),
-        "handed_back": len(backs),
-        "handback_waits": sorted(b.waited for b in backs if b.waited is not None),
-        "handback_hosts": [(b.from_host, b.to_host) for b in backs],
-        "longest_latency": max(latencies, default=0.0),
-    }
-
-
-def trouble(record: dict[str, Any], ledger: dict[str, dict[str, Any]], runs: list[Run]) -> list[str]:
-    """Each accepted job that did not end well, with its ledger row and runs: for a failure's message."""
-    pairs = {id(first) for pair in at_once(runs) for first in pair}
-    found = []
-    for job in record["jobs"]:
-        row = ledger.get(job["id"], {})
-        job_runs = [r for r in runs if r.job == job["id"]]
-        if (row.get("status") != "succeeded" or sum(r.end == "succeeded" for r in job_runs) > 1
-                or any(id(r) in pairs for r in job_runs)):
-            found.append(f"{job} ledger={row} runs={job_runs}")
-    return found
-
-
-def story(runs: list[Run], job: str, since: float) -> str:
-    """A job's runs in seconds from ``since``: ``job 1a2b3c4d: a 0.0-6.1 lease lapsed, b 8.2-20.2 ...``."""
-    told = [f"{r.host} {r.started - since:.1f}-"
-            + ("?" if r.ended is None else f"{r.ended - since:.1f}") + f" {r.end}"
-            for r in sorted((r for r in runs if r.job == job), key=lambda r: r.started)]
-    return f"job {job[:8]}: " + ", ".join(told)

@@ -110,3 +110,50 @@ def run_in(ns: str, fn: Callable[[], T], timeout: float = 60) -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+class Network:
+    """The namespaces and bridges of one test bed, named after this process's pid; a bridge per network
+    in a namespace of its own (``sw``), so nothing is added to the machine's own network."""
+
+    def __init__(self) -> None:
+        remove_stale()
+        self.tag = f"{PREFIX}{os.getpid()}x{os.urandom(2).hex()}"
+        self.made: list[str] = []
+
+    def ns(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    def _add(self, host: str) -> str:
+        name = self.ns(host)
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+        self.made.append(name)
+        ip("link", "set", "lo", "up", ns=name)
+        return name
+
+    def build(self, hosts: dict[str, dict[str, str]]) -> None:
+        """``hosts``: each host's address on each network (a bridge each, made here)."""
+        sw = self._add("sw")
+        for bridge in sorted({net for addresses in hosts.values() for net in addresses}):
+            ip("link", "add", bridge, "type", "bridge", ns=sw)
+            ip("link", "set", bridge, "up", ns=sw)
+        for host, addresses in hosts.items():
+            self._attach(host, addresses)
+
+    def _attach(self, host: str, addresses: dict[str, str]) -> None:
+        name, sw = self._add(host), self.ns("sw")
+        for net, address in addresses.items():
+            port, inside = f"{host}-{net[0]}", f"{net}0"
+            ip("link", "add", port, "type", "veth", "peer", "name", inside, "netns", name, ns=sw)
+            ip("link", "set", port, "master", net, "up", ns=sw)
+            ip("addr", "add", f"{address}/24", "dev", inside, ns=name)
+            ip("link", "set", inside, "up", ns=name)
+
+    def link(self, host: str, net: str, up: bool) -> None:
+        """The host's cable into ``net`` (front or back) plugged in or pulled: packets vanish, no reset."""
+        ip("link", "set", f"{host}-{net[0]}", "up" if up else "down", ns=self.ns("sw"))
+
+    def remove(self) -> None:
+        for name in reversed(self.made):
+            delete(name)
+        self.made.clear()

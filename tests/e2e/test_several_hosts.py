@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import hosts
+from tests import hostruns, hosts
 from tests.rabbitmq_node import find_rabbitmq
 from tests.servers import find_pg_bin, missing
 
@@ -83,17 +83,17 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
         host.start()
         host.wait_started()
         bed.wait_in_balancer(host.name)
-        back_at[host.name] = hosts.now_clock()
+        back_at[host.name] = hostruns.now_clock()
         load.wait_accepted(int((bed.root / "load.json.progress").read_text()) + 20)
     record = load.finish()
     runs = bed.runs()
-    result = hosts.summary(record, bed.jobs(), runs)
+    result = hostruns.summary(record, bed.jobs(), runs)
 
     assert result["requests"] == {"answered": len(record["requests"])}, result["requests"]
     assert (result["lost"], result["failed"], result["run_twice"], result["at_once"]) == (0, 0, 0, 0), (
-        result, hosts.trouble(record, bed.jobs(), runs))
+        result, hostruns.trouble(record, bed.jobs(), runs))
     assert result["handed_back"] >= 1, "no job ran past the grace: nothing was tested"
-    for handback in hosts.handbacks(runs):
+    for handback in hostruns.handbacks(runs):
         assert handback.to_host not in (None, handback.from_host), handback
         next_run = min((r for r in runs if r.job == handback.job and r.host == handback.to_host),
                        key=lambda r: r.started)
@@ -120,13 +120,13 @@ def test_a_host_lost_its_jobs_run_again_on_the_other_host_once_each(bed: hosts.B
     runs = bed.runs()
 
     assert {row["status"] for row in rows.values()} == {"succeeded"}, rows
-    assert hosts.at_once(runs) == []
+    assert hostruns.at_once(runs) == []
     for job in lost:
         job_runs = [r for r in runs if r.job == job]
         assert [(r.host, r.end) for r in job_runs] == [("a", "killed"), ("b", "succeeded")], job_runs
     assert bed.server_states()["a"].startswith("DOWN")
     print(f"\nhost lost ({bed.broker_kind}), seconds from the kill: "
-          + "; ".join(hosts.story(runs, job, a.killed_at) for job in lost))
+          + "; ".join(hostruns.story(runs, job, a.killed_at) for job in lost))
 
 
 def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_runs_them(
@@ -140,11 +140,11 @@ def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_run
     a, b = start_both(bed)
     ids = [bed.post_job(12) for _ in range(6)]
     cut = running_on(a, 2)
-    cut_at = hosts.now_clock()
+    cut_at = hostruns.now_clock()
     bed.net.link("a", "back", up=False)
     a.wait_for_line(r"stops itself: its lease lapsed", timeout=60, name="worker")
     bed.wait_in_balancer("a", up=False)  # its /readyz: database unreachable
-    remaining = 20 - (hosts.now_clock() - cut_at)
+    remaining = 20 - (hostruns.now_clock() - cut_at)
     if remaining > 0:
         time.sleep(remaining)  # the outage's length, not a proof of anything
     bed.net.link("a", "back", up=True)
@@ -152,13 +152,14 @@ def test_a_host_cut_off_from_the_database_stops_its_runs_before_another_host_run
     runs = bed.runs()
 
     assert {row["status"] for row in rows.values()} == {"succeeded"}, rows
-    assert hosts.at_once(runs) == [], hosts.at_once(runs)
+    assert hostruns.at_once(runs) == [], hostruns.at_once(runs)
     for job in cut:
         job_runs = [r for r in runs if r.job == job]
         first = job_runs[0]
         assert (first.host, first.end) == ("a", "lease lapsed"), job_runs
         assert job_runs[-1].end == "succeeded" and job_runs[-1].started > first.ended, job_runs
-    print("\nhost cut off, seconds from the cut: " + "; ".join(hosts.story(runs, job, cut_at) for job in cut))
+    print("\nhost cut off, seconds from the cut: "
+          + "; ".join(hostruns.story(runs, job, cut_at) for job in cut))
     bed.wait_in_balancer("a", up=True)
     later = [bed.post_job(0.2) for _ in range(8)]
     bed.wait_jobs(later)
@@ -196,7 +197,7 @@ def test_beat_on_both_hosts_sweeps_once_per_interval_and_fails_over_when_its_hos
         time.sleep(0.1)
     assert not [x for x in standby.lines("beat") if SWEEP in x], "the standby swept"
     interval = float(hosts.HOST_ENV["SWEEP_INTERVAL_SECONDS"])
-    times = sorted(hosts.clock(x) for h in (a, b) for x in h.lines("beat") if SWEEP in x)
+    times = sorted(hostruns.clock(x) for h in (a, b) for x in h.lines("beat") if SWEEP in x)
     assert min(later - earlier for earlier, later in zip(times, times[1:], strict=False)) > interval / 2
 
     seen = len(standby.lines("beat"))

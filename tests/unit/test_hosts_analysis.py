@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests import hosts
+from tests import hostruns
 
 JOB = "d6a314d4bac6474185f9bae14f291dfd"
 LINES_A = [
@@ -16,28 +16,28 @@ LINES_B = [f"04:21:49.000 worker.child[3] INFO jobs: job {JOB}: attempt 2 starte
 
 
 def test_runs_are_read_from_the_workers_lines() -> None:
-    (first,) = hosts.runs_in("a", LINES_A)
-    (second,) = hosts.runs_in("b", LINES_B)
+    (first,) = hostruns.runs_in("a", LINES_A)
+    (second,) = hostruns.runs_in("b", LINES_B)
     assert (first.host, first.attempt, first.end) == ("a", 1, "lease lapsed")
     assert (first.started, first.ended) == (4 * 3600 + 21 * 60 + 40.1, 4 * 3600 + 21 * 60 + 46.6)
     assert (second.end, second.ended - second.started) == ("succeeded", 12.0)
-    assert hosts.at_once([first, second]) == []
+    assert hostruns.at_once([first, second]) == []
 
 
 def test_overlapping_runs_and_a_run_never_ended_are_at_once() -> None:
-    first = hosts.Run(JOB, "a", 1, 10.0, 20.0, "succeeded")
-    second = hosts.Run(JOB, "b", 2, 15.0, 25.0, "succeeded")
-    assert hosts.at_once([first, second]) == [(first, second)]
-    open_run = hosts.Run(JOB, "a", 1, 10.0)
-    assert hosts.at_once([open_run, hosts.Run(JOB, "b", 2, 30.0, 31.0, "succeeded")]) != []
+    first = hostruns.Run(JOB, "a", 1, 10.0, 20.0, "succeeded")
+    second = hostruns.Run(JOB, "b", 2, 15.0, 25.0, "succeeded")
+    assert hostruns.at_once([first, second]) == [(first, second)]
+    open_run = hostruns.Run(JOB, "a", 1, 10.0)
+    assert hostruns.at_once([open_run, hostruns.Run(JOB, "b", 2, 30.0, 31.0, "succeeded")]) != []
 
 
 def test_a_hand_back_is_followed_to_the_next_run() -> None:
     lines = [f"00:00:01.000 worker.child[1] INFO jobs: job {JOB}: attempt 1 started",
              f"00:00:04.000 worker.child[1] WARNING jobs: job {JOB} handed back to the queue "
              "(attempt 1 interrupted by shutdown)"]
-    runs = hosts.runs_in("a", lines) + hosts.runs_in("b", [
+    runs = hostruns.runs_in("a", lines) + hostruns.runs_in("b", [
         f"00:00:04.250 worker.child[9] INFO jobs: job {JOB}: attempt 1 started"])
-    (back,) = hosts.handbacks(runs)
+    (back,) = hostruns.handbacks(runs)
     assert (back.from_host, back.to_host) == ("a", "b")
     assert abs(back.waited - 0.25) < 1e-6

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests import hosts
+from tests import hostruns, hosts
 from tests.rabbitmq_node import find_rabbitmq
 from tests.servers import find_pg_bin, redis_server_binary
 from tools.bench.session import ROOT
@@ -120,9 +120,9 @@ def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[st
     record = load.finish(timeout=FINISH_SECONDS + 60)
     ids = {job["id"] for job in record["jobs"]}
     latencies = [job["seen_end"] - job["posted"] for job in record["jobs"] if job["seen_end"]]
-    figures: dict[str, Any] = {"requests": hosts.outcomes(record), "accepted": len(ids)}
+    figures: dict[str, Any] = {"requests": hostruns.outcomes(record), "accepted": len(ids)}
     if kind == "this set":
-        summary = hosts.summary(record, bed.jobs(), [run for run in bed.runs() if run.job in ids])
+        summary = hostruns.summary(record, bed.jobs(), [run for run in bed.runs() if run.job in ids])
         waits = summary["handback_waits"]
         figures |= {"lost": summary["lost"], "failed": summary["failed"], "run_twice": summary["run_twice"],
                     "at_once": summary["at_once"], "handed_back": summary["handed_back"],
