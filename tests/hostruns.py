@@ -28,10 +28,15 @@ class Run:
 
 
 _LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \S+ \w+ jobs: job (?P<job>[0-9a-f]{32}):? (?P<text>.*)$")
+#: Every line of tasks/jobs.py that ends a run, and what it means here.
 _ENDS = (("attempt (?P<n>\\d+) succeeded", "succeeded"),
          ("handed back to the queue \\(attempt (?P<n>\\d+)", "handed back"),
+         ("attempt (?P<n>\\d+) interrupted by shutdown", "interrupted"),  # hand-back not in the ledger
+         ("attempt (?P<n>\\d+) ended but its", "interrupted"),  # outcome not stored at the stop
          ("attempt (?P<n>\\d+) stops itself", "lease lapsed"),
-         ("attempt (?P<n>\\d+) stopped", "taken over"))
+         ("attempt (?P<n>\\d+) stopped", "taken over"),
+         ("attempt (?P<n>\\d+) is no longer the job's run", "taken over"),
+         ("failed$", "failed"))
 
 
 def clock(line: str) -> float | None:
@@ -63,7 +68,9 @@ def runs_in(host: str, lines: list[str]) -> list[Run]:
             continue
         for pattern, end in _ENDS:
             if ended := re.match(pattern, text):
-                run = open_runs.pop((job, int(ended["n"])), None)
+                key = (job, int(ended["n"])) if "n" in ended.groupdict() else next(
+                    (k for k in reversed(open_runs) if k[0] == job), (job, -1))
+                run = open_runs.pop(key, None)
                 if run is not None:
                     run.ended, run.end = at, end
                 break

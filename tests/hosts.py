@@ -81,6 +81,7 @@ class HostSet:
         self.env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + self.env.get("PATH", "")
         self.terminals: list[Honcho] = []
         self.killed_at: float | None = None
+        self.ends: list[tuple[float, str]] = []  # per terminal that ended: when (log clock), how
 
     def start(self) -> None:
         # A host name of its own too (a UTS namespace): Celery names its worker after it, and two
@@ -128,6 +129,7 @@ class HostSet:
         self.terminal.signal(signum)
         rc = self.terminal.wait(timeout)
         assert rc is not None, f"host {self.name}: honcho still running {timeout} s after {signum}"
+        self.ends.append((now_clock(), "stopped with its host"))  # every process of it gone
         self.terminal.join_reader(2)
         self.terminal.close_pty()
         return rc
@@ -135,14 +137,19 @@ class HostSet:
     def kill(self) -> None:
         """kill -9 every process of the host at once (power lost): nobody says goodbye."""
         self.killed_at = now_clock()
+        self.ends.append((self.killed_at, "killed"))
         netns.kill_all(self.bed.net.ns(self.name))
 
     def runs(self) -> list[Run]:
-        runs = runs_in(self.name, self.lines("worker"))
-        if self.killed_at is not None:
-            for run in runs:
-                if run.ended is None and run.started <= self.killed_at:
-                    run.ended, run.end = self.killed_at, "killed"
+        """Every run on this host, over every start; one its log never ended, ended with its start."""
+        runs = []
+        for index, terminal in enumerate(self.terminals):
+            started = runs_in(self.name, terminal.texts("worker"))
+            if index < len(self.ends):
+                for run in started:
+                    if run.ended is None:
+                        run.ended, run.end = self.ends[index]
+            runs += started
         return runs
 
     def close(self) -> None:

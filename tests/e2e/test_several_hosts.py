@@ -46,6 +46,13 @@ def start_both(bed: hosts.Bed) -> tuple[hosts.HostSet, hosts.HostSet]:
     return a, b
 
 
+def told(bed: hosts.Bed, runs: list[hostruns.Run]) -> list[str]:
+    """Every line of either host naming a job that ran more than once: for a failure's message."""
+    again = {run.job for run in runs if sum(r.job == run.job for r in runs) > 1}
+    return [f"{name}: {line}" for name, host in bed.hosts.items() for line in host.lines()
+            if any(job in line for job in again)]
+
+
 def no_sigkill(host: hosts.HostSet) -> None:
     assert not [line for line in host.lines("system") if "SIGKILL" in line], "\n".join(host.lines("system"))
 
@@ -91,7 +98,7 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
 
     assert result["requests"] == {"answered": len(record["requests"])}, result["requests"]
     assert (result["lost"], result["failed"], result["run_twice"], result["at_once"]) == (0, 0, 0, 0), (
-        result, hostruns.trouble(record, bed.jobs(), runs))
+        "\n".join([str(result), *hostruns.trouble(record, bed.jobs(), runs), *told(bed, runs)]))
     assert result["handed_back"] >= 1, "no job ran past the grace: nothing was tested"
     for handback in hostruns.handbacks(runs):
         assert handback.to_host not in (None, handback.from_host), handback

@@ -41,3 +41,20 @@ def test_a_hand_back_is_followed_to_the_next_run() -> None:
     (back,) = hostruns.handbacks(runs)
     assert (back.from_host, back.to_host) == ("a", "b")
     assert abs(back.waited - 0.25) < 1e-6
+
+
+def test_every_line_that_ends_a_run_ends_it() -> None:
+    """A run whose end the reader missed would read as still running: two runs at once."""
+    ends = {
+        f"job {JOB}: attempt 1 interrupted by shutdown; the database did not take the hand-back "
+        "(OperationalError); recorded in var/handbacks: handed back when its message comes again":
+            "interrupted",
+        f"job {JOB}: attempt 1 ended but its result is not stored (database unreachable at shutdown); x":
+            "interrupted",
+        f"job {JOB}: attempt 1 is no longer the job's run (taken over); its result is dropped": "taken over",
+        f"job {JOB} failed": "failed",
+    }
+    for text, end in ends.items():
+        started = f"00:00:01.000 worker.child[1] INFO jobs: job {JOB}: attempt 1 started"
+        (run,) = hostruns.runs_in("a", [started, f"00:00:02.000 worker.child[1] WARNING jobs: {text}"])
+        assert (run.end, run.ended) == (end, 2.0), text
