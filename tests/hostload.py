@@ -15,11 +15,19 @@ import http.client
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from tests import netns
+
+if TYPE_CHECKING:
+    from tests import hosts
 
 FINISHED = ("succeeded", "failed")
 
@@ -100,6 +108,54 @@ class Client(threading.Thread):
                 return
             if status != 200 or time.monotonic() - asked < 0.2:
                 time.sleep(0.2)  # an error, or a server that ignores ?wait= (the bench's reference)
+
+
+@dataclass
+class Load:
+    """The clients (tests/hostload.py) running in the ``lb`` namespace; :meth:`finish` gives their record."""
+
+    bed: hosts.Bed
+    clients: int = 32
+    mix: str = "0.2:6,1:3,6:1"  # seconds:weight; 6 s is longer than the grace
+    think: float = 0.5
+    follow_for: float = 90  # after SIGTERM, how long a client follows its last job (s)
+    out: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.progress = self.bed.root / "load.json.progress"
+        self.progress.unlink(missing_ok=True)  # an earlier load's count
+        self.out = self.bed.root / "load.json"
+        argv = [sys.executable, "-m", "tests.hostload", "--target", self.bed.lb_url,
+                "--clients", str(self.clients), "--mix", self.mix, "--think", str(self.think),
+                "--finish", str(self.follow_for), "--out", str(self.out)]
+        self.log = open(self.bed.root / "load.log", "wb")  # noqa: SIM115
+        in_lb = netns.command(self.bed.net.ns("lb"), argv)
+        self.proc = subprocess.Popen(in_lb, cwd=Path(__file__).parents[1], stdout=self.log, stderr=self.log,
+                                     start_new_session=True)
+
+    def accepted(self) -> int:
+        """Jobs accepted so far, as the clients count them."""
+        return int(self.progress.read_text() or 0) if self.progress.exists() else 0
+
+    def wait_accepted(self, more: int, timeout: float = 60) -> None:
+        """Until the clients have had ``more`` jobs accepted beyond those so far (the load is flowing)."""
+        count = self.accepted() + more
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.accepted() >= count:
+                return
+            assert self.proc and self.proc.poll() is None, (self.bed.root / "load.log").read_text()
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {count} jobs accepted within {timeout} s")
+
+    def finish(self, timeout: float = 120) -> dict[str, Any]:
+        """Stop posting, let every client see its last job end; the record of every request and job."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        self.log.close()
+        return json.loads(self.out.read_text())
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +123,19 @@ class HostSet:
                     f"host {self.name}: {name} not started:\n" + "\n".join(self.terminal.tail(60)))
                 time.sleep(0.05)
 
+    def restart(self, timeout: float = 60) -> tuple[float, float]:
+        """One host's turn in a rolling restart: SIGTERM to honcho, out of the balancer, started
+        again, back UP in HAProxy. The seconds the stop and the return took."""
+        began = time.monotonic()
+        self.stop(timeout=timeout)
+        stopped = (self.terminal.exit_at or time.monotonic()) - began
+        self.bed.wait_in_balancer(self.name, up=False, timeout=10)  # a quick stop: HAProxy has yet to see it
+        began = time.monotonic()
+        self.start()
+        self.wait_started()
+        self.bed.wait_in_balancer(self.name)
+        return stopped, time.monotonic() - began
+
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal honcho (as a platform or an operator does) and wait for it; its exit code."""
         self.terminal.signal(signum)
@@ -200,6 +212,11 @@ class Bed:
             self.redis = RedisServer(self.root / "redis", netns=self.net.ns("db"), bind=DB_ADDRESS)
             self.redis.start()
         self.start_haproxy()
+
+    @property
+    def lb_url(self) -> str:
+        """The balancer, as the clients on host ``lb`` reach it."""
+        return f"http://{LB_ADDRESS}:{LB_PORT}"
 
     @property
     def broker_url(self) -> str:
@@ -345,47 +362,3 @@ def bed(root: Path, broker: str = "rabbitmq", **kwargs: Any) -> Iterator[Bed]:
         yield made
     finally:
         made.close()
-
-
-# -- the clients -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """The clients (tests/hostload.py) running in the ``lb`` namespace; :meth:`finish` gives their record."""
-
-    bed: Bed
-    clients: int = 32
-    mix: str = "0.2:6,1:3,6:1"  # seconds:weight; 6 s is longer than the grace
-    think: float = 0.5
-    follow_for: float = 90  # after SIGTERM, how long a client follows its last job (s)
-    out: Path = field(init=False)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.out = self.bed.root / "load.json"
-        argv = [sys.executable, "-m", "tests.hostload", "--target", f"http://{LB_ADDRESS}:{LB_PORT}",
-                "--clients", str(self.clients), "--mix", self.mix, "--think", str(self.think),
-                "--finish", str(self.follow_for), "--out", str(self.out)]
-        self.log = open(self.bed.root / "load.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(netns.command(self.bed.net.ns("lb"), argv), cwd=ROOT, stdout=self.log,
-                                     stderr=self.log, start_new_session=True)
-
-    def wait_accepted(self, count: int, timeout: float = 60) -> None:
-        """Until the clients have had ``count`` jobs accepted (the load is flowing)."""
-        deadline = time.monotonic() + timeout
-        progress = self.bed.root / "load.json.progress"
-        while time.monotonic() < deadline:
-            if progress.exists() and int(progress.read_text() or 0) >= count:
-                return
-            assert self.proc and self.proc.poll() is None, (self.bed.root / "load.log").read_text()
-            time.sleep(0.1)
-        raise AssertionError(f"fewer than {count} jobs accepted within {timeout} s")
-
-    def finish(self, timeout: float = 120) -> dict[str, Any]:
-        """Stop posting, let every client see its last job end; the record of every request and job."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
-        self.log.close()
-        return json.loads(self.out.read_text())

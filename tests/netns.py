@@ -76,17 +76,19 @@ def remove_stale() -> None:
             delete(path.name)
 
 
-def command(ns: str, argv: list[str]) -> list[str]:
-    """``argv`` run inside ``ns`` (``ip netns exec`` execs it: its pid is the program's own)."""
-    return ["ip", "netns", "exec", ns, *argv]
+def command(ns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside ``ns`` (``ip netns exec`` execs it: its pid is the program's own); None: as is."""
+    return argv if ns is None else ["ip", "netns", "exec", ns, *argv]
 
 
-def run_in(ns: str, fn: Callable[[], T], timeout: float = 60) -> T:
-    """Call ``fn`` in a fresh thread that lives in ``ns``: its sockets are the namespace's.
+def run_in(ns: str | None, fn: Callable[[], T], timeout: float = 60) -> T:
+    """Call ``fn`` in a fresh thread that lives in ``ns``: its sockets are the namespace's. None: here.
 
     setns() moves only the calling thread, and that thread ends with ``fn``, so
     no other thread of the test process ever changes namespace.
     """
+    if ns is None:
+        return fn()
     box: dict[str, object] = {}
 
     def target() -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import amqp
 
+from tests.netns import command as in_netns
+from tests.netns import run_in
 from tests.procset import free_port
 
 # -- RabbitMQ --------------------------------------------------------------
@@ -109,21 +111,19 @@ class RabbitMQServer:
         if self.epmd is None:  # our own epmd, in the foreground: stopped by pid, never a daemon left
             epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
             listen = [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"]
-            self.epmd = subprocess.Popen(self._in_ns(listen),
+            self.epmd = subprocess.Popen(in_netns(self.netns, listen),
                                          env=self.env(), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
         with open(self.root / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen(self._in_ns([str(self.bindir / "rabbitmq-server")]), cwd=self.root,
-                                         env=self.env(), stdout=out, stderr=out, start_new_session=True)
+            server = in_netns(self.netns, [str(self.bindir / "rabbitmq-server")])
+            self.proc = subprocess.Popen(server, cwd=self.root, env=self.env(), stdout=out, stderr=out,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             if self.answers():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"RabbitMQ did not start:\n{(self.root / 'stdout.log').read_text()}")
-
-    def _in_ns(self, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def answers(self, vhost: str = "/") -> bool:
         """A login on ``vhost`` works (the connection is closed properly)."""
@@ -136,11 +136,7 @@ class RabbitMQServer:
             conn.close()
             return True
 
-        if self.netns is None:
-            return login()
-        from tests import netns  # noqa: PLC0415 - only for a node in a namespace
-
-        return netns.run_in(self.netns, login)
+        return run_in(self.netns, login)
 
     def stop(self) -> None:
         """Stop the node as its service would (SIGTERM: a clean shutdown); epmd stays."""
@@ -164,9 +160,9 @@ class RabbitMQServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def ctl(self, *args: str) -> str:
-        return subprocess.run(self._in_ns([str(self.bindir / "rabbitmqctl"), "--node", self.node, *args]),
-                              env=self.env(),
-                              check=True, capture_output=True, text=True, timeout=60).stdout
+        ctl = in_netns(self.netns, [str(self.bindir / "rabbitmqctl"), "--node", self.node, *args])
+        done = subprocess.run(ctl, env=self.env(), check=True, capture_output=True, text=True, timeout=60)
+        return done.stdout
 
     def add_vhost(self, name: str) -> str:
         """A fresh vhost the guest user may use; its URL."""

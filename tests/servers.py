@@ -28,6 +28,8 @@ import pytest
 import redis
 
 from broker.launcher import redis_server_binary
+from tests.netns import command as in_netns
+from tests.netns import run_in
 from tests.procset import free_port
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -87,15 +89,14 @@ class PostgresServer:
             if self.listen != "127.0.0.1":  # clients on other hosts (namespaces of the test's own)
                 with open(self.data / "pg_hba.conf", "a") as hba:
                     hba.write("host all all 0.0.0.0/0 trust\n")
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.log, "ab") as log:  # the server keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                prefix + self._as_user([
+                in_netns(self.netns, self._as_user([
                     str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                     "-c", f"listen_addresses={self.listen}", "-c", f"max_connections={self.max_connections}",
                     "-c", f"unix_socket_directories={self.root}",
                     "-c", "log_connections=on", "-c", "log_disconnections=on",
-                    "-c", "log_min_messages=debug1", "-c", "fsync=off"]),
+                    "-c", "log_min_messages=debug1", "-c", "fsync=off"])),
                 stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -174,8 +175,8 @@ class RedisServer:
     def start(self) -> None:
         argv = [redis_server_binary(), "--port", str(self.port), "--bind", self.bind, "--dir", str(self.data),
                 "--appendonly", "yes", "--save", "", "--loglevel", "warning", "--protected-mode", "no"]
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = subprocess.Popen(prefix + argv, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(in_netns(self.netns, argv), stdout=subprocess.DEVNULL,
+                                     start_new_session=True)
 
         def wait_answer() -> None:
             with redis.Redis.from_url(self.url) as client:
@@ -188,12 +189,7 @@ class RedisServer:
                         assert time.monotonic() < deadline and self.proc.poll() is None, "redis did not start"
                         time.sleep(0.05)
 
-        if self.netns is None:
-            wait_answer()
-        else:
-            from tests import netns  # noqa: PLC0415 - only for a server in a namespace
-
-            netns.run_in(self.netns, wait_answer)
+        run_in(self.netns, wait_answer)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import hostruns, hosts
+from tests import hostload, hostruns, hosts
 from tests.rabbitmq_node import find_rabbitmq
 from tests.servers import find_pg_bin, missing
 
@@ -81,17 +81,14 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
     stopped one is back.
     """
     a, b = start_both(bed)
-    load = hosts.Load(bed)
+    load = hostload.Load(bed)
     load.start()
     load.wait_accepted(30)
     back_at: dict[str, float] = {}
     for host in (a, b):
-        host.stop()
-        host.start()
-        host.wait_started()
-        bed.wait_in_balancer(host.name)
+        host.restart()
         back_at[host.name] = hostruns.now_clock()
-        load.wait_accepted(int((bed.root / "load.json.progress").read_text()) + 20)
+        load.wait_accepted(20)
     record = load.finish()
     runs = bed.runs()
     result = hostruns.summary(record, bed.jobs(), runs)

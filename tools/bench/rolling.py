@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests import hostruns, hosts
+from tests import hostload, hostruns, hosts
 from tests.rabbitmq_node import find_rabbitmq
 from tests.servers import find_pg_bin, redis_server_binary
 from tools.bench.session import ROOT
@@ -99,24 +99,15 @@ def rolling_restart(kind: str, root: Path, rounds: int = ROUNDS) -> list[dict[st
 
 def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[str, Any]:
     """Host a, then host b: SIGTERM, start again, UP in HAProxy; under fresh clients."""
-    progress = bed.root / "load.json.progress"
-    progress.unlink(missing_ok=True)
-    load = hosts.Load(bed, follow_for=FINISH_SECONDS)
+    load = hostload.Load(bed, follow_for=FINISH_SECONDS)
     load.start()
     load.wait_accepted(30)
     stop_s, back_s, sigkills = {}, {}, 0
     for host in pair:
-        began = time.monotonic()
-        host.stop(timeout=60)
-        stop_s[host.name] = round((host.terminal.exit_at or time.monotonic()) - began, 2)
-        sigkills += sum("SIGKILL" in line for line in host.terminal.texts("system"))
-        bed.wait_in_balancer(host.name, up=False, timeout=10)  # a quick stop: HAProxy has yet to see it
-        began = time.monotonic()
-        host.start()
-        host.wait_started()
-        bed.wait_in_balancer(host.name)
-        back_s[host.name] = round(time.monotonic() - began, 2)
-        load.wait_accepted(int(progress.read_text()) + 20)
+        stopped, back = host.restart()
+        stop_s[host.name], back_s[host.name] = round(stopped, 2), round(back, 2)
+        sigkills += sum("SIGKILL" in line for line in host.terminals[-2].texts("system"))
+        load.wait_accepted(20)
     record = load.finish(timeout=FINISH_SECONDS + 60)
     ids = {job["id"] for job in record["jobs"]}
     latencies = [job["seen_end"] - job["posted"] for job in record["jobs"] if job["seen_end"]]
@@ -141,7 +132,7 @@ def run(rounds: int, root: Path) -> dict[str, Any]:
     per_set = {kind: rolling_restart(kind, root / kind.replace(" ", "-"), rounds) for kind in KINDS}
     return {"finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "rounds": rounds,
             "minutes": (time.monotonic() - began) / 60, "machine": machine(),
-            "settings": {"clients": hosts.Load.clients, "mix": hosts.Load.mix,
+            "settings": {"clients": hostload.Load.clients, "mix": hostload.Load.mix,
                          "finish_seconds": FINISH_SECONDS, "web_processes": WEB_PROCESSES,
                          "worker_concurrency": int(hosts.HOST_ENV["WORKER_CONCURRENCY"]),
                          "drain_seconds": float(hosts.HOST_ENV["SHUTDOWN_DRAIN_SECONDS"]),
