@@ -152,6 +152,21 @@ def runs(redis_url: str) -> list[tuple[float, int]]:
     return sorted((h["sent_at"], h["beat_pid"]) for h in stamped)
 
 
+def wait_for_runs(redis_url: str, beat: Beat, times: int, timeout: float = 30) -> list[tuple[float, int]]:
+    """The entry's messages once ``beat`` has published ``times`` of them.
+
+    Beat logs "Sending due task" before it publishes: a log line is not yet a message.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sent = runs(redis_url)
+        if sum(1 for _, pid in sent if pid == beat.pid) >= times:
+            return sent
+        assert time.monotonic() < deadline and beat.proc.poll() is None, \
+            f"no {times} message(s) from beat {beat.pid}: {sent}\n{beat.output}"
+        time.sleep(0.05)
+
+
 def gaps(sent: list[tuple[float, int]]) -> list[float]:
     return [round(b[0] - a[0], 2) for a, b in zip(sent, sent[1:], strict=False)]
 
@@ -192,7 +207,7 @@ def test_two_beats_schedule_each_run_once(beats, redis_url: str) -> None:
 
 def test_a_stopped_leaders_standby_takes_over_within_a_poll(beats, redis_url: str) -> None:
     leader, standby = leader_and_standby(beats)
-    leader.wait_for(f"{SENT} count-me", times=2)
+    wait_for_runs(redis_url, leader, 2)
     stopped_at = time.monotonic()  # just after a run: the next is due one interval from now
     rc = leader.stop()
     took_over_at, line = standby.wait_for(r"leader: leading \(took over after", timeout=30)
@@ -201,8 +216,7 @@ def test_a_stopped_leaders_standby_takes_over_within_a_poll(beats, redis_url: st
     assert "from a released lease" in line, line
     assert_stopped_cleanly(leader, rc)
     assert "leader lease released" in leader.output, leader.output
-    standby.wait_for(f"{SENT} count-me", times=2)
-    sent = runs(redis_url)
+    sent = wait_for_runs(redis_url, standby, 2)
     pids = [pid for _, pid in sent]
     assert pids == sorted(pids, key=lambda pid: pid != leader.pid), sent  # the leader's, then the other's
     assert min(gaps(sent)) >= COUNT_EVERY - EARLY, gaps(sent)  # no interval run twice ...
@@ -214,7 +228,7 @@ def test_a_stopped_leaders_standby_takes_over_within_a_poll(beats, redis_url: st
 
 def test_a_killed_leaders_standby_takes_over_once_the_lease_lapses(beats, redis_url: str) -> None:
     leader, standby = leader_and_standby(beats)
-    leader.wait_for(f"{SENT} count-me", times=2)
+    wait_for_runs(redis_url, leader, 2)
     killed_at = time.monotonic()
     leader.kill()  # SIGKILL: no release
     took_over_at, line = standby.wait_for(r"leader: leading \(took over after", timeout=30)
@@ -225,8 +239,7 @@ def test_a_killed_leaders_standby_takes_over_once_the_lease_lapses(beats, redis_
     # The lease ran out first: its last renewal was at most a renewal period before the kill.
     assert waited > LEASE - LEASE / 3 - 0.2, line
     assert LEASE <= since < LEASE + 1 + 2, line  # lease + ~1 s, with room for a loaded machine
-    standby.wait_for(f"{SENT} count-me", times=2)
-    sent = runs(redis_url)
+    sent = wait_for_runs(redis_url, standby, 2)
     mine = [at for at, pid in sent if pid == standby.pid]
     assert len(mine) >= 2 and all(pid == leader.pid for _, pid in sent[:-len(mine)]), sent
     assert min(gaps(sent)) >= COUNT_EVERY - EARLY, gaps(sent)  # the overdue run once, not twice
