@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from core.celery_app import celery_app
 from jobs import ledger
@@ -39,9 +40,14 @@ RELAY_RETRY_SECONDS = 1.0
 RELAY_STOP_SECONDS = 1.0
 
 
-def publish(job_id: str) -> None:
-    """Put the job's message on the broker now, or raise (one connection attempt, no retries)."""
-    celery_app.send_task(RUN_TASK, args=[job_id], retry=False)
+def publish(job_id: str, *, handed_back: dict[str, Any] | None = None) -> None:
+    """Put the job's message on the broker now, or raise (one connection attempt, no retries).
+
+    ``handed_back``: a hand-back the ledger could not take, carried to whichever worker runs
+    the job next (jobs/handbacks.py).
+    """
+    kwargs = {} if handed_back is None else {"handed_back": handed_back}
+    celery_app.send_task(RUN_TASK, args=[job_id], kwargs=kwargs, retry=False)
 
 
 def send(job_id: str, *, marked: bool) -> None:

@@ -33,14 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from celery.exceptions import Reject
 
 from core import db, outages
 from core.celery_app import celery_app
 from core.config import get_settings
-from jobs import handbacks, ledger
+from jobs import handbacks, ledger, outbox
 from jobs.kinds import KINDS
 from stopright.handback import HANDBACK_SIGNAL, HANDED_BACK, HandBack, interruptible, stop_run
 from stopright.worker_stop import HANDBACK_SECONDS
@@ -234,13 +234,22 @@ def _record(job_id: str, attempt: int, started_at: datetime, what: str, write: C
     return stored
 
 
-def _recorded(job_id: str, attempt: int, started_at: datetime) -> str:
-    """Record a hand-back the ledger could not take (jobs/handbacks.py); what happens next, for the log."""
+def _recorded(job_id: str, attempt: int, started_at: datetime) -> tuple[str, bool]:
+    """Record a hand-back the ledger could not take (jobs/handbacks.py): what happens next, for the
+    log, and whether a new message carries it (then the original must not be requeued)."""
     try:
         path = handbacks.record(job_id, attempt, started_at)
+        where = f"recorded in {path}: handed back when its message comes here again"
     except OSError as exc:
-        return f"not recorded either ({exc}): the sweeper takes it back once its lease lapses"
-    return f"recorded in {path}: handed back when its message comes again"
+        path, where = None, f"not recorded ({exc}): the sweeper takes it back once its lease lapses"
+    try:
+        outbox.publish(job_id, handed_back=handbacks.carried(attempt, started_at))
+    except Exception as exc:  # noqa: BLE001 - any failure to publish leaves the requeue
+        return f"{where} (no new message: {type(exc).__name__}: {exc})", False
+    if path is not None:
+        with contextlib.suppress(OSError):  # a stale record is fenced on its run: harmless
+            handbacks.forget(job_id, attempt)
+    return "sent again in a new message that carries the hand-back, for the next worker on any host", True
 
 
 def _hand_back(job_id: str, attempt: int, started_at: datetime) -> None:
@@ -256,8 +265,11 @@ def _hand_back(job_id: str, attempt: int, started_at: datetime) -> None:
     except Exception as exc:
         if outages.database_outage(exc) is None:
             raise
+        what, sent = _recorded(job_id, attempt, started_at)
         log.warning("job %s: attempt %d interrupted by shutdown; the database did not take the hand-back "
-                    "(%s); %s", job_id, attempt, type(exc).__name__, _recorded(job_id, attempt, started_at))
+                    "(%s); %s", job_id, attempt, type(exc).__name__, what)
+        if sent:
+            raise Reject(HANDED_BACK, requeue=False) from None  # the new message is the job's now
         raise Reject("interrupted by shutdown", requeue=True) from None
     if handed:
         log.warning("job %s handed back to the queue (attempt %d interrupted by shutdown)", job_id, attempt)
@@ -274,7 +286,8 @@ def _hand_back(job_id: str, attempt: int, started_at: datetime) -> None:
 # Cut only where it says (interruptible()); a lost broker connection does not hand it back: the
 # ledger claim fences a second delivery (a full disk's MISCONF is a "lost connection" too).
 @celery_app.task(name=TASK_NAME, interrupt_anywhere=False, hand_back_on_connection_loss=False)
-def run_job(job_id: str) -> None:
+def run_job(job_id: str, handed_back: dict[str, Any] | None = None) -> None:
+    """Run the job ``job_id`` names; ``handed_back``: the run a stop handed back, if the ledger missed it."""
     settings = get_settings()
     try:
         job = _stored(f"claim job {job_id}", lambda: ledger.claim(
@@ -283,7 +296,8 @@ def run_job(job_id: str) -> None:
         log.warning("job %s not started: the database is unreachable and the worker is stopping; "
                     "its message goes back to the queue", job_id)
         raise Reject("not claimed before the shutdown", requeue=True) from None
-    if job is None and _stored(f"replay the hand-back of job {job_id}", lambda: handbacks.replay(job_id)):
+    if job is None and _stored(f"replay the hand-back of job {job_id}",
+                               lambda: handbacks.replay(job_id, handed_back)):
         job = _stored(f"claim job {job_id}", lambda: ledger.claim(
             job_id, lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts))
     if job is None:

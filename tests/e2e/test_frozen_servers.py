@@ -13,7 +13,9 @@ no TCP-level timeout ever fires; only a deadline in the client ends a wait
 * a stop during the freeze is clean (no SIGKILL) with requests waiting on the
   server, each answered 503 or refused once the listener is closed, and hands
   the running jobs back; after a restart they run again (attempt 1: handed
-  back, not taken back by the sweeper, whose lease here outlasts the test).
+  back, not taken back by the sweeper, whose lease here outlasts the test),
+  also on another host, with a ``VAR_DIR`` of its own: the job's new message
+  carries the hand-back the database missed (jobs/handbacks.py).
 
 And a Redis broker that is down at the stop: the hand-back's requeue fails,
 and the message runs once the broker is back (stopright/requeue.py), not after
@@ -27,6 +29,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.e2e.checks import assert_clean_stop, ran_again
@@ -200,6 +203,44 @@ def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
           f"was ready ({ready - thawed:.1f} s after the thaw); 0 lost")
     rc, _ = again.stop_and_wait("ctrl_c")
     assert rc == 130
+
+
+def test_a_hand_back_the_frozen_database_missed_runs_at_once_on_another_host(
+        procset: ProcessSet, postgres: PostgresServer, external_redis: RedisServer, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": postgres.url, "REDIS_URL": external_redis.url, **NO_SWEEP}
+    ps = procset.make(**env)
+    ps.start()
+    ps.wait_ready()
+    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
+    first_starts = [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+
+    postgres.freeze()
+    try:
+        rc, _ = ps.stop_and_wait("ctrl_c", timeout=30)
+        assert_clean_stop(ps, rc, 130)
+        sent = [line for line in ps.lines("worker") if "did not take the hand-back" in line]
+        print(*sent, sep="\n")
+        assert len(sent) == len(jobs), ps.output
+        assert all("sent again in a new message" in line for line in sent), sent
+    finally:
+        postgres.thaw()
+
+    # Host b: the same database and broker, its own VAR_DIR (no spool of host a's).
+    (tmp_path / "host-b").mkdir()
+    other = ProcessSet(tmp_path / "host-b", env=env)
+    try:
+        other.start()
+        other.wait_ready()
+        ready = time.monotonic()
+        for job_id, first_start in zip(jobs, first_starts, strict=True):
+            job = ran_again(other, job_id, first_start)
+            assert job["attempts"] == 1, job  # handed back (its message said so), then claimed once
+        print(f"the {len(jobs)} handed-back jobs ran again on another host {time.monotonic() - ready:.1f} s "
+              "after it was ready (the sweeper's lease here outlasts the test)")
+        rc, _ = other.stop_and_wait("ctrl_c")
+        assert rc == 130
+    finally:
+        other.cleanup()
 
 
 def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet,
