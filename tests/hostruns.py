@@ -31,7 +31,9 @@ _LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \S+ \w+ jobs: job (?P<job>[0-9a-f]{32
 #: Every line of tasks/jobs.py that ends a run, and what it means here.
 _ENDS = (("attempt (?P<n>\\d+) succeeded", "succeeded"),
          ("handed back to the queue \\(attempt (?P<n>\\d+)", "handed back"),
-         ("attempt (?P<n>\\d+) interrupted by shutdown", "interrupted"),  # hand-back not in the ledger
+         # the hand-back not in the ledger but in a new message (jobs/handbacks.py), or left to the sweeper
+         ("attempt (?P<n>\\d+) interrupted by shutdown; .*; sent again in a new message", "handed back"),
+         ("attempt (?P<n>\\d+) interrupted by shutdown", "interrupted"),
          ("attempt (?P<n>\\d+) ended but its", "interrupted"),  # outcome not stored at the stop
          ("attempt (?P<n>\\d+) stops itself", "lease lapsed"),
          ("attempt (?P<n>\\d+) stopped", "taken over"),

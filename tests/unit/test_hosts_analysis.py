@@ -47,8 +47,11 @@ def test_every_line_that_ends_a_run_ends_it() -> None:
     """A run whose end the reader missed would read as still running: two runs at once."""
     ends = {
         f"job {JOB}: attempt 1 interrupted by shutdown; the database did not take the hand-back "
-        "(OperationalError); recorded in var/handbacks: handed back when its message comes again":
-            "interrupted",
+        "(OperationalError); recorded in var/handbacks: handed back when its message comes here again "
+        "(no new message: OperationalError: refused)": "interrupted",
+        f"job {JOB}: attempt 1 interrupted by shutdown; the database did not take the hand-back "
+        "(OperationalError); sent again in a new message that carries the hand-back, for the next worker "
+        "on any host": "handed back",
         f"job {JOB}: attempt 1 ended but its result is not stored (database unreachable at shutdown); x":
             "interrupted",
         f"job {JOB}: attempt 1 is no longer the job's run (taken over); its result is dropped": "taken over",
