@@ -173,19 +173,41 @@ class HostSet:
             terminal.close()
 
 
+def haproxy_config(admin: Path, check: str = "/readyz", *, retries: bool = False) -> str:
+    """deploy/haproxy.cfg as shipped, pointed at the bed's hosts, checking ``check``; stats on the
+    Unix socket ``admin``; ``retries``: the file's optional retry lines on."""
+    text = HAPROXY_CFG.read_text()
+    text = re.sub(r"(?m)^(\s*)bind \S+", rf"\1bind {LB_ADDRESS}:{LB_PORT}", text, count=1)
+    # Ours where the file's first server line is: after its default-server line, which
+    # applies only to the server lines below it.
+    servers = "".join(f"    server {h} {FRONT}{n}:{WEB_PORT} check\n" for h, n in HOST_NUMBERS.items())
+    text = re.sub(r"(?m)^\s*server \S+ \S+.*\n", lambda _: servers, text, count=1)
+    text = re.sub(r"(?m)^\s*server \S+ (?!10\.231\.)\S+.*\n", "", text)
+    text = re.sub(r"(?m)^\s*#?\s*stats socket .*\n", "", text)
+    text = re.sub(r"(?m)^(\s*option httpchk GET )\S+", rf"\g<1>{check}", text, count=1)
+    if retries:
+        text = re.sub(r"(?m)^\s*retries 0\n", "", text)
+        text, uncommented = re.subn(r"(?m)^(\s*)# ((retries|option redispatch|retry-on|http-request "
+                                    r"disable-l7-retry)\b.*)$", r"\1\2", text)
+        assert uncommented == 4, text
+    return text.replace("global\n", f"global\n    stats socket {admin} mode 600 level admin\n", 1)
+
+
 class Bed:
     """The whole test bed; :meth:`close` removes everything it started.
 
     ``procfile``, ``directory`` and ``host_env`` run another set on the hosts (the bench's
-    reference), ``check`` is the path HAProxy checks; the defaults are this set's.
+    reference), ``check`` is the path HAProxy checks, ``retries`` turns on the HAProxy file's
+    optional retry lines; the defaults are this set's, as the file ships.
     """
 
     def __init__(self, root: Path, broker: str = "rabbitmq", *, procfile: Path | None = None,
                  directory: Path | None = None, host_env: dict[str, str] | None = None,
-                 check: str = "/readyz") -> None:
+                 check: str = "/readyz", retries: bool = False) -> None:
         self.root = root
         self.broker_kind = broker
         self.procfile, self.directory, self.host_env, self.check = procfile, directory, host_env, check
+        self.retries = retries
         self.net = netns.Network()
         self.pg: PostgresServer | None = None
         self.rabbit: RabbitMQServer | None = None
@@ -231,23 +253,9 @@ class Bed:
         assert self.pg is not None
         return {**HOST_ENV, "DATABASE_URL": self.pg.url, "BROKER_URL": self.broker_url, **extra}
 
-    def haproxy_config(self) -> str:
-        """deploy/haproxy.cfg as shipped, pointed at this bed's hosts; stats on a Unix socket."""
-        text = HAPROXY_CFG.read_text()
-        text = re.sub(r"(?m)^(\s*)bind \S+", rf"\1bind {LB_ADDRESS}:{LB_PORT}", text, count=1)
-        # Ours where the file's first server line is: after its default-server line, which
-        # applies only to the server lines below it.
-        servers = "".join(f"    server {h} {FRONT}{n}:{WEB_PORT} check\n" for h, n in HOST_NUMBERS.items())
-        text = re.sub(r"(?m)^\s*server \S+ \S+.*\n", lambda _: servers, text, count=1)
-        text = re.sub(r"(?m)^\s*server \S+ (?!10\.231\.)\S+.*\n", "", text)
-        text = re.sub(r"(?m)^\s*#?\s*stats socket .*\n", "", text)
-        text = re.sub(r"(?m)^(\s*option httpchk GET )\S+", rf"\g<1>{self.check}", text, count=1)
-        admin = f"    stats socket {self.admin}/admin.sock mode 600 level admin\n"
-        return text.replace("global\n", "global\n" + admin, 1)
-
     def start_haproxy(self) -> None:
         config = self.root / "haproxy.cfg"
-        config.write_text(self.haproxy_config())
+        config.write_text(haproxy_config(self.admin / "admin.sock", self.check, retries=self.retries))
         check = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         log = open(self.root / "haproxy.log", "wb")  # noqa: SIM115 - HAProxy keeps its copy

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
 from core.config import Settings
@@ -176,11 +177,11 @@ def seconds(value: str, default_unit: str = "ms") -> float:
     return float(number) * UNITS[unit or default_unit]
 
 
-def haproxy_sections() -> dict[str, list[list[str]]]:
+def haproxy_sections(text: str | None = None) -> dict[str, list[list[str]]]:
     """``{"defaults": [[keyword, arg, ...], ...], "backend web": ...}``, comments dropped."""
     sections: dict[str, list[list[str]]] = {}
     current: list[list[str]] = []
-    for line in HAPROXY.read_text().splitlines():
+    for line in (HAPROXY.read_text() if text is None else text).splitlines():
         words = line.split("#", 1)[0].split()
         if not words:
             continue
@@ -242,6 +243,25 @@ def test_haproxy_accepts_the_file() -> None:
         missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
     done = subprocess.run([haproxy, "-c", "-f", str(HAPROXY)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("retries", [False, True])
+def test_haproxy_accepts_the_file_as_the_several_host_bed_turns_it(tmp_path, retries: bool) -> None:
+    """tests/hosts.py points the file at its hosts; the bench also uncomments its retry lines."""
+    from tests import hosts
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.access(haproxy, os.X_OK):
+        missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(hosts.haproxy_config(tmp_path / "admin.sock", retries=retries))
+    done = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sections = haproxy_sections(config.read_text())
+    retry_lines = [words for section in sections.values() for words in section
+                   if words[0] in ("retries", "retry-on") or words[:2] == ["option", "redispatch"]]
+    turned_on = [["retries", "2"], ["option", "redispatch", "1"], ["retry-on", "conn-failure", "empty-response"]]
+    assert retry_lines == (turned_on if retries else [["retries", "0"]])
 
 
 def nginx_directives(text: str) -> list[list[str]]:

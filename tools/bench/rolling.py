@@ -12,12 +12,15 @@ runs on fresh clients, so its figures are its own.
 - The stock reference: its web, worker and beat on each host, one Redis on db,
   the same HAProxy but checking /healthz (it has no /readyz). Its job outcomes
   are the clients' record: a job never seen to end is lost.
+- Each again with the HAProxy file's optional retry lines on (a refused
+  connection retried on the other server; never a POST that was sent).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -31,7 +34,8 @@ from tests.servers import find_pg_bin, redis_server_binary
 from tools.bench.session import ROOT
 from tools.bench.summary import machine
 
-KINDS = ("this set", "reference")
+#: Each set behind HAProxy as deploy/haproxy.cfg ships (retries off), then with its optional retry lines.
+KINDS = ("this set", "reference", "this set, retries on", "reference, retries on")
 REFERENCE = ROOT / "tools" / "bench" / "reference"
 ROUNDS = 3
 FINISH_SECONDS = 30  # after the last restart, how long the clients follow their jobs (6 s at most)
@@ -70,13 +74,14 @@ def rolling_restart(kind: str, root: Path, rounds: int = ROUNDS) -> list[dict[st
     """``rounds`` rolling restarts of ``kind`` (KINDS) under traffic on one bed; each one's figures."""
     assert kind in KINDS, kind
     root.mkdir(parents=True, exist_ok=True)
-    if kind == "this set":
-        made = hosts.bed(root)
+    ours, retries = kind.startswith("this set"), kind.endswith("retries on")
+    if ours:
+        made = hosts.bed(root, retries=retries)
     else:
         made = hosts.bed(root, "redis", procfile=reference_procfile(root), directory=REFERENCE,
-                         check="/healthz")
+                         check="/healthz", retries=retries)
     with made as bed:
-        if kind == "reference":
+        if not ours:
             assert bed.redis is not None
             bed.host_env = {"REDIS_URL": bed.redis.url, "WEB_CONCURRENCY": str(WEB_PROCESSES),
                             "WORKER_CONCURRENCY": hosts.HOST_ENV["WORKER_CONCURRENCY"],
@@ -112,7 +117,7 @@ def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[st
     ids = {job["id"] for job in record["jobs"]}
     latencies = [job["seen_end"] - job["posted"] for job in record["jobs"] if job["seen_end"]]
     figures: dict[str, Any] = {"requests": hostruns.outcomes(record), "accepted": len(ids)}
-    if kind == "this set":
+    if kind.startswith("this set"):
         summary = hostruns.summary(record, bed.jobs(), [run for run in bed.runs() if run.job in ids])
         waits = summary["handback_waits"]
         figures |= {"lost": summary["lost"], "failed": summary["failed"], "run_twice": summary["run_twice"],
@@ -129,7 +134,7 @@ def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[st
 def run(rounds: int, root: Path) -> dict[str, Any]:
     """The row for both sets: this set's restarts, then the reference's."""
     began = time.monotonic()
-    per_set = {kind: rolling_restart(kind, root / kind.replace(" ", "-"), rounds) for kind in KINDS}
+    per_set = {kind: rolling_restart(kind, root / re.sub(r"\W+", "-", kind), rounds) for kind in KINDS}
     return {"finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "rounds": rounds,
             "minutes": (time.monotonic() - began) / 60, "machine": machine(),
             "settings": {"clients": hostload.Load.clients, "mix": hostload.Load.mix,

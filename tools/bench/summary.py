@@ -244,7 +244,9 @@ def rolling_markdown(report: dict[str, Any]) -> str:
         f" Python {mach['python']}, commit {mach['commit']}: {report['rounds']} rolling restarts per set"
         f" ({report['minutes']:.1f} min).",
         "",
-        "Hosts a and b (network namespaces) behind HAProxy (deploy/haproxy.cfg's timings, retries off);"
+        "Hosts a and b (network namespaces) behind HAProxy (deploy/haproxy.cfg as shipped: retries off;"
+        " \"retries on\": the file's optional retry lines, a refused connection retried on the other"
+        " server, never a POST that was sent);"
         f" {settings['clients']} clients post sleep jobs (seconds:weight {settings['mix']}) and poll them"
         " until they end. One restart: host a stopped (SIGTERM to its honcho), started again and waited"
         " for until HAProxy has it UP, then host b.",
