@@ -260,7 +260,8 @@ def test_haproxy_accepts_the_file_as_the_several_host_bed_turns_it(tmp_path, ret
     sections = haproxy_sections(config.read_text())
     retry_lines = [words for section in sections.values() for words in section
                    if words[0] in ("retries", "retry-on") or words[:2] == ["option", "redispatch"]]
-    turned_on = [["retries", "2"], ["option", "redispatch", "1"], ["retry-on", "conn-failure", "empty-response"]]
+    turned_on = [["retries", "2"], ["option", "redispatch", "1"],
+                 ["retry-on", "conn-failure", "empty-response"]]
     assert retry_lines == (turned_on if retries else [["retries", "0"]])
 
 
