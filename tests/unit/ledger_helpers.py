@@ -1,4 +1,4 @@
-"""What the ledger tests share (test_ledger.py, test_ledger_fencing.py, test_ledger_sweep.py).
+"""What the ledger tests share (test_ledger*.py, test_jobs.py, test_handbacks.py, test_sweeper.py).
 
 Each needs the ``schema`` fixture (tests/unit/conftest.py): a jobs table in this test's SQLite file.
 """
@@ -43,3 +43,25 @@ def take_back(job_id: str) -> None:
     """The sweeper takes a dead run's job back: its lease seen lapsed on two sweeps."""
     assert job_id not in sweep()
     assert job_id in sweep()
+
+
+def unreachable(what: str = "connection refused") -> Exception:
+    """What SQLAlchemy raises when the database server is away."""
+    import psycopg
+    from sqlalchemy import exc
+
+    return exc.OperationalError("UPDATE jobs ...", {}, psycopg.OperationalError(what))
+
+
+def flaky(monkeypatch, name: str, failures: int, error: Exception | None = None) -> list[int]:
+    """Make ``ledger.<name>`` raise ``error`` (the database away) its first ``failures`` calls."""
+    real, calls = getattr(ledger, name), []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise error or unreachable()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, name, call)
+    return calls

@@ -1,9 +1,9 @@
 """What bounds a stop and a request when a server does not answer (issue 14), without a server.
 
 The real frozen PostgreSQL and the broker down at a stop are in tests/e2e/test_frozen_servers.py;
-here the pieces: a thread's database deadline, the bounded ``on_hand_back``, a hand-back
-replayed from the spool only for the run it names, and the one line (and spool entry) of a
-requeue the broker refused.
+here the pieces: a thread's database deadline, the bounded ``on_hand_back``, and the one line
+(and spool entry) of a requeue the broker refused. A hand-back the database missed:
+test_handbacks.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import pytest
 from celery import Celery
 
 from core import db
-from jobs import handbacks, ledger
 from stopright import registry, requeue, worker_stop
-from tests.unit.ledger_helpers import claimed, new_job
 
 # -- core/db.py: every wait within the setting, or a thread's shorter deadline ---------------------
 
@@ -135,42 +133,6 @@ def test_on_hand_back_is_called_for_each_task_and_a_failure_does_not_stop_the_ot
     assert calls == ["0", "1"]
     assert "on_hand_back failed for task t[0]" in caplog.text
     assert "closed on_hand_back for 2 killed task(s)" in caplog.text
-
-
-# -- jobs/handbacks.py: a recorded hand-back undoes only the run it names ----------------------------
-
-
-def test_a_recorded_hand_back_queues_the_job_again(schema) -> None:
-    job_id = new_job()
-    run = claimed(job_id)
-    handbacks.record(job_id, run["attempts"], run["started_at"])
-    assert handbacks.replay(job_id) is True
-    job = ledger.get(job_id)
-    assert (job["status"], job["attempts"]) == ("queued", 0)
-    assert handbacks.replay(job_id) is False  # done once, then forgotten
-    assert handbacks.spool().path.read_text() == ""
-
-
-def test_a_recorded_hand_back_never_touches_a_later_run(schema) -> None:
-    job_id = new_job()
-    first = claimed(job_id)
-    handbacks.record(job_id, first["attempts"], first["started_at"])
-    assert ledger.hand_back(job_id, first["attempts"])  # handed back after all (the database was back)
-    time.sleep(0.002)
-    second = claimed(job_id)  # a live run with the same attempt number
-    assert second["attempts"] == first["attempts"]
-    assert handbacks.replay(job_id) is False
-    assert ledger.get(job_id)["status"] == "running"  # the live run is left alone
-
-
-def test_replay_keeps_other_jobs_records(schema) -> None:
-    a, b = new_job(), new_job()
-    run_a, run_b = claimed(a), claimed(b)
-    handbacks.record(a, run_a["attempts"], run_a["started_at"])
-    handbacks.record(b, run_b["attempts"], run_b["started_at"])
-    assert handbacks.replay(a) is True
-    left = [json.loads(line)["job"] for line in handbacks.spool().path.read_text().splitlines()]
-    assert left == [b]
 
 
 # -- stopright/requeue.py: a refused requeue, one line, spooled on Redis -----------------------------

@@ -11,10 +11,11 @@ import pytest
 from celery.exceptions import Reject
 
 from core import db
-from jobs import handbacks, ledger
+from jobs import ledger
 from jobs.kinds import KINDS, EchoArgs
 from stopright import handback
 from tasks import jobs
+from tests.unit.ledger_helpers import flaky, unreachable
 
 
 def run(job_id: str) -> None:
@@ -152,14 +153,6 @@ def test_a_job_taken_away_is_no_longer_renewed_and_the_next_one_is(schema, monke
 # -- the lease keeper and the run under faults (issue 7) -------------------------------------------
 
 
-def unreachable(what: str = "connection refused") -> Exception:
-    """What SQLAlchemy raises when the database server is away."""
-    import psycopg
-    from sqlalchemy import exc
-
-    return exc.OperationalError("UPDATE jobs ...", {}, psycopg.OperationalError(what))
-
-
 def test_a_renewal_that_raises_does_not_stop_later_renewals(schema, monkeypatch) -> None:
     period = 1.0  # renewed every period / 3; a failed renewal is retried sooner
     job_id = ledger.create("echo", {"value": 1})["id"]
@@ -274,20 +267,6 @@ def test_a_shutdown_of_a_run_no_longer_in_the_ledger_is_not_logged_as_handed_bac
     assert f"job {job_id}" in caplog.text and "not handed back" in caplog.text
 
 
-def flaky(monkeypatch, name: str, failures: int, error: Exception | None = None) -> list[int]:
-    """Make ``ledger.<name>`` raise ``error`` (the database away) its first ``failures`` calls."""
-    real, calls = getattr(ledger, name), []
-
-    def call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) <= failures:
-            raise error or unreachable()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ledger, name, call)
-    return calls
-
-
 @pytest.mark.parametrize("write", ["claim", "succeed"])
 def test_a_ledger_write_waits_for_the_database_instead_of_failing_the_job(schema, monkeypatch, write) -> None:
     job_id = ledger.create("echo", {"value": "kept"})["id"]
@@ -346,73 +325,3 @@ def test_a_shutdown_ends_the_wait_for_the_database_and_keeps_the_message(schema,
         signal.signal(signal.SIGUSR2, previous)
     assert rejected.value.requeue is True
     assert ledger.get(job_id)["status"] == "running"  # the sweeper takes it back once its lease lapses
-
-
-# -- a hand-back the database did not take (jobs/handbacks.py) -------------------------------------
-
-
-def _handed_back_while_the_database_refuses(monkeypatch) -> tuple[str, Reject, dict]:
-    """A run interrupted by the worker's SIGUSR2 whose hand-back write fails: its job, the Reject, the run.
-
-    The job's next run is not interrupted: it returns its value.
-    """
-    runs = []
-
-    def interrupted_once(args: EchoArgs) -> object:
-        runs.append(args)
-        if len(runs) == 1:
-            os.kill(os.getpid(), signal.SIGUSR2)
-            raise AssertionError("the job was not interrupted")
-        return args.value
-
-    monkeypatch.setitem(KINDS, "echo", (EchoArgs, interrupted_once))
-    job_id = ledger.create("echo", {"value": 1})["id"]
-    flaky(monkeypatch, "hand_back", failures=1)
-    previous = signal.signal(signal.SIGUSR2, handback.interrupt)
-    try:
-        with pytest.raises(Reject) as rejected:
-            run(job_id)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
-    return job_id, rejected.value, ledger.get(job_id)
-
-
-def test_a_hand_back_the_database_missed_goes_out_in_a_new_message_any_host_replays(
-        schema, monkeypatch, publish, caplog) -> None:
-    job_id, rejected, run_row = _handed_back_while_the_database_refuses(monkeypatch)
-    assert run_row["status"] == "running"  # the ledger was not told
-    assert rejected.requeue is False  # the original message is dropped: the new one is the job's
-    [(args, kwargs)] = publish.calls
-    assert args[0] == "jobs.run" and kwargs["args"] == [job_id]
-    carried = kwargs["kwargs"]["handed_back"]
-    assert carried == {"attempt": 1, "started_at": run_row["started_at"].isoformat()}
-    assert handbacks.spool().path.read_text() == ""  # the message carries it: no record left here
-    assert "sent again in a new message" in caplog.text
-
-    jobs.run_job(job_id, handed_back=carried)  # the next worker, with an empty spool: another host
-    done = ledger.get(job_id)
-    assert (done["status"], done["attempts"], done["result"]) == ("succeeded", 1, 1)
-
-
-def test_a_carried_hand_back_of_another_run_changes_nothing(schema, monkeypatch, publish) -> None:
-    job_id, _, run_row = _handed_back_while_the_database_refuses(monkeypatch)
-    handed = publish.calls[0][1]["kwargs"]["handed_back"]
-    assert ledger.hand_back(job_id, 1)  # the ledger took it after all, and the job ran again ...
-    again = ledger.claim(job_id, lease=30, max_attempts=3)
-    assert again is not None and again["attempts"] == 1
-    jobs.run_job(job_id, handed_back=handed)  # ... so the old run's record must not undo the new run
-    row = ledger.get(job_id)
-    assert (row["status"], row["attempts"], row["started_at"]) == ("running", 1, again["started_at"])
-
-
-def test_a_hand_back_the_database_missed_is_requeued_and_kept_here_when_the_broker_refuses_too(
-        schema, monkeypatch, publish, caplog) -> None:
-    publish.raises = ConnectionRefusedError(111, "Connection refused")
-    job_id, rejected, run_row = _handed_back_while_the_database_refuses(monkeypatch)
-    assert rejected.requeue is True
-    assert "no new message: ConnectionRefusedError" in caplog.text
-    publish.raises = None
-    jobs.run_job(job_id)  # its message, requeued, comes back to this host: the spool replays it
-    done = ledger.get(job_id)
-    assert (done["status"], done["attempts"], done["result"]) == ("succeeded", 1, 1)
-    assert handbacks.spool().path.read_text() == ""

@@ -78,7 +78,7 @@ def test_a_broker_down_during_the_sweep_keeps_the_jobs_for_the_next_one(publish,
 
 
 def test_the_sweeper_thread_survives_an_unreachable_database(publish, settings, monkeypatch, caplog) -> None:
-    from tests.unit.test_jobs import unreachable
+    from tests.unit.ledger_helpers import unreachable
 
     calls = []
 
