@@ -1,6 +1,6 @@
-"""Several hosts on one machine: the set on hosts ``a`` and ``b`` behind HAProxy, one database and broker.
+"""Several hosts on one machine: the set on hosts ``a`` and ``b`` behind a balancer, one database and broker.
 
-Hosts are network namespaces: ``lb`` (HAProxy and the clients), ``db``
+Hosts are network namespaces: ``lb`` (HAProxy or nginx, tests/balancers.py, and the clients), ``db``
 (PostgreSQL, RabbitMQ or Redis), ``a`` and ``b`` (the Procfile under honcho:
 web, worker, beat). Two networks, each a bridge in a namespace of its own
 (``sw``): front (lb, a, b) and back (db, a, b), so a host can be cut off from
@@ -14,18 +14,12 @@ Everything is removed by pid and namespace name, also when a test fails.
 from __future__ import annotations
 
 import contextlib
-import csv
 import http.client
-import io
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,19 +28,15 @@ from typing import Any
 import sqlalchemy
 
 from tests import netns
+from tests.balancers import FRONT, HOST_NUMBERS, LB_ADDRESS, LB_PORT, WEB_PORT, HAProxy, Nginx
 from tests.hostruns import FINISHED, Run, now_clock, runs_in
 from tests.procset import ROOT
 from tests.rabbitmq_node import RabbitMQServer, find_rabbitmq
 from tests.servers import PostgresServer, RedisServer, find_pg_bin
 from tools.stopcheck.honcho import Honcho, honcho_command
 
-FRONT, BACK = "10.231.1.", "10.231.2."
-LB_ADDRESS = FRONT + "1"
+BACK = "10.231.2."
 DB_ADDRESS = BACK + "10"
-HOST_NUMBERS = {"a": 11, "b": 12}
-WEB_PORT = 8000
-LB_PORT = 8080
-HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 
 #: The settings every host runs with here (a user's several-host set, made quick to fail over).
 HOST_ENV = {
@@ -125,7 +115,7 @@ class HostSet:
 
     def restart(self, timeout: float = 60) -> tuple[float, float]:
         """One host's turn in a rolling restart: SIGTERM to honcho, out of the balancer, started
-        again, back UP in HAProxy. The seconds the stop and the return took."""
+        again, back in rotation. The seconds the stop and the return took."""
         began = time.monotonic()
         self.stop(timeout=timeout)
         stopped = (self.terminal.exit_at or time.monotonic()) - began
@@ -173,48 +163,28 @@ class HostSet:
             terminal.close()
 
 
-def haproxy_config(admin: Path, check: str = "/readyz", *, retries: bool = False) -> str:
-    """deploy/haproxy.cfg as shipped, pointed at the bed's hosts, checking ``check``; stats on the
-    Unix socket ``admin``; ``retries``: the file's optional retry lines on."""
-    text = HAPROXY_CFG.read_text()
-    text = re.sub(r"(?m)^(\s*)bind \S+", rf"\1bind {LB_ADDRESS}:{LB_PORT}", text, count=1)
-    # Ours where the file's first server line is: after its default-server line, which
-    # applies only to the server lines below it.
-    servers = "".join(f"    server {h} {FRONT}{n}:{WEB_PORT} check\n" for h, n in HOST_NUMBERS.items())
-    text = re.sub(r"(?m)^\s*server \S+ \S+.*\n", lambda _: servers, text, count=1)
-    text = re.sub(r"(?m)^\s*server \S+ (?!10\.231\.)\S+.*\n", "", text)
-    text = re.sub(r"(?m)^\s*#?\s*stats socket .*\n", "", text)
-    text = re.sub(r"(?m)^(\s*option httpchk GET )\S+", rf"\g<1>{check}", text, count=1)
-    if retries:
-        text = re.sub(r"(?m)^\s*retries 0\n", "", text)
-        text, uncommented = re.subn(r"(?m)^(\s*)# ((retries|option redispatch|retry-on|http-request "
-                                    r"disable-l7-retry)\b.*)$", r"\1\2", text)
-        assert uncommented == 4, text
-    return text.replace("global\n", f"global\n    stats socket {admin} mode 600 level admin\n", 1)
-
-
 class Bed:
     """The whole test bed; :meth:`close` removes everything it started.
 
     ``procfile``, ``directory`` and ``host_env`` run another set on the hosts (the bench's
-    reference), ``check`` is the path HAProxy checks, ``retries`` turns on the HAProxy file's
-    optional retry lines; the defaults are this set's, as the file ships.
+    reference); ``balancer`` is "haproxy" (checking ``check``, its optional retry lines on with
+    ``retries``) or "nginx" (``check``: what its operator polls; tests/balancers.py); the
+    defaults are this set's, as deploy/ ships.
     """
 
     def __init__(self, root: Path, broker: str = "rabbitmq", *, procfile: Path | None = None,
                  directory: Path | None = None, host_env: dict[str, str] | None = None,
-                 check: str = "/readyz", retries: bool = False) -> None:
+                 balancer: str = "haproxy", check: str = "/readyz", retries: bool = False) -> None:
         self.root = root
         self.broker_kind = broker
-        self.procfile, self.directory, self.host_env, self.check = procfile, directory, host_env, check
-        self.retries = retries
+        self.procfile, self.directory, self.host_env = procfile, directory, host_env
         self.net = netns.Network()
+        self.balancer = (HAProxy(self.net, root, check, retries) if balancer == "haproxy"
+                         else Nginx(self.net, root, check))
         self.pg: PostgresServer | None = None
         self.rabbit: RabbitMQServer | None = None
         self.redis: RedisServer | None = None
-        self.haproxy: subprocess.Popen[bytes] | None = None
         self.hosts: dict[str, HostSet] = {}
-        self.admin = Path(tempfile.mkdtemp(prefix="haproxy-"))  # short path: a Unix socket name
 
     # -- start ---------------------------------------------------------------------------------
     def start_servers(self) -> None:
@@ -233,7 +203,7 @@ class Bed:
         else:
             self.redis = RedisServer(self.root / "redis", netns=self.net.ns("db"), bind=DB_ADDRESS)
             self.redis.start()
-        self.start_haproxy()
+        self.balancer.start()
 
     @property
     def lb_url(self) -> str:
@@ -253,20 +223,6 @@ class Bed:
         assert self.pg is not None
         return {**HOST_ENV, "DATABASE_URL": self.pg.url, "BROKER_URL": self.broker_url, **extra}
 
-    def start_haproxy(self) -> None:
-        config = self.root / "haproxy.cfg"
-        config.write_text(haproxy_config(self.admin / "admin.sock", self.check, retries=self.retries))
-        check = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
-        log = open(self.root / "haproxy.log", "wb")  # noqa: SIM115 - HAProxy keeps its copy
-        argv = netns.command(self.net.ns("lb"), ["haproxy", "-db", "-f", str(config)])
-        self.haproxy = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 10
-        while not (self.admin / "admin.sock").exists():
-            assert time.monotonic() < deadline and self.haproxy.poll() is None, "HAProxy did not start"
-            time.sleep(0.05)
-
     def start_host(self, name: str, **extra: str) -> HostSet:
         host = self.hosts.get(name) or HostSet(self, name, self.env(**extra), self.procfile, self.directory)
         self.hosts[name] = host
@@ -274,33 +230,13 @@ class Bed:
         return host
 
     # -- look ----------------------------------------------------------------------------------
-    def haproxy_admin(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.admin / "admin.sock"))
-            sock.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
-
-    def server_states(self) -> dict[str, str]:
-        """The balancer's view of each host: UP, DOWN, MAINT ... (``show stat``)."""
-        text = self.haproxy_admin("show stat").lstrip("# ")
-        return {row["svname"]: row["status"] for row in csv.DictReader(io.StringIO(text))
-                if row["svname"] in HOST_NUMBERS}
-
     def wait_in_balancer(self, name: str, up: bool = True, timeout: float = 90) -> float:
-        """Wait until HAProxy has ``name`` up (or down); the seconds waited."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            state = self.server_states().get(name, "")
-            if state.startswith("UP") if up else not state.startswith("UP"):
-                return time.monotonic() - start
-            time.sleep(0.05)
-        told = self.hosts[name].lines("system") + self.hosts[name].terminal.tail(40)
-        raise AssertionError(f"host {name} not {'up' if up else 'down'} in HAProxy within {timeout} s: "
-                             f"{self.server_states()}\n" + "\n".join(told))
+        """Wait until the balancer has ``name`` in rotation (or out of it); the seconds waited."""
+        try:
+            return self.balancer.wait_in(name, up, timeout)
+        except AssertionError as failed:
+            told = self.hosts[name].lines("system") + self.hosts[name].terminal.tail(40)
+            raise AssertionError(f"{failed}\n" + "\n".join(told)) from None
 
     def post_job(self, seconds: float) -> str:
         """POST a sleep job through the balancer, as a client on the ``lb`` host; its id."""
@@ -349,17 +285,14 @@ class Bed:
             host.close()
         for name in ("a", "b", "lb"):  # whatever a host left behind, by namespace
             netns.kill_all(self.net.ns(name))
-        if self.haproxy is not None:
-            if self.haproxy.poll() is None:
-                self.haproxy.kill()
-            self.haproxy.wait(10)
+        with contextlib.suppress(Exception):
+            self.balancer.close()
         for stop in (lambda: self.rabbit and self.rabbit.remove(),
                      lambda: self.redis and self.redis.stop(),
                      lambda: self.pg and (self.pg.stop(fast=True), self.pg.remove())):
             with contextlib.suppress(Exception):
                 stop()
         self.net.remove()
-        shutil.rmtree(self.admin, ignore_errors=True)
 
 
 @contextlib.contextmanager

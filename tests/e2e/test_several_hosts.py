@@ -1,8 +1,9 @@
 """Several hosts behind HAProxy (tests/hosts.py): a rolling restart, a host lost or cut off, beat on both.
 
 Hosts ``a`` and ``b`` run the whole Procfile under honcho, with PostgreSQL and
-RabbitMQ on host ``db`` and HAProxy (deploy/haproxy.cfg as shipped) on ``lb``,
-each host a network namespace of its own. What users meet when they outgrow
+RabbitMQ on host ``db`` and HAProxy (deploy/haproxy.cfg as shipped; nginx from
+deploy/nginx-upstream.conf for one rolling restart) on ``lb``, each host a
+network namespace of its own. What users meet when they outgrow
 one machine: a deploy must cost no request and no job, a job handed back by a
 stopping host runs at once on the other, and a host that dies or is cut off
 never leaves a job stranded or runs it twice at once.
@@ -25,16 +26,18 @@ from tests.servers import find_pg_bin, missing
 
 @pytest.fixture(params=["rabbitmq"])
 def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[hosts.Bed]:
-    """The bed with RabbitMQ on host db; ``parametrize("bed", [...], indirect=True)`` picks Redis too."""
+    """The bed with RabbitMQ on host db and HAProxy on lb; ``parametrize("bed", [...], indirect=True)``
+    picks Redis, or a ``(broker, balancer)`` pair such as ``("redis", "nginx")``."""
+    broker, balancer = (request.param, "haproxy") if isinstance(request.param, str) else request.param
     if os.geteuid() != 0 or shutil.which("ip") is None:
         missing("network namespaces need root and iproute2", "REQUIRE_NAMESPACES")
-    if shutil.which("haproxy") is None:
-        missing("HAProxy is not installed", "REQUIRE_HAPROXY")
+    if shutil.which(balancer) is None and not os.access(f"/usr/sbin/{balancer}", os.X_OK):
+        missing(f"{balancer} is not installed", f"REQUIRE_{balancer.upper()}")
     if find_pg_bin() is None:
         missing("no PostgreSQL server is installed", "REQUIRE_POSTGRES")
-    if request.param == "rabbitmq" and find_rabbitmq() is None:
+    if broker == "rabbitmq" and find_rabbitmq() is None:
         missing("no RabbitMQ server is installed", "REQUIRE_RABBITMQ")
-    with hosts.bed(tmp_path, request.param) as made:
+    with hosts.bed(tmp_path, broker, balancer=balancer) as made:
         yield made
 
 
@@ -71,9 +74,10 @@ def running_on(host: hosts.HostSet, count: int, timeout: float = 60) -> list[str
 BROKERS = pytest.mark.parametrize("bed", ["rabbitmq", "redis"], indirect=True)
 
 
-@BROKERS
+@pytest.mark.parametrize("bed", ["rabbitmq", "redis", pytest.param(("redis", "nginx"), id="redis-nginx")],
+                         indirect=True)
 def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.Bed) -> None:
-    """32 clients through HAProxy (retries off); host a stopped with SIGTERM and back, then host b.
+    """32 clients through HAProxy (retries off) or nginx; host a stopped with SIGTERM and back, then b.
 
     Every request is answered (no 5xx, reset, refused or timeout), every
     accepted job succeeds exactly once, and each job running past the grace
@@ -104,7 +108,7 @@ def test_a_rolling_restart_under_traffic_costs_no_request_and_no_job(bed: hosts.
         assert next_run.started < back_at[handback.from_host], (handback, back_at)
     for host in (a, b):
         no_sigkill(host)
-    print(f"\nrolling restart ({bed.broker_kind}): {result}")
+    print(f"\nrolling restart ({bed.broker_kind}, {bed.balancer.name}): {result}")
 
 
 @BROKERS
@@ -128,7 +132,7 @@ def test_a_host_lost_its_jobs_run_again_on_the_other_host_once_each(bed: hosts.B
     for job in lost:
         job_runs = [r for r in runs if r.job == job]
         assert [(r.host, r.end) for r in job_runs] == [("a", "killed"), ("b", "succeeded")], job_runs
-    assert bed.server_states()["a"].startswith("DOWN")
+    assert not bed.balancer.in_rotation("a")
     print(f"\nhost lost ({bed.broker_kind}), seconds from the kill: "
           + "; ".join(hostruns.story(runs, job, a.killed_at) for job in lost))
 

@@ -248,13 +248,13 @@ def test_haproxy_accepts_the_file() -> None:
 @pytest.mark.parametrize("retries", [False, True])
 def test_haproxy_accepts_the_file_as_the_several_host_bed_turns_it(tmp_path, retries: bool) -> None:
     """tests/hosts.py points the file at its hosts; the bench also uncomments its retry lines."""
-    from tests import hosts
+    from tests import balancers
 
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.access(haproxy, os.X_OK):
         missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
     config = tmp_path / "haproxy.cfg"
-    config.write_text(hosts.haproxy_config(tmp_path / "admin.sock", retries=retries))
+    config.write_text(balancers.haproxy_config(tmp_path / "admin.sock", retries=retries))
     done = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     sections = haproxy_sections(config.read_text())
@@ -263,6 +263,24 @@ def test_haproxy_accepts_the_file_as_the_several_host_bed_turns_it(tmp_path, ret
     turned_on = [["retries", "2"], ["option", "redispatch", "1"],
                  ["retry-on", "conn-failure", "empty-response"]]
     assert retry_lines == (turned_on if retries else [["retries", "0"]])
+
+
+def test_nginx_accepts_the_upstream_file_as_the_several_host_bed_wraps_it(tmp_path) -> None:
+    """tests/balancers.py puts deploy/nginx-upstream.conf in an http block, pointed at its hosts."""
+    from tests import balancers
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        missing("nginx is not installed (Debian package nginx)", "REQUIRE_NGINX")
+    config = tmp_path / "nginx.conf"
+    config.write_text(balancers.nginx_config(tmp_path))
+    done = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "log")],
+                          capture_output=True, text=True, timeout=30)
+    # Its bind address exists only in the bed's namespace: the syntax check is what counts here.
+    assert "syntax is ok" in done.stderr, done.stderr
+    servers = [w for w in nginx_directives(config.read_text()) if w[0] == "server" and len(w) > 1]
+    assert [words[1] for words in servers] == ["10.231.1.11:8000", "10.231.1.12:8000"], servers
+    assert all("max_fails=1" in words for words in servers), servers  # the file's own parameters kept
 
 
 def nginx_directives(text: str) -> list[list[str]]:

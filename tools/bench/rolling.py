@@ -13,7 +13,9 @@ runs on fresh clients, so its figures are its own.
   the same HAProxy but checking /healthz (it has no /readyz). Its job outcomes
   are the clients' record: a job never seen to end is lost.
 - Each again with the HAProxy file's optional retry lines on (a refused
-  connection retried on the other server; never a POST that was sent).
+  connection retried on the other server; never a POST that was sent), and
+  behind nginx (deploy/nginx-upstream.conf: passive checks only; a restarted
+  host counts as back once its check path answers 200).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from tests.servers import find_pg_bin, redis_server_binary
 from tools.bench.session import ROOT
 from tools.bench.summary import machine
 
-#: Each set behind HAProxy as deploy/haproxy.cfg ships (retries off), then with its optional retry lines.
-KINDS = ("this set", "reference", "this set, retries on", "reference, retries on")
+#: Each set behind HAProxy as deploy/haproxy.cfg ships (retries off), with its optional retry lines,
+#: and behind nginx as deploy/nginx-upstream.conf ships.
+KINDS = ("this set", "reference", "this set, retries on", "reference, retries on", "this set, nginx",
+         "reference, nginx")
 REFERENCE = ROOT / "tools" / "bench" / "reference"
 ROUNDS = 3
 FINISH_SECONDS = 30  # after the last restart, how long the clients follow their jobs (6 s at most)
@@ -75,11 +79,12 @@ def rolling_restart(kind: str, root: Path, rounds: int = ROUNDS) -> list[dict[st
     assert kind in KINDS, kind
     root.mkdir(parents=True, exist_ok=True)
     ours, retries = kind.startswith("this set"), kind.endswith("retries on")
+    balancer = "nginx" if kind.endswith("nginx") else "haproxy"
     if ours:
-        made = hosts.bed(root, retries=retries)
+        made = hosts.bed(root, balancer=balancer, retries=retries)
     else:
         made = hosts.bed(root, "redis", procfile=reference_procfile(root), directory=REFERENCE,
-                         check="/healthz", retries=retries)
+                         balancer=balancer, check="/healthz", retries=retries)
     with made as bed:
         if not ours:
             assert bed.redis is not None
@@ -103,7 +108,7 @@ def rolling_restart(kind: str, root: Path, rounds: int = ROUNDS) -> list[dict[st
 
 
 def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[str, Any]:
-    """Host a, then host b: SIGTERM, start again, UP in HAProxy; under fresh clients."""
+    """Host a, then host b: SIGTERM, start again, back in rotation; under fresh clients."""
     load = hostload.Load(bed, follow_for=FINISH_SECONDS)
     load.start()
     load.wait_accepted(30)

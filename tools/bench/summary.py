@@ -246,7 +246,8 @@ def rolling_markdown(report: dict[str, Any]) -> str:
         "",
         "Hosts a and b (network namespaces) behind HAProxy (deploy/haproxy.cfg as shipped: retries off;"
         " \"retries on\": the file's optional retry lines, a refused connection retried on the other"
-        " server, never a POST that was sent);"
+        " server, never a POST that was sent; \"nginx\": deploy/nginx-upstream.conf in its place, a restarted"
+        " host back once its check path answers 200);"
         f" {settings['clients']} clients post sleep jobs (seconds:weight {settings['mix']}) and poll them"
         " until they end. One restart: host a stopped (SIGTERM to its honcho), started again and waited"
         " for until HAProxy has it UP, then host b.",
@@ -260,7 +261,7 @@ def rolling_markdown(report: dict[str, Any]) -> str:
         "",
         "| set | restarts | requests answered | 5xx | reset | refused | timeout | other | jobs accepted"
         " | lost | failed | run twice | handed back | hand-back to next run, min / median / max (s)"
-        " | stop, SIGTERM to honcho exit (s) | restart to UP in HAProxy (s) | longest job latency (s)"
+        " | stop, SIGTERM to honcho exit (s) | restart to back in rotation (s) | longest job latency (s)"
         " | SIGKILL by honcho |",
         "|---|" + "---:|" * 17,
     ]
