@@ -48,9 +48,12 @@ def stop(signum, frame):
 
 signal.signal(signal.SIGTERM, stop)
 if "--spawn" in sys.argv:
-    child = subprocess.Popen([sys.executable, __file__, "--child"])
-if "--child" not in sys.argv:
-    print("polite: ready", flush=True)  # with its child: the tree is whole
+    child = subprocess.Popen([sys.executable, __file__, "--child"], stdout=subprocess.PIPE)
+    child.stdout.readline()  # its handler is in place: a SIGTERM now is its own to handle
+if "--child" in sys.argv:
+    print("handler set", flush=True)
+else:
+    print("polite: ready", flush=True)  # with its child: the tree is whole, every handler set
 while True:
     time.sleep(1)
 """
