@@ -45,6 +45,8 @@ HOST_ENV = {
     "WORKER_CONCURRENCY": "24",  # either host alone carries the clients, as a rolling restart needs
     "WEB_THREADS": "24",
     "JOB_LEASE_SECONDS": "6",
+    # A lost host's taken, unstarted messages (Redis: unacked for kombu's 1 h) wait for this.
+    "JOB_QUEUED_LEASE_SECONDS": "20",
     "SWEEP_INTERVAL_SECONDS": "1",
     "BEAT_LEASE_SECONDS": "4",
     "JOB_MAX_SECONDS": "60",
