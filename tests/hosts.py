@@ -121,7 +121,7 @@ class HostSet:
         began = time.monotonic()
         self.stop(timeout=timeout)
         stopped = (self.terminal.exit_at or time.monotonic()) - began
-        self.bed.wait_in_balancer(self.name, up=False, timeout=10)  # a quick stop: HAProxy has yet to see it
+        self.bed.wait_in_balancer(self.name, up=False, timeout=10)  # a quick stop: the balancer may lag
         began = time.monotonic()
         self.start()
         self.wait_started()

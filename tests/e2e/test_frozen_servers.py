@@ -158,13 +158,18 @@ def test_a_frozen_postgres_answers_503_and_leaves_no_connection_half_open(
     assert not _unclean_ends(log), "\n".join(_unclean_ends(log))
 
 
-def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
-        procset: ProcessSet, postgres: PostgresServer) -> None:
-    ps = procset.make(DATABASE_URL=postgres.url, **NO_SWEEP)
+def start_running_two_jobs(ps: ProcessSet) -> tuple[list[str], list[str]]:
+    """Start the set and two 10 s jobs; their ids and when each run started (to see them run again)."""
     ps.start()
     ps.wait_ready()
     jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
-    first_starts = [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+    return jobs, [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+
+
+def test_a_stop_while_postgres_is_frozen_is_clean_and_hands_the_jobs_back(
+        procset: ProcessSet, postgres: PostgresServer) -> None:
+    ps = procset.make(DATABASE_URL=postgres.url, **NO_SWEEP)
+    jobs, first_starts = start_running_two_jobs(ps)
 
     postgres.freeze()
     try:
@@ -209,10 +214,7 @@ def test_a_hand_back_the_frozen_database_missed_runs_at_once_on_another_host(
         procset: ProcessSet, postgres: PostgresServer, external_redis: RedisServer, tmp_path: Path) -> None:
     env = {"DATABASE_URL": postgres.url, "REDIS_URL": external_redis.url, **NO_SWEEP}
     ps = procset.make(**env)
-    ps.start()
-    ps.wait_ready()
-    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
-    first_starts = [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+    jobs, first_starts = start_running_two_jobs(ps)
 
     postgres.freeze()
     try:
@@ -246,10 +248,7 @@ def test_a_hand_back_the_frozen_database_missed_runs_at_once_on_another_host(
 def test_a_stop_while_redis_is_down_requeues_once_it_is_back(procset: ProcessSet,
                                                              external_redis: RedisServer) -> None:
     ps = procset.make(REDIS_URL=external_redis.url, **NO_SWEEP)
-    ps.start()
-    ps.wait_ready()
-    jobs = [ps.submit("sleep", seconds=10) for _ in range(2)]
-    first_starts = [ps.wait_status(job_id, "running")["started_at"] for job_id in jobs]
+    jobs, first_starts = start_running_two_jobs(ps)
 
     external_redis.stop()
     ps.wait_for_line(r"(?i)connection to broker lost|Cannot connect to redis", timeout=30, name="worker")

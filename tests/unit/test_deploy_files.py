@@ -237,10 +237,16 @@ def test_haproxy_outlasts_the_longest_long_poll_and_retries_nothing_by_default()
     assert "# stats socket" in optional
 
 
+def installed(server: str) -> str:
+    """The path of Debian's ``server`` binary (in /usr/sbin: not on a user's PATH), or a skip."""
+    path = shutil.which(server) or f"/usr/sbin/{server}"
+    if not os.access(path, os.X_OK):
+        missing(f"{server} is not installed (Debian package {server})", f"REQUIRE_{server.upper()}")
+    return path
+
+
 def test_haproxy_accepts_the_file() -> None:
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"  # not on a user's PATH on Debian
-    if not os.access(haproxy, os.X_OK):
-        missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
+    haproxy = installed("haproxy")
     done = subprocess.run([haproxy, "-c", "-f", str(HAPROXY)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -250,9 +256,7 @@ def test_haproxy_accepts_the_file_as_the_several_host_bed_turns_it(tmp_path, ret
     """tests/hosts.py points the file at its hosts; the bench also uncomments its retry lines."""
     from tests import balancers
 
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not os.access(haproxy, os.X_OK):
-        missing("haproxy is not installed (Debian package haproxy)", "REQUIRE_HAPROXY")
+    haproxy = installed("haproxy")
     config = tmp_path / "haproxy.cfg"
     config.write_text(balancers.haproxy_config(tmp_path / "admin.sock", retries=retries))
     done = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
@@ -269,9 +273,7 @@ def test_nginx_accepts_the_upstream_file_as_the_several_host_bed_wraps_it(tmp_pa
     """tests/balancers.py puts deploy/nginx-upstream.conf in an http block, pointed at its hosts."""
     from tests import balancers
 
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.access(nginx, os.X_OK):
-        missing("nginx is not installed (Debian package nginx)", "REQUIRE_NGINX")
+    nginx = installed("nginx")
     config = tmp_path / "nginx.conf"
     config.write_text(balancers.nginx_config(tmp_path))
     done = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "log")],

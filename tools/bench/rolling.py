@@ -137,7 +137,7 @@ def one_restart(bed: hosts.Bed, kind: str, pair: list[hosts.HostSet]) -> dict[st
 
 
 def run(rounds: int, root: Path) -> dict[str, Any]:
-    """The row for both sets: this set's restarts, then the reference's."""
+    """The row for every kind of set (KINDS), each one's restarts in turn."""
     began = time.monotonic()
     per_set = {kind: rolling_restart(kind, root / re.sub(r"\W+", "-", kind), rounds) for kind in KINDS}
     return {"finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "rounds": rounds,
